@@ -1,0 +1,121 @@
+"""The MPI launcher and hello world, under real mpiexec with 1-4 ranks."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tfcourse import launch
+from tfcourse.launch import MPIJobError, MPINotFoundError, MPITimeoutError, run_mpi
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4])
+def test_hello_prints_one_ordered_line_per_rank(n_ranks):
+    run = run_mpi("tfcourse.hello", n_ranks=n_ranks, timeout=60)
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == n_ranks
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"rank {rank} of {n_ranks} on host ")
+        assert "MPICH" in line or "Open MPI" in line
+    assert run.result["world_size"] == n_ranks
+    assert [r["rank"] for r in run.result["ranks"]] == list(range(n_ranks))
+    assert {r["size"] for r in run.result["ranks"]} == {n_ranks}
+
+
+def test_a_rank_that_raises_fails_the_job_fast_with_its_error():
+    start = time.perf_counter()
+    with pytest.raises(MPIJobError) as info:
+        run_mpi("tfcourse.hello", ["--raise-on-rank", "2"], n_ranks=4, timeout=60)
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert "rank 2 failed on purpose" in message  # the rank's own traceback text
+    assert "RuntimeError" in message
+    assert info.value.returncode != 0
+    assert elapsed < 15, f"an uncaught exception should abort every rank, took {elapsed:.1f} s"
+
+
+def _processes_running(pattern: str) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if pattern in line and "ps -eo" not in line]
+
+
+def test_a_deadlock_becomes_a_timeout_error_and_no_rank_survives():
+    marker = "--hang-on-rank"
+    start = time.perf_counter()
+    with pytest.raises(MPITimeoutError, match="timed out after 3 s"):
+        run_mpi("tfcourse.hello", [marker, "1"], n_ranks=3, timeout=3)
+    assert time.perf_counter() - start < 15
+    time.sleep(0.5)
+    survivors = [p for p in _processes_running("tfcourse.hello") if marker in p]
+    assert survivors == [], f"orphaned ranks: {survivors}"
+
+
+def test_without_json_result_only_stdout_comes_back():
+    run = run_mpi("tfcourse.hello", n_ranks=1, json_result=False)
+    assert run.result is None and "rank 0 of 1" in run.stdout
+
+
+def test_missing_mpiexec_says_how_to_install(tmp_path, monkeypatch):
+    fake_python = tmp_path / "bin" / "python"
+    fake_python.parent.mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(MPINotFoundError, match="pip install mpi4py mpich"):
+        launch.find_mpiexec(str(fake_python))
+
+
+def test_mpiexec_beside_the_interpreter_wins_over_path():
+    found = launch.find_mpiexec(sys.executable)
+    assert os.path.dirname(found) == os.path.dirname(sys.executable)
+
+
+@pytest.mark.parametrize(
+    "flavour, root, expected",
+    [
+        ("mpich", True, []),
+        ("openmpi", False, ["--oversubscribe"]),
+        ("openmpi", True, ["--oversubscribe", "--allow-run-as-root"]),
+    ],
+)
+def test_launcher_flags_per_runtime(flavour, root, expected):
+    assert launch.launcher_flags(flavour, root) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"module": "tfcourse.hello", "n_ranks": 0}, "n_ranks"),
+        ({"module": "tfcourse.hello", "n_ranks": 2.0}, "n_ranks"),
+        ({"module": "not a module; rm -rf", "n_ranks": 2}, "module"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        launch.build_command(**kwargs)
+
+
+def test_bad_timeout_is_named():
+    with pytest.raises(ValueError, match="timeout"):
+        run_mpi("tfcourse.hello", n_ranks=1, timeout=0)
+
+
+def test_ranks_get_one_blas_thread_by_default():
+    env = launch.rank_environment()
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+
+
+def test_make_demo_style_command_runs_by_hand():
+    """The README's by-hand command: mpiexec -n 4 python -m tfcourse.hello."""
+    mpiexec = launch.find_mpiexec()
+    out = subprocess.run(
+        [mpiexec, "-n", "4", sys.executable, "-m", "tfcourse.hello"],
+        capture_output=True, text=True, timeout=60, env=launch.rank_environment(),
+    )
+    assert out.returncode == 0, out.stderr
+    assert [line.split(" on ")[0] for line in out.stdout.splitlines()] == [
+        f"rank {r} of 4" for r in range(4)
+    ]

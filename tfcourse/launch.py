@@ -1,0 +1,224 @@
+"""Run `mpiexec -n N python -m <module>` from a notebook or a test, safely.
+
+Notebook kernels never import MPI themselves: they start a real MPI job as a subprocess,
+wait for it with a timeout, and read back the JSON result that rank 0 wrote.
+
+    run = run_mpi("tfcourse.hello", n_ranks=4)
+    print(run.stdout)        # what rank 0 printed
+    run.result               # the parsed JSON the module wrote with --json
+
+Every module is started as `python -m mpi4py -m <module>`: mpi4py's runner calls
+MPI_Abort when a rank dies from an uncaught exception, so one failing rank ends the whole
+job instead of leaving the others waiting forever in a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+
+INSTALL_HINT = (
+    "Install an MPI runtime into this Python environment with "
+    "`python -m pip install mpi4py mpich` (or run `make test` / `make lab`, which set up "
+    ".venv), or use conda: `conda install -c conda-forge mpi4py mpich`. "
+    "To use a cluster's own MPI instead, see README.md, section 'Using your own MPI'."
+)
+STDERR_TAIL_CHARS = 6000
+
+
+class MPIError(RuntimeError):
+    """An MPI job could not be started, failed, or timed out."""
+
+
+class MPINotFoundError(MPIError):
+    """No `mpiexec` next to this Python or on PATH."""
+
+
+class MPIJobError(MPIError):
+    """The job exited with an error; the message contains the ranks' stderr."""
+
+    def __init__(self, message: str, returncode: int | None, stdout: str, stderr: str):
+        super().__init__(message)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class MPITimeoutError(MPIJobError):
+    """The job did not finish in time (typically a deadlock); it was killed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MPIRun:
+    """What a finished job left behind."""
+
+    command: list[str]
+    stdout: str
+    stderr: str
+    seconds: float
+    result: dict | None
+
+
+def find_mpiexec(python: str = sys.executable) -> str:
+    """Path of `mpiexec`: the one installed beside `python` first (a venv's own MPI), then PATH.
+
+    Mixing runtimes fails (an MPICH-built mpi4py under Open MPI's mpiexec aborts), which is
+    why the interpreter's own `bin/` wins over whatever PATH says.
+    """
+    beside_python = Path(python).parent / "mpiexec"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    on_path = shutil.which("mpiexec")
+    if on_path is None:
+        raise MPINotFoundError(f"mpiexec was not found beside {python} nor on PATH. {INSTALL_HINT}")
+    return on_path
+
+
+@lru_cache(maxsize=8)
+def mpi_flavour(mpiexec: str) -> str:
+    """'mpich', 'openmpi' or 'unknown', from `mpiexec --version`."""
+    try:
+        out = subprocess.run(
+            [mpiexec, "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if "Open MPI" in out or "OpenRTE" in out or "prterun" in out:
+        return "openmpi"
+    if "HYDRA" in out or "MPICH" in out:
+        return "mpich"
+    return "unknown"
+
+
+def launcher_flags(flavour: str, is_root: bool) -> list[str]:
+    """Extra mpiexec flags a runtime needs to run more ranks than cores (and as root)."""
+    if flavour != "openmpi":
+        return []  # MPICH's hydra oversubscribes and runs as root without flags
+    return ["--oversubscribe"] + (["--allow-run-as-root"] if is_root else [])
+
+
+def build_command(
+    module: str,
+    args: list[str] | tuple[str, ...] = (),
+    n_ranks: int = 4,
+    python: str = sys.executable,
+) -> list[str]:
+    """The argv of `mpiexec -n N python -m mpi4py -m module args...`."""
+    if not isinstance(n_ranks, int) or isinstance(n_ranks, bool) or n_ranks < 1:
+        raise ValueError(f"n_ranks: expected a positive integer, got {n_ranks!r}")
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(
+            f"module: expected a dotted module name like 'tfcourse.hello', got {module!r}"
+        )
+    mpiexec = find_mpiexec(python)
+    flags = launcher_flags(mpi_flavour(mpiexec), is_root=os.geteuid() == 0)
+    return [mpiexec, "-n", str(n_ranks), *flags, python, "-m", "mpi4py", "-m", module, *args]
+
+
+def rank_environment(threads_per_rank: int = 1, python: str = sys.executable) -> dict[str, str]:
+    """Environment for the ranks: BLAS threads capped so ranks do not fight over cores."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads_per_rank)
+    env["PATH"] = str(Path(python).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _kill_job(process: subprocess.Popen) -> None:
+    """Terminate mpiexec and every rank it started (they share one process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # ranks may outlive mpiexec: sweep the whole group
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= STDERR_TAIL_CHARS else "...\n" + text[-STDERR_TAIL_CHARS:]
+
+
+def run_mpi(
+    module: str,
+    args: list[str] | tuple[str, ...] = (),
+    n_ranks: int = 4,
+    timeout: float = 120.0,
+    threads_per_rank: int = 1,
+    json_result: bool = True,
+    python: str = sys.executable,
+) -> MPIRun:
+    """Run `mpiexec -n n_ranks python -m mpi4py -m module args... [--json FILE]`.
+
+    With `json_result`, `--json FILE` is appended and the parsed FILE is returned as
+    `MPIRun.result`. Raises MPITimeoutError after `timeout` seconds (the job is killed, no
+    rank is left behind) and MPIJobError, containing the ranks' stderr, if the job fails.
+    """
+    if timeout <= 0:
+        raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
+    with tempfile.TemporaryDirectory(prefix="tfcourse-mpi-") as tmp:
+        json_path = Path(tmp) / "result.json"
+        full_args = [*args, "--json", str(json_path)] if json_result else list(args)
+        command = build_command(module, full_args, n_ranks, python)
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=rank_environment(threads_per_rank, python),
+            start_new_session=True,  # own process group: a timeout can kill every rank
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_job(process)
+            stdout, stderr = process.communicate()
+            raise MPITimeoutError(
+                f"MPI job timed out after {timeout:g} s and was killed: {' '.join(command)}\n"
+                "A rank probably waits in a collective or a receive that another rank never "
+                f"reaches (a deadlock).\n--- ranks' stderr ---\n{_tail(stderr)}",
+                None,
+                stdout,
+                stderr,
+            ) from None
+        except BaseException:  # KeyboardInterrupt in a notebook: never leave ranks running
+            _kill_job(process)
+            raise
+        seconds = time.perf_counter() - start
+        if process.returncode != 0:
+            raise MPIJobError(
+                f"MPI job failed with exit code {process.returncode}: {' '.join(command)}\n"
+                f"--- ranks' stderr ---\n{_tail(stderr)}",
+                process.returncode,
+                stdout,
+                stderr,
+            )
+        result = None
+        if json_result:
+            if not json_path.is_file():
+                raise MPIJobError(
+                    f"{module} exited cleanly but wrote no JSON result to --json {json_path}",
+                    process.returncode,
+                    stdout,
+                    stderr,
+                )
+            result = json.loads(json_path.read_text())
+    return MPIRun(command=command, stdout=stdout, stderr=stderr, seconds=seconds, result=result)

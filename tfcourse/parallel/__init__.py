@@ -1,0 +1,1 @@
+"""Parallel chapters: programs run as `mpiexec -n N python -m tfcourse.parallel.<mode>`."""
