@@ -32,3 +32,34 @@ def plot_roofline(peak_gflops: float, bandwidth_gbs: float, points=(), ax=None, 
         ax.legend(loc="lower right", fontsize="small")
     ax.grid(True, which="both", alpha=0.3)
     return ax
+
+
+def plot_heatmap(matrix, ax=None, title=None, xlabel=None, ylabel=None, xticklabels=None,
+                 yticklabels=None, cmap="viridis", vmin=None, vmax=None, colorbar=True):
+    """Draw a 2-D array as an image with optional tick labels; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2:
+        raise ValueError(f"matrix: expected a 2-D array, got shape {matrix.shape}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 3.6))
+    image = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    for labels, set_ticks, set_labels in ((xticklabels, ax.set_xticks, ax.set_xticklabels),
+                                          (yticklabels, ax.set_yticks, ax.set_yticklabels)):
+        if labels is not None:
+            set_ticks(range(len(labels)))
+            set_labels(labels)
+    ax.set_title(title or "")
+    ax.set_xlabel(xlabel or "")
+    ax.set_ylabel(ylabel or "")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+
+def plot_attention(weights, ax=None, title="attention weights", tokens=None, colorbar=True):
+    """Heatmap of attention weights (n_q, n_k): row = query, column = key, colour in [0, 1]."""
+    return plot_heatmap(weights, ax=ax, title=title, xlabel="key position",
+                        ylabel="query position", xticklabels=tokens, yticklabels=tokens,
+                        vmin=0.0, vmax=1.0, colorbar=colorbar)

@@ -1,0 +1,64 @@
+"""What the explorers and plots show is computed by pure functions: check those."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tfcourse import viz, widgets  # noqa: E402
+
+
+def test_explorer_weights_match_hand_computed_softmax():
+    n, d_k, temperature = 5, 16, 2.0
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((n, d_k)), rng.standard_normal((n, d_k))
+    expected = np.zeros((n, n))
+    for i in range(n):
+        logits = [sum(q[i, c] * k[j, c] for c in range(d_k)) / math.sqrt(d_k) / temperature
+                  for j in range(i + 1)]
+        z = sum(math.exp(x) for x in logits)
+        expected[i, : i + 1] = [math.exp(x) / z for x in logits]
+    got = widgets.explorer_attention_weights(d_k, temperature, scaled=True, causal=True, n=n)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_unscaled_large_d_k_saturates():
+    scaled = widgets.explorer_attention_weights(512, 1.0, scaled=True, causal=False)
+    unscaled = widgets.explorer_attention_weights(512, 1.0, scaled=False, causal=False)
+    assert unscaled.max(axis=-1).mean() > 0.9 > 0.5 > scaled.max(axis=-1).mean()
+
+
+def test_positional_rows_shape():
+    assert widgets.explorer_positional_rows(10, max_len=7).shape == (7, 10)
+
+
+def test_explorers_build_widgets():
+    pytest.importorskip("ipywidgets")
+    import matplotlib.pyplot as plt
+
+    for build in (widgets.attention_explorer, widgets.positional_explorer):
+        interactive = build()
+        assert callable(interactive)
+        plt.close("all")
+
+
+def test_heatmap_draws_the_given_matrix():
+    matrix = np.arange(6.0).reshape(2, 3)
+    ax = viz.plot_heatmap(matrix, xticklabels=["a", "b", "c"])
+    np.testing.assert_array_equal(ax.images[0].get_array(), matrix)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+
+
+def test_heatmap_rejects_non_2d():
+    with pytest.raises(ValueError, match="matrix"):
+        viz.plot_heatmap(np.zeros(3))
+
+
+def test_roofline_plot_has_the_roof():
+    ax = viz.plot_roofline(100.0, 10.0, [("p", 1.0, 5.0)])
+    x, y = ax.lines[0].get_data()
+    np.testing.assert_allclose(y, np.minimum(100.0, 10.0 * x))

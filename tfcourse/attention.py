@@ -1,0 +1,357 @@
+"""Chapters 1-2: softmax, masks, scaled dot-product attention and multi-head attention.
+
+Every layer is a pair of pure functions, as in CS231n's layers.py:
+
+    out, cache = sdpa_forward(q, k, v, mask)
+    dq, dk, dv = sdpa_backward(dout, cache)
+
+Masks are boolean with True = "may attend" (the PyTorch convention). Weight matrices follow
+the `x @ W` convention, so W has shape (in_features, out_features). Arrays keep their dtype:
+float32 in gives float32 out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tfcourse.validate import (
+    as_bool_array,
+    as_float_array,
+    as_float_dtype,
+    as_int_array,
+    require_broadcastable,
+    require_dim,
+    require_divisible,
+    require_dtype,
+    require_generator,
+    require_last_dim,
+    require_ndim,
+    require_positive_int,
+    require_shape,
+)
+
+MHA_PARAM_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    x_max = np.max(x, axis=axis, keepdims=True)
+    # A row of all -inf has max -inf, and -inf - (-inf) is NaN: shift such rows by 0 instead.
+    x_max = np.where(np.isfinite(x_max), x_max, 0)
+    e = np.exp(x - x_max)
+    total = np.sum(e, axis=axis, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+
+
+def _softmax_backward(dout: np.ndarray, probs: np.ndarray, axis: int) -> np.ndarray:
+    # Jacobian-vector product of softmax: J = diag(p) - p p^T, so J @ g = p * (g - <g, p>).
+    return probs * (dout - np.sum(dout * probs, axis=axis, keepdims=True))
+
+
+def softmax(x, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax of `x` (any shape) along `axis`.
+
+    Entries equal to -inf get probability 0, and a slice that is entirely -inf gives all
+    zeros (not NaN), which is what attention wants for a query with nothing to attend to.
+    """
+    return _softmax(as_float_array("x", x, allow_neg_inf=True), axis)
+
+
+def softmax_backward(dout, probs, axis: int = -1) -> np.ndarray:
+    """Gradient of the loss w.r.t. the softmax input, given `probs = softmax(x, axis)`.
+
+    dout, probs: same shape. Returns dx with that shape.
+    """
+    probs = as_float_array("probs", probs)
+    dout = as_float_array("dout", dout)
+    require_shape("dout", dout, probs.shape, "shape of probs")
+    require_dtype("dout", dout, probs.dtype, "dtype of probs")
+    return _softmax_backward(dout, probs, axis)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def causal_mask(n: int) -> np.ndarray:
+    """Bool (n, n) mask, True on and below the diagonal: position i may attend to j <= i."""
+    n = require_positive_int("n", n)
+    return np.tril(np.ones((n, n), dtype=bool))
+
+
+def padding_mask(lengths, n: int) -> np.ndarray:
+    """Key-padding mask of shape (B, 1, n) for sequences padded to length `n`.
+
+    lengths: (B,) integers in [0, n]; sequence b has real tokens at positions < lengths[b].
+    The middle axis of size 1 lets the mask broadcast against scores of shape (B, n_q, n_k):
+    every query of sequence b may attend to the first lengths[b] keys only.
+    """
+    n = require_positive_int("n", n)
+    lengths = as_int_array("lengths", lengths, 0, n)
+    require_ndim("lengths", lengths, 1, 1)
+    return (np.arange(n) < lengths[:, None])[:, None, :]
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _check_qkv(q, k, v):
+    q, k, v = (as_float_array(name, a) for name, a in (("q", q), ("k", k), ("v", v)))
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        require_ndim(name, a, 2)
+    require_last_dim("k", k, q.shape[-1], "d_k of q")
+    require_dim("v", v, -2, k.shape[-2], "n_k of k")
+    for name, a in (("k", k), ("v", v)):
+        require_dtype(name, a, q.dtype, "dtype of q")
+        require_shape(name, a, q.shape[:-2] + a.shape[-2:], f"leading dims of q {q.shape[:-2]}")
+    return q, k, v
+
+
+def sdpa_forward(q, k, v, mask=None):
+    """Scaled dot-product attention softmax(q k^T / sqrt(d_k)) v, returning (out, cache).
+
+    q: (..., n_q, d_k), k: (..., n_k, d_k), v: (..., n_k, d_v), with identical leading
+    (batch/head) dims. mask: bool, broadcastable to (..., n_q, n_k), True = may attend.
+    out: (..., n_q, d_v). A query row whose mask is all False gets zero output and zero
+    weights. cache["weights"] holds the attention weights (..., n_q, n_k).
+    """
+    q, k, v = _check_qkv(q, k, v)
+    scores = (q @ np.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        mask = as_bool_array("mask", mask)
+        require_broadcastable("mask", mask, scores.shape, "scores (..., n_q, n_k)")
+        scores = np.where(mask, scores, -np.inf)
+    weights = _softmax(scores, axis=-1)
+    out = weights @ v
+    cache = {"q": q, "k": k, "v": v, "weights": weights}
+    return out, cache
+
+
+def sdpa_backward(dout, cache):
+    """Gradients (dq, dk, dv) of scaled dot-product attention, given dout (..., n_q, d_v).
+
+    Masked entries have weight 0, so softmax_backward already gives them zero gradient and the
+    mask itself is not needed here.
+    """
+    q, k, v, weights = cache["q"], cache["k"], cache["v"], cache["weights"]
+    dout = as_float_array("dout", dout)
+    require_shape("dout", dout, weights.shape[:-1] + v.shape[-1:], "shape of out")
+    require_dtype("dout", dout, q.dtype, "dtype of out")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dv = np.swapaxes(weights, -1, -2) @ dout
+    dweights = dout @ np.swapaxes(v, -1, -2)
+    dscores = _softmax_backward(dweights, weights, axis=-1) * scale
+    dq = dscores @ k
+    dk = np.swapaxes(dscores, -1, -2) @ q
+    return dq, dk, dv
+
+
+def scaled_dot_product_attention(q, k, v, mask=None):
+    """Attention output and weights: returns (out (..., n_q, d_v), weights (..., n_q, n_k)).
+
+    Same arguments as `sdpa_forward`.
+    """
+    out, cache = sdpa_forward(q, k, v, mask)
+    return out, cache["weights"]
+
+
+# --------------------------------------------------------------------------- multi-head
+
+
+def init_mha_params(
+    d_model: int, n_heads: int, rng, d_kv_in: int | None = None, dtype=np.float64
+) -> dict:
+    """Multi-head attention parameters, Glorot-uniform weights and zero biases.
+
+    Returns {"w_q": (d_model, d_model), "w_k": (d_kv_in, d_model), "w_v": (d_kv_in, d_model),
+    "w_o": (d_model, d_model), "b_q", "b_k", "b_v", "b_o": (d_model,)}. d_kv_in is the width
+    of the key/value input (default d_model; differs only in cross-attention).
+    rng: np.random.Generator.
+    """
+    d_model = require_positive_int("d_model", d_model)
+    n_heads = require_positive_int("n_heads", n_heads)
+    require_divisible("d_model", d_model, "n_heads", n_heads)
+    d_kv_in = d_model if d_kv_in is None else require_positive_int("d_kv_in", d_kv_in)
+    rng = require_generator("rng", rng)
+    dtype = as_float_dtype("dtype", dtype)
+
+    def glorot(fan_in: int, fan_out: int) -> np.ndarray:
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype)
+
+    params = {
+        "w_q": glorot(d_model, d_model),
+        "w_k": glorot(d_kv_in, d_model),
+        "w_v": glorot(d_kv_in, d_model),
+        "w_o": glorot(d_model, d_model),
+    }
+    for name in ("b_q", "b_k", "b_v", "b_o"):
+        params[name] = np.zeros(d_model, dtype=dtype)
+    return params
+
+
+def mha_param_count(d_model: int, d_kv_in: int | None = None, bias: bool = True) -> int:
+    """Number of scalars in the multi-head attention parameters (independent of n_heads)."""
+    d_model = require_positive_int("d_model", d_model)
+    d_kv_in = d_model if d_kv_in is None else require_positive_int("d_kv_in", d_kv_in)
+    weights = 2 * d_model * d_model + 2 * d_kv_in * d_model
+    return weights + (4 * d_model if bias else 0)
+
+
+def split_heads(x, n_heads: int) -> np.ndarray:
+    """(..., T, d_model) -> (..., n_heads, T, d_head) with d_head = d_model // n_heads.
+
+    Head h takes columns h*d_head : (h+1)*d_head of the last axis.
+    """
+    x = np.asarray(x)
+    require_ndim("x", x, 2)
+    n_heads = require_positive_int("n_heads", n_heads)
+    d_model = x.shape[-1]
+    require_divisible("d_model", d_model, "n_heads", n_heads)
+    x = x.reshape(x.shape[:-1] + (n_heads, d_model // n_heads))
+    return np.swapaxes(x, -2, -3)
+
+
+def merge_heads(x) -> np.ndarray:
+    """(..., n_heads, T, d_head) -> (..., T, n_heads * d_head); the inverse of split_heads."""
+    x = np.asarray(x)
+    require_ndim("x", x, 3)
+    x = np.swapaxes(x, -2, -3)
+    return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+
+
+def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
+    """Validate multi-head attention inputs; return (x_q, x_kv, params, mask with head axis)."""
+    if not isinstance(params, dict) or set(params) != set(MHA_PARAM_NAMES):
+        found = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"params: expected keys {sorted(MHA_PARAM_NAMES)}, got {found}")
+    params = {name: as_float_array(name, params[name]) for name in MHA_PARAM_NAMES}
+    require_ndim("w_q", params["w_q"], 2, 2)
+    require_ndim("w_k", params["w_k"], 2, 2)
+    (d_model, _), (d_kv_in, _) = params["w_q"].shape, params["w_k"].shape
+    expected = {
+        "w_q": (d_model, d_model),
+        "w_k": (d_kv_in, d_model),
+        "w_v": (d_kv_in, d_model),
+        "w_o": (d_model, d_model),
+    }
+    dtype = params["w_q"].dtype
+    for name, p in params.items():
+        require_shape(name, p, expected.get(name, (d_model,)))
+        require_dtype(name, p, dtype, "dtype of w_q")
+    n_heads = require_positive_int("n_heads", n_heads)
+    require_divisible("d_model", d_model, "n_heads", n_heads)
+
+    x_q, x_kv = as_float_array("x_q", x_q), as_float_array("x_kv", x_kv)
+    require_ndim("x_q", x_q, 3, 3)
+    require_ndim("x_kv", x_kv, 3, 3)
+    require_last_dim("x_q", x_q, d_model, "d_model = rows of w_q")
+    require_last_dim("x_kv", x_kv, d_kv_in, "d_kv_in = rows of w_k")
+    require_dim("x_kv", x_kv, 0, x_q.shape[0], "batch size of x_q")
+    for name, x in (("x_q", x_q), ("x_kv", x_kv)):
+        require_dtype(name, x, dtype, "dtype of the params")
+    if mask is None:
+        return x_q, x_kv, params, None
+
+    mask = as_bool_array("mask", mask)
+    (batch, n_q, _), n_k = x_q.shape, x_kv.shape[1]
+    layouts = {
+        2: ((n_q, n_k), "(n_q, n_k)"),
+        3: ((batch, n_q, n_k), "(B, n_q, n_k)"),
+        4: ((batch, n_heads, n_q, n_k), "(B, n_heads, n_q, n_k)"),
+    }
+    if mask.ndim not in layouts:
+        raise ValueError(
+            f"mask: expected 2, 3 or 4 dims, broadcastable to (n_q, n_k), (B, n_q, n_k) or "
+            f"(B, n_heads, n_q, n_k), got shape {mask.shape}"
+        )
+    require_broadcastable("mask", mask, *layouts[mask.ndim])
+    if mask.ndim == 3:
+        mask = mask[:, None]  # insert the head axis: the same mask for every head
+    return x_q, x_kv, params, mask
+
+
+def _linear_forward(x, w, b):
+    return x @ w + b
+
+
+def _linear_backward(dout, x, w):
+    """Gradients of x @ w + b, summing dw and db over all leading (batch, time) axes."""
+    dx = dout @ w.T
+    dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])
+    db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
+    return dx, dw, db
+
+
+def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None):
+    """Multi-head attention, returning (out (B, n_q, d_model), cache).
+
+    x_q: (B, n_q, d_model) queries; x_kv: (B, n_k, d_kv_in) keys/values. For self-attention
+    pass the same array twice. params: see `init_mha_params`.
+    mask: bool, True = may attend, of one of these shapes (each size may also be 1):
+      (n_q, n_k)              the same mask for every sequence, e.g. causal_mask(n);
+      (B, n_q, n_k)           per sequence, e.g. padding_mask(lengths, n) of shape (B, 1, n_k);
+      (B, n_heads, n_q, n_k)  per sequence and head.
+    A 3-dim mask gets a head axis inserted, so it is shared by all heads.
+    """
+    x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
+    q = split_heads(_linear_forward(x_q, params["w_q"], params["b_q"]), n_heads)
+    k = split_heads(_linear_forward(x_kv, params["w_k"], params["b_k"]), n_heads)
+    v = split_heads(_linear_forward(x_kv, params["w_v"], params["b_v"]), n_heads)
+    heads, attn_cache = sdpa_forward(q, k, v, mask)  # (B, n_heads, n_q, d_head)
+    concat = merge_heads(heads)
+    out = _linear_forward(concat, params["w_o"], params["b_o"])
+    cache = {
+        "x_q": x_q,
+        "x_kv": x_kv,
+        "params": params,
+        "n_heads": n_heads,
+        "concat": concat,
+        "attn": attn_cache,
+    }
+    return out, cache
+
+
+def mha_backward(dout, cache):
+    """Gradients of multi-head attention: returns (dx_q, dx_kv, grads).
+
+    dout: (B, n_q, d_model). grads has the same keys and shapes as params. For
+    self-attention (x_q and x_kv the same array) the gradient w.r.t. x is dx_q + dx_kv.
+    """
+    x_q, x_kv, params, n_heads = cache["x_q"], cache["x_kv"], cache["params"], cache["n_heads"]
+    dout = as_float_array("dout", dout)
+    require_shape("dout", dout, x_q.shape[:2] + (params["w_o"].shape[1],), "shape of out")
+    require_dtype("dout", dout, x_q.dtype, "dtype of out")
+    grads = {}
+    dconcat, grads["w_o"], grads["b_o"] = _linear_backward(dout, cache["concat"], params["w_o"])
+    dq, dk, dv = sdpa_backward(split_heads(dconcat, n_heads), cache["attn"])
+    dx_q, grads["w_q"], grads["b_q"] = _linear_backward(merge_heads(dq), x_q, params["w_q"])
+    dx_k, grads["w_k"], grads["b_k"] = _linear_backward(merge_heads(dk), x_kv, params["w_k"])
+    dx_v, grads["w_v"], grads["b_v"] = _linear_backward(merge_heads(dv), x_kv, params["w_v"])
+    return dx_q, dx_k + dx_v, {name: grads[name] for name in MHA_PARAM_NAMES}
+
+
+def mha_forward_loop(x_q, x_kv, params: dict, n_heads: int, mask=None) -> np.ndarray:
+    """Reference multi-head attention that loops over heads; returns out (B, n_q, d_model).
+
+    Head h uses columns h*d_head : (h+1)*d_head of w_q, w_k, w_v (and the matching biases),
+    runs ordinary attention, and the head outputs are concatenated before w_o. Same
+    arguments and result as `mha_forward`, written for reading rather than speed.
+    """
+    x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
+    d_head = params["w_q"].shape[1] // n_heads
+    head_outputs = []
+    for h in range(n_heads):
+        cols = slice(h * d_head, (h + 1) * d_head)
+        q = x_q @ params["w_q"][:, cols] + params["b_q"][cols]
+        k = x_kv @ params["w_k"][:, cols] + params["b_k"][cols]
+        v = x_kv @ params["w_v"][:, cols] + params["b_v"][cols]
+        mask_h = mask
+        if mask is not None and mask.ndim == 4:
+            mask_h = mask[:, h if mask.shape[1] > 1 else 0]
+        out_h, _ = scaled_dot_product_attention(q, k, v, mask_h)
+        head_outputs.append(out_h)
+    return np.concatenate(head_outputs, axis=-1) @ params["w_o"] + params["b_o"]

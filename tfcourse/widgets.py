@@ -1,0 +1,85 @@
+"""ipywidgets explorers for the notebooks.
+
+Each explorer is a thin `interact` front end over a pure function (tested in
+tests/test_widgets.py), so what the sliders show is checked even though nbval cannot compare
+widget output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tfcourse.attention import causal_mask, softmax
+from tfcourse.positional import sinusoidal_encoding
+
+
+def explorer_attention_weights(d_k: int, temperature: float, scaled: bool, causal: bool,
+                               n: int = 8, seed: int = 0) -> np.ndarray:
+    """Weights (n, n) of attention over random q, k with entries ~ N(0, 1).
+
+    The scores are q k^T / sqrt(d_k) when `scaled` (else q k^T), divided by `temperature`.
+    """
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, d_k))
+    k = rng.standard_normal((n, d_k))
+    scores = q @ k.T / (math.sqrt(d_k) if scaled else 1.0) / temperature
+    if causal:
+        scores = np.where(causal_mask(n), scores, -np.inf)
+    return softmax(scores, axis=-1)
+
+
+def attention_explorer():
+    """Sliders for d_k and temperature, toggles for scaling and the causal mask."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from tfcourse.viz import plot_attention
+
+    def draw(d_k=16, temperature=1.0, scaled=True, causal=False):
+        weights = explorer_attention_weights(d_k, temperature, scaled, causal)
+        entropy = -np.sum(weights * np.log(np.where(weights > 0, weights, 1.0)), axis=-1)
+        plot_attention(weights, title=f"d_k={d_k}, T={temperature:.2f}, "
+                       f"mean entropy {entropy.mean():.2f} nats")
+        plt.show()
+
+    return widgets.interact(
+        draw,
+        d_k=widgets.IntSlider(value=16, min=1, max=1024, step=1, description="d_k"),
+        temperature=widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=1,
+                                           description="temperature"),
+        scaled=widgets.Checkbox(value=True, description="divide by sqrt(d_k)"),
+        causal=widgets.Checkbox(value=False, description="causal mask"),
+    )
+
+
+def explorer_positional_rows(d_model: int, max_len: int = 64) -> np.ndarray:
+    """The sinusoidal table the positional explorer draws: (max_len, d_model)."""
+    return sinusoidal_encoding(max_len, d_model)
+
+
+def positional_explorer():
+    """Slider for d_model and a position: the PE table and one position's vector."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from tfcourse.viz import plot_heatmap
+
+    def draw(d_model=32, position=10):
+        table = explorer_positional_rows(d_model)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+        plot_heatmap(table, ax=left, title=f"PE, d_model={d_model}", xlabel="dimension",
+                     ylabel="position", cmap="RdBu", vmin=-1, vmax=1)
+        left.axhline(position, color="k", lw=1)
+        right.bar(range(d_model), table[position], color="tab:blue")
+        right.set_title(f"PE[{position}]")
+        right.set_xlabel("dimension")
+        right.set_ylim(-1.05, 1.05)
+        plt.show()
+
+    return widgets.interact(
+        draw,
+        d_model=widgets.IntSlider(value=32, min=2, max=128, step=2, description="d_model"),
+        position=widgets.IntSlider(value=10, min=0, max=63, description="position"),
+    )
