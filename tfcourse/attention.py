@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from tfcourse.layers import linear_backward, linear_forward
 from tfcourse.validate import (
     as_bool_array,
     as_float_array,
@@ -274,18 +275,6 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
     return x_q, x_kv, params, mask
 
 
-def _linear_forward(x, w, b):
-    return x @ w + b
-
-
-def _linear_backward(dout, x, w):
-    """Gradients of x @ w + b, summing dw and db over all leading (batch, time) axes."""
-    dx = dout @ w.T
-    dw = x.reshape(-1, x.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])
-    db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
-    return dx, dw, db
-
-
 def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None):
     """Multi-head attention, returning (out (B, n_q, d_model), cache).
 
@@ -298,19 +287,18 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None):
     A 3-dim mask gets a head axis inserted, so it is shared by all heads.
     """
     x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
-    q = split_heads(_linear_forward(x_q, params["w_q"], params["b_q"]), n_heads)
-    k = split_heads(_linear_forward(x_kv, params["w_k"], params["b_k"]), n_heads)
-    v = split_heads(_linear_forward(x_kv, params["w_v"], params["b_v"]), n_heads)
+    q, cache_q = linear_forward(x_q, params["w_q"], params["b_q"])
+    k, cache_k = linear_forward(x_kv, params["w_k"], params["b_k"])
+    v, cache_v = linear_forward(x_kv, params["w_v"], params["b_v"])
+    q, k, v = (split_heads(a, n_heads) for a in (q, k, v))
     heads, attn_cache = sdpa_forward(q, k, v, mask)  # (B, n_heads, n_q, d_head)
-    concat = merge_heads(heads)
-    out = _linear_forward(concat, params["w_o"], params["b_o"])
+    out, cache_o = linear_forward(merge_heads(heads), params["w_o"], params["b_o"])
     cache = {
         "x_q": x_q,
-        "x_kv": x_kv,
         "params": params,
         "n_heads": n_heads,
-        "concat": concat,
         "attn": attn_cache,
+        "linear": (cache_q, cache_k, cache_v, cache_o),
     }
     return out, cache
 
@@ -321,16 +309,17 @@ def mha_backward(dout, cache):
     dout: (B, n_q, d_model). grads has the same keys and shapes as params. For
     self-attention (x_q and x_kv the same array) the gradient w.r.t. x is dx_q + dx_kv.
     """
-    x_q, x_kv, params, n_heads = cache["x_q"], cache["x_kv"], cache["params"], cache["n_heads"]
+    x_q, params, n_heads = cache["x_q"], cache["params"], cache["n_heads"]
+    cache_q, cache_k, cache_v, cache_o = cache["linear"]
     dout = as_float_array("dout", dout)
     require_shape("dout", dout, x_q.shape[:2] + (params["w_o"].shape[1],), "shape of out")
     require_dtype("dout", dout, x_q.dtype, "dtype of out")
     grads = {}
-    dconcat, grads["w_o"], grads["b_o"] = _linear_backward(dout, cache["concat"], params["w_o"])
+    dconcat, grads["w_o"], grads["b_o"] = linear_backward(dout, cache_o)
     dq, dk, dv = sdpa_backward(split_heads(dconcat, n_heads), cache["attn"])
-    dx_q, grads["w_q"], grads["b_q"] = _linear_backward(merge_heads(dq), x_q, params["w_q"])
-    dx_k, grads["w_k"], grads["b_k"] = _linear_backward(merge_heads(dk), x_kv, params["w_k"])
-    dx_v, grads["w_v"], grads["b_v"] = _linear_backward(merge_heads(dv), x_kv, params["w_v"])
+    dx_q, grads["w_q"], grads["b_q"] = linear_backward(merge_heads(dq), cache_q)
+    dx_k, grads["w_k"], grads["b_k"] = linear_backward(merge_heads(dk), cache_k)
+    dx_v, grads["w_v"], grads["b_v"] = linear_backward(merge_heads(dv), cache_v)
     return dx_q, dx_k + dx_v, {name: grads[name] for name in MHA_PARAM_NAMES}
 
 

@@ -60,6 +60,32 @@ def require_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def require_nonnegative_int(name: str, value) -> int:
+    """Return `value` as an int if it is an integer >= 0, e.g. a seed or a step counter."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def require_same_keys(name: str, d, reference: dict, reference_name: str) -> dict:
+    """Check that `d` is a dict with exactly the keys of `reference`, e.g. grads vs params.
+
+    The message lists the missing and the extra keys: "grads: expected the names of params,
+    got missing ['b'] and extra ['c']".
+    """
+    if not isinstance(d, dict):
+        kind = type(d).__name__
+        raise ValueError(f"{name}: expected a dict keyed like {reference_name}, got {kind}")
+    missing = sorted(set(reference) - set(d), key=str)
+    extra = sorted(set(d) - set(reference), key=str)
+    if missing or extra:
+        found = " and ".join(
+            f"{label} {keys}" for label, keys in (("missing", missing), ("extra", extra)) if keys
+        )
+        raise ValueError(f"{name}: expected the names of {reference_name}, got {found}")
+    return d
+
+
 def require_real(name: str, value, positive: bool = False) -> float:
     """Return `value` as a float if it is a finite real number (and > 0 when `positive`)."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)

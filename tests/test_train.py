@@ -1,0 +1,108 @@
+"""Serial training: it learns, it is deterministic, it resumes exactly, its CLI is sound."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tfcourse import data, seq2seq, train
+from tfcourse.model import preset
+
+CORPUS = train.load_corpus()
+TINY = preset("tiny", CORPUS.vocab.size)
+
+
+def run(settings, **kwargs):
+    return train.train_lm(TINY, CORPUS, settings, progress="none", **kwargs)
+
+
+@pytest.mark.slow
+def test_lm_learns_well_below_the_unigram_baseline():
+    result = run(train.TRAIN_PRESETS["tiny"])
+    baseline = result["unigram_baseline"]
+    assert baseline == pytest.approx(data.unigram_cross_entropy(CORPUS.ids, CORPUS.vocab.size))
+    assert np.mean(result["losses"][-10:]) < 0.6 * baseline
+    assert result["losses"][0] == pytest.approx(np.log(CORPUS.vocab.size), rel=0.05)
+
+
+@pytest.mark.slow
+def test_seq2seq_solves_reverse_on_held_out_examples():
+    full = data.make_task("reverse", 6000, seed=0, min_len=3, max_len=8)
+    train_set, test_set = data.split_held_out(full, 500, seed=0)
+    config = seq2seq.Seq2SeqConfig(vocab_size=full.vocab.size, max_len=16)
+    settings = train.TrainSettings(steps=800, batch_size=64, lr=3e-3, warmup_steps=50)
+    params = train.train_seq2seq(config, train_set, settings, progress="none")["params"]
+    predicted = seq2seq.greedy_decode(params, test_set.src, config, test_set.tgt_out.shape[1])
+    assert seq2seq.exact_match(predicted, test_set.tgt_out) >= 0.99
+
+
+def test_same_seed_gives_bitwise_identical_losses():
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=15)
+    assert run(settings)["losses"] == run(settings)["losses"]
+    assert run(settings)["losses"] != run(dataclasses.replace(settings, seed=1))["losses"]
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_curve(tmp_path, monkeypatch):
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=30)
+    uninterrupted = run(settings)["losses"]
+    checkpoint = tmp_path / "ckpt.npz"
+
+    real_update = train.Progress.update
+
+    def crash_at_step_25(self, step, loss):
+        if step == 25:
+            raise KeyboardInterrupt("simulated crash")
+        real_update(self, step, loss)
+
+    monkeypatch.setattr(train.Progress, "update", crash_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        run(settings, checkpoint_path=str(checkpoint), checkpoint_every=10)
+    monkeypatch.setattr(train.Progress, "update", real_update)
+    resumed = run(settings, resume_from=str(checkpoint))  # restarts from step 20
+    assert resumed["losses"] == uninterrupted
+
+
+def test_learning_rate_warms_up_then_decays():
+    s = train.TrainSettings(steps=100, lr=1.0, warmup_steps=10)
+    lrs = [train.learning_rate(step, s) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(np.cos(np.pi * 0.09) / 2 + 0.5)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] < 0.001
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfcourse.train", "--config", "tiny", "--steps", "5",
+         "--seed", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert len(result["losses"]) == 5 and result["tokens_per_s"] > 0
+    assert result["config"]["d_model"] == TINY.d_model and result["settings"]["seed"] == 3
+    assert proc.stdout.count("step ") == 5  # not a TTY: plain lines, one per step here
+    expected = run(dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=5, seed=3))["losses"]
+    assert result["losses"] == expected
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--config", "huge"], "config: expected one of"),
+    (["--steps", "0"], "--steps: expected a positive integer"),
+    (["--json", "/nonexistent-folder/out.json"], "--json: folder"),
+    (["--text", "/nonexistent-file.txt"], "path"),
+    (["--seq-len", "64"], "seq_len: expected at most max_len=32"),
+])
+def test_cli_bad_arguments_give_clear_errors(args, match, capsys):
+    assert train.main(["--steps", "2", "--progress", "none", *args]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a checkpoint")
+    assert train.main(["--steps", "2", "--progress", "none", "--resume", str(bad)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+"""Chapter 4: the layers of a Transformer, each a forward/backward pair of pure functions.
+
+    out, cache = linear_forward(x, w, b)
+    dx, dw, db = linear_backward(dout, cache)
+
+The cache holds what the backward pass needs; nothing is stored between calls. Shapes use
+B (batch), T (time/sequence), d (model width), V (vocabulary). Arrays keep their dtype.
+These functions trust their callers about shapes (the model validates its inputs once, at
+its public entry points) so that the inner loop stays lean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, w, b):
+    """y = x @ w + b for x (..., d_in), w (d_in, d_out), b (d_out,) -> y (..., d_out)."""
+    return x @ w + b, (x, w)
+
+
+def linear_backward(dout, cache):
+    """(dx, dw, db) of y = x @ w + b; dw and db sum over every leading (batch, time) axis."""
+    x, w = cache
+    dx = dout @ w.T
+    dout_2d = dout.reshape(-1, dout.shape[-1])
+    dw = x.reshape(-1, x.shape[-1]).T @ dout_2d
+    db = dout_2d.sum(axis=0)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def embedding_forward(ids, table):
+    """Rows of `table` (V, d) picked by integer `ids` (...,) -> (..., d)."""
+    return table[ids], (ids, table.shape)
+
+
+def embedding_backward(dout, cache):
+    """Gradient of the table (V, d): row v accumulates dout at every position where ids == v."""
+    ids, table_shape = cache
+    dtable = np.zeros(table_shape, dtype=dout.dtype)
+    np.add.at(dtable, ids.reshape(-1), dout.reshape(-1, table_shape[1]))
+    return dtable
+
+
+# --------------------------------------------------------------------------- layer norm
+
+
+def layernorm_forward(x, gamma, beta, eps: float = 1e-5):
+    """LayerNorm over the last axis: gamma * (x - mean) / sqrt(var + eps) + beta.
+
+    x: (..., d); gamma, beta: (d,). Returns (out (..., d), cache).
+    """
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+    x_hat = centred * rstd
+    return x_hat * gamma + beta, (x_hat, rstd, gamma)
+
+
+def layernorm_backward(dout, cache):
+    """(dx, dgamma, dbeta) of LayerNorm.
+
+    With x_hat = (x - mean) * rstd and g = dout * gamma, differentiating through the mean and
+    the variance gives dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+    """
+    x_hat, rstd, gamma = cache
+    d = x_hat.shape[-1]
+    dgamma = (dout * x_hat).reshape(-1, d).sum(axis=0)
+    dbeta = dout.reshape(-1, d).sum(axis=0)
+    g = dout * gamma
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True)
+                 - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------- activations
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    t = np.tanh(GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dout, cache):
+    """d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    x, t = cache
+    local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return dout * local
+
+
+def relu_forward(x):
+    """max(x, 0)."""
+    return np.maximum(x, 0), x > 0
+
+
+def relu_backward(dout, cache):
+    """Gradient passes where the input was positive."""
+    return dout * cache
+
+
+ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward), "relu": (relu_forward, relu_backward)}
+
+
+# --------------------------------------------------------------------------- feed-forward
+
+
+def ffn_forward(x, w1, b1, w2, b2, activation: str = "gelu"):
+    """Position-wise feed-forward network act(x @ w1 + b1) @ w2 + b2.
+
+    x: (..., d), w1: (d, d_ff), b1: (d_ff,), w2: (d_ff, d), b2: (d,). Returns (out, cache).
+    """
+    act_forward, _ = ACTIVATIONS[activation]
+    hidden, cache1 = linear_forward(x, w1, b1)
+    activated, cache_act = act_forward(hidden)
+    out, cache2 = linear_forward(activated, w2, b2)
+    return out, (cache1, cache_act, cache2, activation)
+
+
+def ffn_backward(dout, cache):
+    """Returns (dx, {"w1", "b1", "w2", "b2"}) for the feed-forward network."""
+    cache1, cache_act, cache2, activation = cache
+    _, act_backward = ACTIVATIONS[activation]
+    dactivated, dw2, db2 = linear_backward(dout, cache2)
+    dhidden = act_backward(dactivated, cache_act)
+    dx, dw1, db1 = linear_backward(dhidden, cache1)
+    return dx, {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def dropout_forward(x, rate: float, rng: np.random.Generator | None):
+    """Inverted dropout: zero each entry with probability `rate`, scale the rest by 1/(1-rate).
+
+    With rate == 0 (the default everywhere in the course) it is the identity and needs no rng,
+    so runs stay bit-for-bit reproducible and comparable across parallel modes.
+    """
+    if rate == 0.0:
+        return x, None
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate: expected a dropout probability in [0, 1), got {rate}")
+    if rng is None:
+        raise ValueError("rng: dropout with rate > 0 needs a np.random.Generator, got None")
+    keep = (rng.random(x.shape) >= rate).astype(x.dtype) / x.dtype.type(1.0 - rate)
+    return x * keep, keep
+
+
+def dropout_backward(dout, cache):
+    """Gradient flows only through the kept entries, with the same scale."""
+    return dout if cache is None else dout * cache
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def log_softmax(logits):
+    """log softmax over the last axis, computed as x - max - log(sum(exp(x - max)))."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy_forward(logits, targets, ignore_index: int | None = None):
+    """Mean negative log-likelihood of `targets` under softmax(logits).
+
+    logits: (..., V); targets: (...) integers in [0, V). Positions whose target equals
+    `ignore_index` (padding) count neither in the sum nor in the mean. Returns (loss, cache);
+    the loss is a Python float, 0.0 if every position is ignored.
+    """
+    logp = log_softmax(logits)
+    flat_logp = logp.reshape(-1, logp.shape[-1])
+    flat_targets = targets.reshape(-1)
+    valid = np.ones_like(flat_targets, dtype=bool) if ignore_index is None else (
+        flat_targets != ignore_index)
+    n_valid = int(valid.sum())
+    picked = flat_logp[np.arange(flat_targets.size), np.where(valid, flat_targets, 0)]
+    loss = float(-(picked * valid).sum() / max(n_valid, 1))
+    return loss, (logp, flat_targets, valid, n_valid)
+
+
+def cross_entropy_backward(cache, dloss: float = 1.0):
+    """dlogits = (softmax(logits) - onehot(target)) / n_valid at valid positions, 0 elsewhere."""
+    logp, flat_targets, valid, n_valid = cache
+    dlogits = np.exp(logp).reshape(-1, logp.shape[-1])
+    dlogits[np.arange(flat_targets.size), np.where(valid, flat_targets, 0)] -= 1.0
+    dlogits *= (valid * (dloss / max(n_valid, 1)))[:, None].astype(dlogits.dtype)
+    return dlogits.reshape(logp.shape)

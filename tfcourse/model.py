@@ -1,0 +1,357 @@
+"""Chapter 4: a GPT-style decoder-only Transformer, as pure functions over a dict of arrays.
+
+    config = preset("tiny", vocab_size=30)
+    params = init_params(config, seed=0)                # {"tok_emb": ..., "blocks.0.attn.w_q": ...}
+    logits = forward(params, tokens, config)            # (B, T, V)
+    loss, grads = loss_and_grads(params, tokens, targets, config)   # grads: same keys as params
+
+Pre-LN blocks (GPT-2): x = x + Attention(LN(x)); x = x + FFN(LN(x)), then a final LayerNorm and
+a linear head to vocabulary logits. Every parallel chapter splits *these* functions and
+*this* dict: pipeline stages run `embed_forward`, some `block_forward`s, `head_forward`;
+tensor parallelism shards the dict's matrices; data parallelism averages `grads`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tfcourse.attention import causal_mask, mha_backward, mha_forward
+from tfcourse.layers import (
+    ACTIVATIONS,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    dropout_backward,
+    dropout_forward,
+    embedding_backward,
+    embedding_forward,
+    ffn_backward,
+    ffn_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+)
+from tfcourse.validate import require_divisible, require_positive_int
+
+DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters of the decoder-only model (all sizes are positive integers)."""
+
+    vocab_size: int
+    d_model: int = 32
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 128
+    max_len: int = 32
+    dtype: str = "float64"
+    activation: str = "gelu"
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"):
+            require_positive_int(name, getattr(self, name))
+        require_divisible("d_model", self.d_model, "n_heads", self.n_heads)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # seconds on 2 cores: for tests, notebooks and the parallel chapters' equivalence checks
+    "tiny": dict(d_model=32, n_heads=4, n_layers=2, d_ff=128, max_len=32),
+    # for benchmarks (chapter 5)
+    "small": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_len=128),
+}
+
+
+def preset(name: str, vocab_size: int, **overrides) -> TransformerConfig:
+    """A named configuration ("tiny" or "small") for a given vocabulary, with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"config: expected one of {sorted(PRESETS)}, got {name!r}")
+    return TransformerConfig(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def block_param_shapes(prefix: str, d_model: int, d_ff: int) -> dict[str, tuple]:
+    """Shapes of one pre-LN block's parameters (self-attention + feed-forward)."""
+    d, f = d_model, d_ff
+    return {
+        f"{prefix}ln1.gamma": (d,), f"{prefix}ln1.beta": (d,),
+        f"{prefix}attn.w_q": (d, d), f"{prefix}attn.w_k": (d, d),
+        f"{prefix}attn.w_v": (d, d), f"{prefix}attn.w_o": (d, d),
+        f"{prefix}attn.b_q": (d,), f"{prefix}attn.b_k": (d,),
+        f"{prefix}attn.b_v": (d,), f"{prefix}attn.b_o": (d,),
+        f"{prefix}ln2.gamma": (d,), f"{prefix}ln2.beta": (d,),
+        f"{prefix}ffn.w1": (d, f), f"{prefix}ffn.b1": (f,),
+        f"{prefix}ffn.w2": (f, d), f"{prefix}ffn.b2": (d,),
+    }  # fmt: skip
+
+
+def param_shapes(config: TransformerConfig) -> dict[str, tuple]:
+    """Name -> shape of every parameter, in a fixed order (the order init draws them in)."""
+    shapes = {"tok_emb": (config.vocab_size, config.d_model),
+              "pos_emb": (config.max_len, config.d_model)}
+    for i in range(config.n_layers):
+        shapes.update(block_param_shapes(f"blocks.{i}.", config.d_model, config.d_ff))
+    shapes.update({"ln_f.gamma": (config.d_model,), "ln_f.beta": (config.d_model,),
+                   "head.w": (config.d_model, config.vocab_size),
+                   "head.b": (config.vocab_size,)})
+    return shapes
+
+
+def init_value(name: str, shape: tuple, rng: np.random.Generator, std: float, n_layers: int,
+               dtype) -> np.ndarray:
+    """GPT-2 initialisation: LayerNorm gains 1, biases 0, matrices N(0, std^2), with the two
+    projections that write into the residual stream (attn.w_o, ffn.w2) scaled by
+    1/sqrt(2 n_layers) so the residual sum does not grow with depth."""
+    if name.endswith(".gamma"):
+        return np.ones(shape, dtype=dtype)
+    if len(shape) == 1:
+        return np.zeros(shape, dtype=dtype)
+    scale = std / np.sqrt(2 * n_layers) if name.endswith(("attn.w_o", "ffn.w2")) else std
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def init_params(config: TransformerConfig, seed: int) -> dict[str, np.ndarray]:
+    """A fresh parameter dict; the same (config, seed) always gives the same arrays."""
+    rng = np.random.default_rng(seed)
+    return {name: init_value(name, shape, rng, config.init_std, config.n_layers, config.dtype)
+            for name, shape in param_shapes(config).items()}
+
+
+def count_params(params: dict[str, np.ndarray]) -> int:
+    return sum(int(p.size) for p in params.values())
+
+
+def subdict(params: dict, prefix: str) -> dict:
+    """The entries whose name starts with `prefix`, with the prefix removed."""
+    return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def add_prefix(grads: dict, prefix: str) -> dict:
+    return {prefix + name: value for name, value in grads.items()}
+
+
+def check_params(params: dict, expected_shapes: dict[str, tuple], dtype: str) -> None:
+    """ValueError naming any missing, unexpected, mis-shaped or mis-typed parameter."""
+    missing = sorted(set(expected_shapes) - set(params))
+    extra = sorted(set(params) - set(expected_shapes))
+    if missing or extra:
+        raise ValueError(f"params: missing {missing[:5]}, unexpected {extra[:5]} for this config")
+    for name, shape in expected_shapes.items():
+        value = params[name]
+        if not isinstance(value, np.ndarray) or value.shape != shape:
+            got = getattr(value, "shape", type(value).__name__)
+            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {got}")
+        if value.dtype != np.dtype(dtype):
+            raise ValueError(f"params[{name!r}]: expected dtype {dtype} (config.dtype), "
+                             f"got {value.dtype}")
+
+
+def check_tokens(name: str, tokens, vocab_size: int, max_len: int,
+                 ignore_index: int | None = None) -> np.ndarray:
+    """Integer (B, T) ids in [0, vocab_size) (or == ignore_index) with T <= max_len."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty (B, T) array, got shape {tokens.shape}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"{name}: sequence length {tokens.shape[1]} exceeds max_len={max_len}")
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if ignore_index is not None:
+        bad &= tokens != ignore_index
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: expected ids in [0, {vocab_size}) (vocab_size), "
+                         f"got {tokens[where]} at {where}")
+    return tokens
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def embed_forward(params: dict, tokens: np.ndarray, config: TransformerConfig):
+    """Token embedding + learned position embedding: (B, T) ids -> (B, T, d_model)."""
+    T = tokens.shape[1]
+    tok, tok_cache = embedding_forward(tokens, params["tok_emb"])
+    return tok + params["pos_emb"][:T], (tok_cache, T, params["pos_emb"].shape)
+
+
+def embed_backward(dx: np.ndarray, cache) -> dict:
+    tok_cache, T, pos_shape = cache
+    dpos = np.zeros(pos_shape, dtype=dx.dtype)
+    dpos[:T] = dx.sum(axis=0)
+    return {"tok_emb": embedding_backward(dx, tok_cache), "pos_emb": dpos}
+
+
+def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
+                               dropout: float = 0.0, rng=None, memory=None):
+    """x + Dropout(MultiHeadAttention(LN(x), kv)) with kv = LN(x) (self) or `memory` (cross).
+
+    Uses params[prefix + "ln.gamma" / "ln.beta" / "attn.*"]-style names via `prefix`,
+    e.g. prefix="blocks.0." reads "blocks.0.ln1.*" and "blocks.0.attn.*" (see `_names`).
+    """
+    ln_name, attn_name = _names(prefix, memory is not None)
+    normed, ln_cache = layernorm_forward(x, params[ln_name + "gamma"], params[ln_name + "beta"])
+    kv = normed if memory is None else memory
+    attended, attn_cache = mha_forward(normed, kv, subdict(params, attn_name), n_heads, mask)
+    dropped, drop_cache = dropout_forward(attended, dropout, rng)
+    return x + dropped, (prefix, memory is not None, ln_cache, attn_cache, drop_cache)
+
+
+def attention_sublayer_backward(dy, cache):
+    """Returns (dx, dmemory or None, grads with full names)."""
+    prefix, is_cross, ln_cache, attn_cache, drop_cache = cache
+    ln_name, attn_name = _names(prefix, is_cross)
+    dnormed_q, dkv, attn_grads = mha_backward(dropout_backward(dy, drop_cache), attn_cache)
+    dnormed = dnormed_q if is_cross else dnormed_q + dkv
+    dx_ln, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
+    grads = {**add_prefix(attn_grads, attn_name), ln_name + "gamma": dgamma,
+             ln_name + "beta": dbeta}
+    return dy + dx_ln, (dkv if is_cross else None), grads
+
+
+def _names(prefix: str, is_cross: bool) -> tuple[str, str]:
+    """Parameter name prefixes of an attention sublayer: self uses ln1/attn, cross ln_x/xattn."""
+    if is_cross:
+        return prefix + "ln_x.", prefix + "xattn."
+    return prefix + "ln1.", prefix + "attn."
+
+
+def ffn_sublayer_forward(params: dict, prefix: str, x, activation: str = "gelu",
+                         dropout: float = 0.0, rng=None):
+    """x + Dropout(FFN(LN(x))) with params prefix + "ln2.*" and prefix + "ffn.*"."""
+    normed, ln_cache = layernorm_forward(x, params[prefix + "ln2.gamma"],
+                                         params[prefix + "ln2.beta"])
+    p = subdict(params, prefix + "ffn.")
+    hidden, ffn_cache = ffn_forward(normed, p["w1"], p["b1"], p["w2"], p["b2"], activation)
+    dropped, drop_cache = dropout_forward(hidden, dropout, rng)
+    return x + dropped, (prefix, ln_cache, ffn_cache, drop_cache)
+
+
+def ffn_sublayer_backward(dy, cache):
+    prefix, ln_cache, ffn_cache, drop_cache = cache
+    dnormed, ffn_grads = ffn_backward(dropout_backward(dy, drop_cache), ffn_cache)
+    dx_ln, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
+    grads = {**add_prefix(ffn_grads, prefix + "ffn."), prefix + "ln2.gamma": dgamma,
+             prefix + "ln2.beta": dbeta}
+    return dy + dx_ln, grads
+
+
+def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None):
+    """Decoder block i: causal self-attention sublayer, then feed-forward sublayer."""
+    prefix = f"blocks.{i}."
+    mask = causal_mask(x.shape[1])
+    h, attn_cache = attention_sublayer_forward(params, prefix, x, mask, config.n_heads,
+                                               config.dropout, rng)
+    y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation, config.dropout, rng)
+    return y, (attn_cache, ffn_cache)
+
+
+def block_backward(dy, cache):
+    """Returns (dx, grads of block i's parameters, with full names)."""
+    attn_cache, ffn_cache = cache
+    dh, ffn_grads = ffn_sublayer_backward(dy, ffn_cache)
+    dx, _, attn_grads = attention_sublayer_backward(dh, attn_cache)
+    return dx, {**attn_grads, **ffn_grads}
+
+
+def head_forward(params: dict, x):
+    """Final LayerNorm and the linear map to vocabulary logits: (B, T, d) -> (B, T, V)."""
+    normed, ln_cache = layernorm_forward(x, params["ln_f.gamma"], params["ln_f.beta"])
+    logits, lin_cache = linear_forward(normed, params["head.w"], params["head.b"])
+    return logits, (ln_cache, lin_cache)
+
+
+def head_backward(dlogits, cache):
+    ln_cache, lin_cache = cache
+    dnormed, dw, db = linear_backward(dlogits, lin_cache)
+    dx, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
+    return dx, {"head.w": dw, "head.b": db, "ln_f.gamma": dgamma, "ln_f.beta": dbeta}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _forward_with_caches(params, tokens, config, rng):
+    x, embed_cache = embed_forward(params, tokens, config)
+    block_caches = []
+    for i in range(config.n_layers):
+        x, cache = block_forward(params, i, x, config, rng)
+        block_caches.append(cache)
+    logits, head_cache = head_forward(params, x)
+    return logits, (embed_cache, block_caches, head_cache)
+
+
+def forward(params: dict, tokens, config: TransformerConfig) -> np.ndarray:
+    """Logits (B, T, vocab_size) for integer tokens (B, T); dropout is off at inference."""
+    check_params(params, param_shapes(config), config.dtype)
+    tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
+    return _forward_with_caches(params, tokens, dataclasses.replace(config, dropout=0.0),
+                                None)[0]
+
+
+def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
+                   ignore_index: int | None = None, rng: np.random.Generator | None = None):
+    """Mean cross-entropy of next-token `targets` (B, T) and its gradient for every parameter.
+
+    Returns (loss: float, grads: dict with exactly the keys of params). `rng` is needed only
+    when config.dropout > 0.
+    """
+    check_params(params, param_shapes(config), config.dtype)
+    tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
+    targets = check_tokens("targets", targets, config.vocab_size, config.max_len, ignore_index)
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets: expected shape {tokens.shape} (of tokens), "
+                         f"got {targets.shape}")
+    logits, (embed_cache, block_caches, head_cache) = _forward_with_caches(
+        params, tokens, config, rng)
+    loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
+    dx, grads = head_backward(cross_entropy_backward(loss_cache), head_cache)
+    for cache in reversed(block_caches):
+        dx, block_grads = block_backward(dx, cache)
+        grads.update(block_grads)
+    grads.update(embed_backward(dx, embed_cache))
+    return loss, {name: grads[name] for name in params}
+
+
+def generate(params: dict, prompt, n_new: int, config: TransformerConfig,
+             temperature: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Extend 1-D `prompt` ids by `n_new` tokens: greedy when temperature == 0, else sampled
+    from softmax(logits / temperature) with a seeded generator. Only the last max_len tokens
+    are fed to the model."""
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    rng = np.random.default_rng(seed)
+    ids = list(np.asarray(prompt).reshape(-1))
+    for _ in range(n_new):
+        context = np.array(ids[-config.max_len:], dtype=np.int64)[None, :]
+        logits = forward(params, context, config)[0, -1].astype(np.float64)
+        if temperature == 0:
+            ids.append(int(np.argmax(logits)))
+        else:
+            z = logits / temperature
+            p = np.exp(z - z.max())
+            ids.append(int(rng.choice(len(p), p=p / p.sum())))
+    return np.array(ids, dtype=np.int64)
