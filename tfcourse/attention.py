@@ -42,15 +42,17 @@ MHA_PARAM_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     x_max = np.max(x, axis=axis, keepdims=True)
     # A row of all -inf has max -inf, and -inf - (-inf) is NaN: shift such rows by 0 instead.
-    x_max = np.where(np.isfinite(x_max), x_max, 0)
+    x_max[~np.isfinite(x_max)] = 0
     e = np.exp(x - x_max)
     total = np.sum(e, axis=axis, keepdims=True)
-    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return np.divide(e, total, out=e, where=total > 0)  # an all -inf row stays all zeros
 
 
 def _softmax_backward(dout: np.ndarray, probs: np.ndarray, axis: int) -> np.ndarray:
     # Jacobian-vector product of softmax: J = diag(p) - p p^T, so J @ g = p * (g - <g, p>).
-    return probs * (dout - np.sum(dout * probs, axis=axis, keepdims=True))
+    dx = dout - np.sum(dout * probs, axis=axis, keepdims=True)
+    dx *= probs
+    return dx
 
 
 def softmax(x, axis: int = -1) -> np.ndarray:
@@ -120,11 +122,12 @@ def sdpa_forward(q, k, v, mask=None):
     weights. cache["weights"] holds the attention weights (..., n_q, n_k).
     """
     q, k, v = _check_qkv(q, k, v)
-    scores = (q @ np.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    scores = (q * scale) @ np.swapaxes(k, -1, -2)  # scaling q is cheaper than the scores
     if mask is not None:
         mask = as_bool_array("mask", mask)
         require_broadcastable("mask", mask, scores.shape, "scores (..., n_q, n_k)")
-        scores = np.where(mask, scores, -np.inf)
+        np.copyto(scores, -np.inf, where=~mask)
     weights = _softmax(scores, axis=-1)
     out = weights @ v
     cache = {"q": q, "k": k, "v": v, "weights": weights}
@@ -141,12 +144,14 @@ def sdpa_backward(dout, cache):
     dout = as_float_array("dout", dout)
     require_shape("dout", dout, weights.shape[:-1] + v.shape[-1:], "shape of out")
     require_dtype("dout", dout, q.dtype, "dtype of out")
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     dv = np.swapaxes(weights, -1, -2) @ dout
     dweights = dout @ np.swapaxes(v, -1, -2)
-    dscores = _softmax_backward(dweights, weights, axis=-1) * scale
+    dscores = _softmax_backward(dweights, weights, axis=-1)
     dq = dscores @ k
+    dq *= scale
     dk = np.swapaxes(dscores, -1, -2) @ q
+    dk *= scale
     return dq, dk, dv
 
 
@@ -207,7 +212,7 @@ def split_heads(x, n_heads: int) -> np.ndarray:
 
     Head h takes columns h*d_head : (h+1)*d_head of the last axis.
     """
-    x = np.asarray(x)
+    x = np.asanyarray(x)
     require_ndim("x", x, 2)
     n_heads = require_positive_int("n_heads", n_heads)
     d_model = x.shape[-1]
@@ -218,7 +223,7 @@ def split_heads(x, n_heads: int) -> np.ndarray:
 
 def merge_heads(x) -> np.ndarray:
     """(..., n_heads, T, d_head) -> (..., T, n_heads * d_head); the inverse of split_heads."""
-    x = np.asarray(x)
+    x = np.asanyarray(x)
     require_ndim("x", x, 3)
     x = np.swapaxes(x, -2, -3)
     return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))

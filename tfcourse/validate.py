@@ -24,7 +24,7 @@ def as_float_array(name: str, x, allow_neg_inf: bool = False) -> np.ndarray:
     entries equal to -inf are accepted (masked logits).
     """
     try:
-        arr = np.asarray(x)
+        arr = np.asanyarray(x)  # keeps ndarray subclasses (costmodel.FlopCounter counts matmuls)
     except (TypeError, ValueError) as err:  # e.g. ragged nested lists
         message = f"{name}: expected a numeric array, got {type(x).__name__} ({err})"
         raise ValueError(message) from None

@@ -1,0 +1,136 @@
+"""Cost model against hand-derived numbers and against the FLOPs the NumPy model performs."""
+
+import numpy as np
+import pytest
+
+from tfcourse import costmodel as cm
+from tfcourse import model
+
+CONFIGS = [
+    model.TransformerConfig(vocab_size=13, d_model=16, n_heads=4, n_layers=2, d_ff=24,
+                            max_len=12, dtype="float32"),
+    model.TransformerConfig(vocab_size=7, d_model=8, n_heads=2, n_layers=3, d_ff=8, max_len=5),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_param_count_matches_the_model(config):
+    params = model.init_params(config, 0)
+    assert cm.lm_params(config.vocab_size, config.d_model, config.n_layers, config.d_ff,
+                        config.max_len) == model.count_params(params)
+    matrices = sum(v.size for k, v in params.items() if v.ndim == 2 and "emb" not in k)
+    assert cm.matmul_params(config.vocab_size, config.d_model, config.n_layers,
+                            config.d_ff) == matrices
+
+
+def test_training_flops_is_6n_plus_attention_term():
+    V, d, L, f, T = 50, 64, 3, 256, 40
+    n = L * (4 * d * d + 2 * d * f) + d * V
+    assert cm.training_flops_per_token(V, d, L, f, T) == 6 * n + 12 * L * d * T
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_closed_form_equals_counted_matmuls_of_the_numpy_model(config):
+    B, T = 3, config.max_len
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (B, T))
+    params = model.init_params(config, 0)
+    args = (config.vocab_size, config.d_model, config.n_layers, config.d_ff, T)
+    fwd, logits = cm.count_matmul_flops(model.forward, params, tokens, config)
+    assert fwd == B * T * sum(cm.forward_flops_per_token(*args).values())
+    total, (loss, _) = cm.count_matmul_flops(model.loss_and_grads, params, tokens, tokens, config)
+    assert total == B * T * cm.training_flops_per_token(*args)
+    # counting does not change the numbers
+    np.testing.assert_array_equal(np.asarray(logits), model.forward(params, tokens, config))
+    assert loss == model.loss_and_grads(params, tokens, tokens, config)[0]
+
+
+def test_flop_counter_single_and_batched_matmul():
+    a, b = np.ones((2, 3, 4)), np.ones((4, 5))
+    flops, _ = cm.count_matmul_flops(lambda x, y: x @ y, a, b)
+    assert flops == 2 * 3 * 5 * (2 * 4)  # two (3x4)@(4x5) products
+
+
+def _cached_arrays_nbytes(cache, exclude_ids):
+    seen = {}
+
+    def walk(obj):
+        if isinstance(obj, np.ndarray):
+            base = obj
+            while base.base is not None:
+                base = base.base
+            if id(base) not in exclude_ids and base.dtype.kind == "f":
+                seen[id(base)] = base.nbytes
+        elif isinstance(obj, tuple | list):
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                walk(item)
+
+    walk(cache)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_activation_memory_matches_what_a_block_stores(config):
+    B, T = 3, config.max_len
+    params = model.init_params(config, 0)
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (B, T))
+    x, _ = model.embed_forward(params, tokens, config)
+    _, cache = model.block_forward(params, 0, x, config)
+    measured = _cached_arrays_nbytes(cache, {id(v) for v in params.values()})
+    itemsize = np.dtype(config.dtype).itemsize
+    assert measured == cm.activation_bytes_per_layer(B, T, config.d_model, config.n_heads,
+                                                     config.d_ff, itemsize)
+
+
+def test_collective_bytes_by_hand():
+    assert cm.allreduce_bytes(100, 4) == 150
+    assert cm.allgather_bytes(100, 4) == 75 == cm.reduce_scatter_bytes(100, 4)
+    assert cm.allreduce_bytes(100, 1) == 0
+
+
+def test_ring_allreduce_time_model():
+    assert cm.ring_allreduce_time(1e6, 1, 1e-5, 1e-9) == 0.0
+    assert cm.ring_allreduce_time(1e6, 4, 1e-5, 1e-9) == pytest.approx(6e-5 + 1.5e6 * 1e-9)
+
+
+def test_fit_alpha_beta_recovers_known_line():
+    sizes = np.array([1e3, 1e4, 1e5, 1e6])
+    alpha, beta = cm.fit_alpha_beta(sizes, 2e-6 + 3e-10 * sizes)
+    assert alpha == pytest.approx(2e-6, rel=1e-6) and beta == pytest.approx(3e-10, rel=1e-9)
+    with pytest.raises(ValueError, match="message_bytes"):
+        cm.fit_alpha_beta([1.0], [1.0])
+
+
+def test_amdahl_and_gustafson():
+    assert cm.amdahl_speedup(0.0, 8) == pytest.approx(8)
+    assert cm.amdahl_speedup(1.0, 8) == pytest.approx(1)
+    assert cm.amdahl_speedup(0.1, 10) == pytest.approx(1 / (0.1 + 0.09))
+    assert cm.gustafson_speedup(0.1, 10) == pytest.approx(9.1)
+    with pytest.raises(ValueError, match="serial_fraction"):
+        cm.amdahl_speedup(1.5, 2)
+
+
+def test_zero_memory_by_hand():
+    n, p = 1000, 4  # fp32: 4 kB params, 4 kB grads, 8 kB Adam state
+    totals = [sum(cm.zero_state_bytes_per_rank(n, p, s).values()) for s in range(4)]
+    assert totals == [16000, 4000 + 4000 + 2000, 4000 + 1000 + 2000, 4000]
+    with pytest.raises(ValueError, match="stage"):
+        cm.zero_state_bytes_per_rank(n, p, 4)
+
+
+def test_pipeline_bubble_and_tensor_parallel_traffic():
+    assert cm.pipeline_bubble_fraction(4, 1) == pytest.approx(0.75)
+    assert cm.pipeline_bubble_fraction(4, 13) == pytest.approx(3 / 16)
+    assert cm.tensor_parallel_allreduce_bytes(2, 8, 16, 3, 4) == 4 * 3 * 2 * 8 * 16 * 4
+
+
+def test_mfu_and_training_days():
+    assert cm.mfu(1000.0, 6e6, 12e9) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="peak"):
+        cm.mfu(1.0, 1.0, 0.0)
+    # GPT-3: 175e9 params, 300e9 tokens, 1024 GPUs at 312 TFLOP/s and 50% -> about 23 days
+    days = cm.training_days(175e9, 300e9, 1024, 312e12, 0.5)
+    assert days == pytest.approx(6 * 175e9 * 300e9 / (1024 * 312e12 * 0.5) / 86400)
+    assert 22 < days < 24

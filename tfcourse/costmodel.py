@@ -1,0 +1,217 @@
+"""Chapter 5 (and every later chapter's predictions): what training costs, in closed form.
+
+FLOPs, memory and communication of the course's model, written as small pure functions so
+that notebooks can plot a prediction next to each measurement. Conventions: a multiply-add is
+2 FLOPs; sizes are in bytes; time in seconds; `p` is the number of processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tfcourse.hardware import matmul_flops
+
+# --------------------------------------------------------------------------- parameters
+
+
+def block_params(d_model: int, d_ff: int) -> int:
+    """One pre-LN block: attention 4d^2 + 4d, FFN 2 d d_ff + d_ff + d, two LayerNorms 4d."""
+    d = d_model
+    return (4 * d * d + 4 * d) + (2 * d * d_ff + d_ff + d) + 4 * d
+
+
+def lm_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int, max_len: int) -> int:
+    """All parameters of `tfcourse.model` (untied head, learned positions)."""
+    d = d_model
+    embeddings = vocab_size * d + max_len * d
+    return embeddings + n_layers * block_params(d, d_ff) + 2 * d + d * vocab_size + vocab_size
+
+
+def matmul_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int) -> int:
+    """N in "6N": the weights that take part in a matmul for every token (all blocks' matrices
+    and the head); embedding lookups, biases and LayerNorm gains cost no matmul FLOPs."""
+    d = d_model
+    return n_layers * (4 * d * d + 2 * d * d_ff) + d * vocab_size
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def forward_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff: int,
+                            seq_len: int) -> dict[str, int]:
+    """Matmul FLOPs of one token's forward pass, by kind (attention computed in full, as the
+    NumPy model does: masked scores are computed, then discarded)."""
+    d, T = d_model, seq_len
+    return {
+        "qkv projections": n_layers * 3 * matmul_flops(1, d, d),
+        "attention scores QK^T": n_layers * matmul_flops(1, d, T),
+        "attention values AV": n_layers * matmul_flops(1, T, d),
+        "output projection": n_layers * matmul_flops(1, d, d),
+        "feed-forward": n_layers * 2 * matmul_flops(1, d, d_ff),
+        "head": matmul_flops(1, d, vocab_size),
+    }
+
+
+def training_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff: int,
+                             seq_len: int) -> int:
+    """Forward + backward = 3 x forward: the backward pass of y = x W needs two matmuls of
+    the same size (dx = dy W^T and dW = x^T dy). Equals 6N + 12 L d T."""
+    return 3 * sum(forward_flops_per_token(vocab_size, d_model, n_layers, d_ff,
+                                           seq_len).values())
+
+
+class FlopCounter(np.ndarray):
+    """An ndarray that adds the FLOPs of every matmul it takes part in to `FlopCounter.total`.
+
+    Wrap a model's parameters and inputs with `.view(FlopCounter)` and run it: results of
+    operations stay FlopCounters, so every `@` in the forward and backward passes is counted.
+    """
+
+    total = 0
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        def plain(x):
+            if isinstance(x, tuple):
+                return tuple(plain(item) for item in x)
+            return x.view(np.ndarray) if isinstance(x, FlopCounter) else x
+
+        args = [plain(x) for x in inputs]
+        if ufunc is np.matmul and method == "__call__":
+            a, b = np.asarray(args[0]), np.asarray(args[1])
+            batch = int(np.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), dtype=np.int64))
+            FlopCounter.total += batch * matmul_flops(a.shape[-2], a.shape[-1], b.shape[-1])
+        result = getattr(ufunc, method)(*args, **{k: plain(v) for k, v in kwargs.items()})
+        if "out" in kwargs:  # written in place: hand back the caller's own output array(s)
+            out = kwargs["out"]
+            return out[0] if isinstance(out, tuple) and len(out) == 1 else out
+        return result.view(FlopCounter) if isinstance(result, np.ndarray) else result
+
+
+def count_matmul_flops(fn, *args, **kwargs) -> tuple[int, object]:
+    """Run fn(*args, **kwargs) with every ndarray argument (and dict of ndarrays) wrapped in
+    FlopCounter; return (matmul FLOPs performed, fn's result)."""
+
+    def wrap(x):
+        if isinstance(x, dict):
+            return {k: wrap(v) for k, v in x.items()}
+        if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+            return x.view(FlopCounter)
+        return x
+
+    FlopCounter.total = 0
+    result = fn(*(wrap(a) for a in args), **{k: wrap(v) for k, v in kwargs.items()})
+    return FlopCounter.total, result
+
+
+# --------------------------------------------------------------------------- utilisation
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) -> float:
+    """Model FLOP/s utilisation: the model's useful FLOP/s as a fraction of the measured peak."""
+    if peak_flops_per_s <= 0:
+        raise ValueError(f"peak_flops_per_s: expected > 0, got {peak_flops_per_s}")
+    return tokens_per_s * flops_per_token / peak_flops_per_s
+
+
+def amdahl_speedup(serial_fraction: float, p):
+    """Strong scaling bound: 1 / (s + (1 - s) / p) for a fixed problem on p processes."""
+    _check_fraction(serial_fraction)
+    return 1.0 / (serial_fraction + (1.0 - serial_fraction) / np.asarray(p, dtype=float))
+
+
+def gustafson_speedup(serial_fraction: float, p):
+    """Weak scaling: s + (1 - s) p when the problem grows with p (s measured on p processes)."""
+    _check_fraction(serial_fraction)
+    return serial_fraction + (1.0 - serial_fraction) * np.asarray(p, dtype=float)
+
+
+def _check_fraction(s: float) -> None:
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"serial_fraction: expected a value in [0, 1], got {s}")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def training_state_bytes(n_params: int, bytes_per_value: int = 4) -> dict[str, int]:
+    """Parameters, gradients and AdamW's two moments (m, v): 4 copies of N values."""
+    one_copy = n_params * bytes_per_value
+    return {"parameters": one_copy, "gradients": one_copy, "optimizer (m, v)": 2 * one_copy}
+
+
+def zero_state_bytes_per_rank(n_params: int, p: int, stage: int,
+                              bytes_per_value: int = 4) -> dict[str, float]:
+    """Per-rank training state under ZeRO (Rajbhandari et al. 2020) with p data-parallel ranks.
+
+    Stage 0: everything replicated; 1: optimizer state sharded; 2: + gradients sharded;
+    3: + parameters sharded.
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage: expected 0, 1, 2 or 3, got {stage}")
+    full = training_state_bytes(n_params, bytes_per_value)
+    shard = {"optimizer (m, v)": stage >= 1, "gradients": stage >= 2, "parameters": stage >= 3}
+    return {name: size / p if shard[name] else float(size) for name, size in full.items()}
+
+
+def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: int,
+                               d_ff: int, bytes_per_value: int = 4) -> int:
+    """Activations one decoder block keeps for its backward pass, as `tfcourse.model` stores
+    them: 8 (B, T, d) arrays (two LayerNorms' normalised x_hat and outputs, q, k, v, the
+    merged heads), 3 (B, T, d_ff) arrays (FFN pre-activation, its tanh, the activation), the
+    (B, heads, T, T) attention weights and two LayerNorm 1/std vectors (B, T)."""
+    tokens = batch * seq_len
+    values = tokens * (8 * d_model + 3 * d_ff + 2) + batch * n_heads * seq_len * seq_len
+    return values * bytes_per_value
+
+
+# --------------------------------------------------------------------------- communication
+
+
+def allreduce_bytes(n_bytes: float, p: int) -> float:
+    """Bytes each rank sends in a ring all-reduce: 2 (p - 1) / p * n."""
+    return 2.0 * (p - 1) / p * n_bytes
+
+
+def allgather_bytes(n_bytes: float, p: int) -> float:
+    """Bytes each rank sends in a ring all-gather of an n-byte result: (p - 1) / p * n."""
+    return (p - 1) / p * n_bytes
+
+
+reduce_scatter_bytes = allgather_bytes  # the same traffic, run in reverse
+
+
+def ring_allreduce_time(n_bytes: float, p: int, alpha: float, beta: float) -> float:
+    """alpha-beta model of a ring all-reduce: 2 (p - 1) messages of latency alpha, and
+    2 (p - 1) / p * n bytes at beta seconds per byte."""
+    if p == 1:
+        return 0.0
+    return 2 * (p - 1) * alpha + allreduce_bytes(n_bytes, p) * beta
+
+
+def fit_alpha_beta(message_bytes, seconds) -> tuple[float, float]:
+    """Least-squares fit of t = alpha + beta * bytes to point-to-point measurements."""
+    x = np.asarray(message_bytes, dtype=float)
+    y = np.asarray(seconds, dtype=float)
+    if x.shape != y.shape or x.size < 2:
+        raise ValueError(f"message_bytes, seconds: expected two equal-length lists of >= 2 "
+                         f"values, got shapes {x.shape} and {y.shape}")
+    beta, alpha = np.polyfit(x, y, 1)
+    return float(alpha), float(beta)
+
+
+def pipeline_bubble_fraction(p: int, m: int) -> float:
+    """Idle fraction of a GPipe/1F1B schedule with p stages and m micro-batches: (p-1)/(m+p-1)."""
+    return (p - 1) / (m + p - 1)
+
+
+def tensor_parallel_allreduce_bytes(batch: int, seq_len: int, d_model: int, n_layers: int,
+                                    bytes_per_value: int = 4) -> float:
+    """Activation bytes all-reduced per training step by Megatron tensor parallelism: two
+    all-reduces of a (B, T, d) array per layer in the forward pass and two in the backward."""
+    return 4 * n_layers * batch * seq_len * d_model * bytes_per_value
+
+
+def training_days(n_params: float, n_tokens: float, n_devices: int, peak_flops_per_s: float,
+                  utilisation: float) -> float:
+    """Wall-clock days to train on n_tokens with 6 N FLOPs per token (attention ignored)."""
+    return 6 * n_params * n_tokens / (n_devices * peak_flops_per_s * utilisation) / 86400
