@@ -23,36 +23,10 @@ from pathlib import Path
 import numpy as np
 
 
-def build(config_name: str, dtype: str = "float32"):
-    from tfcourse import data, model, train
-
-    corpus = train.load_corpus()
-    config = model.preset(config_name, corpus.vocab.size, dtype=dtype)
-    settings = train.TRAIN_PRESETS[config_name]
-    params = model.init_params(config, 0)
-    batches = [data.lm_batch(corpus.ids, settings.batch_size, settings.seq_len, 0, s)
-               for s in range(4)]
-    return config, settings, params, batches
-
-
 def time_numpy(config_name: str, threads: int, steps: int, warmup: int) -> dict:
-    from threadpoolctl import threadpool_limits
+    from tfcourse.measure import time_train_step
 
-    from tfcourse import model, train
-    from tfcourse.optim import adamw_init
-
-    config, settings, params, batches = build(config_name)
-    opt_state = adamw_init(params)
-    times, losses = [], []
-    with threadpool_limits(limits=threads, user_api="blas"):
-        for i in range(warmup + steps):
-            x, y = batches[i % len(batches)]
-            start = time.perf_counter()
-            loss, grads = model.loss_and_grads(params, x, y, config)
-            params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
-            times.append(time.perf_counter() - start)
-            losses.append(loss)
-    return {"step_s": statistics.median(times[warmup:]), "first_loss": losses[0]}
+    return time_train_step(config_name, threads, steps, warmup)
 
 
 def time_torch(config_name: str, threads: int, steps: int, warmup: int) -> dict:
@@ -61,7 +35,9 @@ def time_torch(config_name: str, threads: int, steps: int, warmup: int) -> dict:
     from benchmarks.torch_model import TorchLM, make_step
 
     torch.set_num_threads(threads)
-    config, settings, params, batches = build(config_name)
+    from tfcourse.measure import lm_setup
+
+    config, settings, params, batches = lm_setup(config_name)
     step = make_step(TorchLM(params, config), settings.lr, settings.clip)
     tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
     times, losses = [], []
@@ -113,12 +89,11 @@ def main() -> None:
     from tfcourse import costmodel
     from tfcourse.hardware import measure_matmul_gflops
 
-    config, settings, _, _ = build(args.config)
-    tokens = settings.batch_size * settings.seq_len
-    flops_per_token = costmodel.training_flops_per_token(
-        config.vocab_size, config.d_model, config.n_layers, config.d_ff, settings.seq_len)
     peak = measure_matmul_gflops(2048, np.float32, args.threads, repeats=5)
     result = time_numpy(args.config, args.threads, args.steps, args.warmup)
+    config, tokens = result["config"], result["tokens_per_step"]
+    flops_per_token = costmodel.training_flops_per_token(
+        config.vocab_size, config.d_model, config.n_layers, config.d_ff, result["seq_len"])
     tokens_per_s = tokens / result["step_s"]
     report = {
         "config": args.config, "threads": args.threads, "tokens_per_step": tokens,

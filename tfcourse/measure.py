@@ -1,0 +1,70 @@
+"""Chapter 5: measuring the NumPy model's training step (used by the notebook and benchmarks).
+
+Every figure here depends on the machine and on whatever else runs on it: report ratios
+measured in one run, and never assert on them in tests.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import statistics
+import time
+
+from threadpoolctl import threadpool_limits
+
+from tfcourse import data, model, train
+from tfcourse.optim import adamw_init
+
+
+def lm_setup(config_name: str, dtype: str = "float32", n_batches: int = 4):
+    """(config, settings, params, batches) of a preset on the bundled corpus."""
+    corpus = train.load_corpus()
+    config = model.preset(config_name, corpus.vocab.size, dtype=dtype)
+    settings = train.TRAIN_PRESETS[config_name]
+    params = model.init_params(config, 0)
+    batches = [data.lm_batch(corpus.ids, settings.batch_size, settings.seq_len, 0, s)
+               for s in range(n_batches)]
+    return config, settings, params, batches
+
+
+def time_train_step(config_name: str, threads: int, steps: int = 10, warmup: int = 3,
+                    dtype: str = "float32") -> dict:
+    """Median seconds of forward + backward + AdamW over `steps` after `warmup` steps, with
+    BLAS limited to `threads`. Also returns the first step's loss (for cross-checks)."""
+    config, settings, params, batches = lm_setup(config_name, dtype)
+    opt_state = adamw_init(params)
+    times, losses = [], []
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for i in range(warmup + steps):
+            x, y = batches[i % len(batches)]
+            start = time.perf_counter()
+            loss, grads = model.loss_and_grads(params, x, y, config)
+            params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
+            times.append(time.perf_counter() - start)
+            losses.append(loss)
+    return {"step_s": statistics.median(times[warmup:]), "first_loss": losses[0],
+            "tokens_per_step": settings.batch_size * settings.seq_len, "config": config,
+            "seq_len": settings.seq_len}
+
+
+def profile_train_step(config_name: str, threads: int = 1, steps: int = 3) -> dict[str, float]:
+    """Share of the training step's time spent in each function of the package (by cProfile's
+    own time), summed over `steps` steps; {function name: fraction}."""
+    config, settings, params, batches = lm_setup(config_name)
+    opt_state = adamw_init(params)
+    profiler = cProfile.Profile()
+    with threadpool_limits(limits=threads, user_api="blas"):
+        model.loss_and_grads(params, *batches[0], config)  # warm-up
+        profiler.enable()
+        for i in range(steps):
+            loss, grads = model.loss_and_grads(params, *batches[i % len(batches)], config)
+            params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    own = {}
+    for (filename, _, function), (_, _, tottime, _, _) in stats.items():
+        name = function if "tfcourse" in filename else "numpy and Python internals"
+        own[name] = own.get(name, 0.0) + tottime
+    total = sum(own.values())
+    return {name: seconds / total for name, seconds in own.items()}
