@@ -94,8 +94,18 @@ def _init_state(params, slots: tuple[str, ...]) -> dict:
 # --------------------------------------------------------------------------- gradient norm
 
 
+def sum_of_squares(grads: dict) -> float:
+    """Sum of squares of every entry, in float64. Data-parallel shards add theirs up."""
+    return sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values())
+
+
 def _global_norm(grads: dict) -> float:
-    return math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
+    return math.sqrt(sum_of_squares(grads))
+
+
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The factor clip_grad_norm multiplies every gradient by: max_norm / norm, or 1."""
+    return max_norm / norm if norm > max_norm else 1.0
 
 
 def global_norm(grads) -> float:
@@ -103,17 +113,19 @@ def global_norm(grads) -> float:
     return _global_norm(_check_arrays("grads", grads))
 
 
-def clip_grad_norm(grads, max_norm) -> tuple[dict, float]:
+def clip_grad_norm(grads, max_norm, norm: float | None = None) -> tuple[dict, float]:
     """Scale all gradients by one common factor so that their global norm is at most max_norm.
 
     Returns (clipped_grads, norm_before). When norm_before > max_norm every array is multiplied
     by max_norm / norm_before, which keeps the direction of the full gradient vector and makes
     its norm exactly max_norm; otherwise the gradients are returned unchanged (as copies).
+    `norm` may be given when it is already known - a ZeRO rank holds only a shard of the
+    gradients, so the global norm comes from all ranks' sums of squares.
     """
     grads = _check_arrays("grads", grads)
     max_norm = require_real("max_norm", max_norm, positive=True)
-    norm = _global_norm(grads)
-    scale = max_norm / norm if norm > max_norm else 1.0
+    norm = _global_norm(grads) if norm is None else require_real("norm", norm)
+    scale = clip_scale(norm, max_norm)
     return {name: g * g.dtype.type(scale) for name, g in grads.items()}, norm
 
 

@@ -66,15 +66,16 @@ def load_corpus(text_path: str | None = None) -> CharCorpus:
 
 
 def optimizer_update(params: dict, grads: dict, opt_state: dict, settings: TrainSettings,
-                     step: int):
+                     step: int, norm: float | None = None):
     """Clip the global gradient norm, then one AdamW step at the learning rate of `step`.
 
-    Returns (params, opt_state, gradient norm before clipping).
+    Returns (params, opt_state, gradient norm before clipping). `norm`: the norm of the full
+    gradient when `grads` is only a ZeRO shard of it (chapter 6).
 
     Data-parallel training calls this on every rank with the same averaged grads, which keeps
     the replicas identical.
     """
-    grads, norm = clip_grad_norm(grads, settings.clip)
+    grads, norm = clip_grad_norm(grads, settings.clip, norm)
     params, opt_state = adamw_step(params, grads, opt_state, learning_rate(step, settings),
                                    weight_decay=settings.weight_decay)
     return params, opt_state, norm

@@ -1,0 +1,275 @@
+"""Chapter 6: data parallelism - p processes train one model, each on a slice of every batch.
+
+    mpiexec -n 4 python -m mpi4py -m tfcourse.parallel.data_parallel --config tiny --steps 50 \\
+        --seed 0 --json out.json [--allreduce mpi|ring|naive] [--zero 0|1|2]
+
+Every rank holds the full model (the same `init_params` dict: same seed, same arrays). At each
+step, all ranks draw the same global batch, rank r takes its rows, runs the serial model's
+`loss_and_grads`, and the gradients are summed across ranks with one all-reduce per bucket.
+Each rank's gradients are first weighted by its share of the batch, so the sum is exactly the
+serial model's gradient on the whole batch; then every rank takes the same optimiser step and
+the replicas stay identical. The loss curve equals serial training's to rounding.
+
+ZeRO (Rajbhandari et al. 2020) removes the replication of the training state: each parameter
+tensor gets an owner rank, which alone keeps its AdamW moments and updates it (stage 1); with
+stage 2 its gradient is reduced only to the owner. Owners then broadcast the updated tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from tfcourse.costmodel import zero_state_bytes_per_rank
+from tfcourse.data import lm_batch
+from tfcourse.files import write_json_atomic
+from tfcourse.model import init_params, loss_and_grads, preset
+from tfcourse.optim import adamw_init, sum_of_squares
+from tfcourse.parallel.comm import (
+    ALLREDUCES,
+    CommLog,
+    add_json_argument,
+    chunk_bounds,
+    limit_blas_threads,
+)
+from tfcourse.train import TRAIN_PRESETS, TrainSettings, load_corpus, optimizer_update
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def batch_rows(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of the global batch that `rank` trains on; sizes differ by at most 1."""
+    if batch_size < world_size:
+        raise ValueError(f"batch_size: expected at least world_size={world_size} rows so every "
+                         f"rank gets data, got {batch_size}")
+    return chunk_bounds(batch_size, world_size)[rank]
+
+
+def partition_params(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Owner rank of every parameter for ZeRO: largest tensors first, each to the least loaded
+    rank (ties to the lowest rank), so owners hold about 1/p of the values each."""
+    load = [0] * world_size
+    owners = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return {name: owners[name] for name in sizes}
+
+
+def make_buckets(names: list[str], sizes: dict[str, int], bucket_values: int) -> list[list[str]]:
+    """Group parameter names, in backward order (last layer first), into buckets of at most
+    `bucket_values` values (a tensor larger than that gets a bucket of its own)."""
+    buckets, current, filled = [], [], 0
+    for name in reversed(names):
+        if current and filled + sizes[name] > bucket_values:
+            buckets.append(current)
+            current, filled = [], 0
+        current.append(name)
+        filled += sizes[name]
+    return buckets + ([current] if current else [])
+
+
+def flatten(arrays: dict, names: list[str]) -> np.ndarray:
+    """One contiguous 1-D copy of the named arrays, in order."""
+    return np.concatenate([arrays[name].ravel() for name in names])
+
+
+def unflatten(flat: np.ndarray, like: dict, names: list[str]) -> dict:
+    """Inverse of `flatten`: arrays shaped like like[name], copied out of `flat`."""
+    out, offset = {}, 0
+    for name in names:
+        size = like[name].size
+        out[name] = flat[offset:offset + size].reshape(like[name].shape).copy()
+        offset += size
+    return out
+
+
+def nbytes(arrays: dict) -> int:
+    return sum(int(a.nbytes) for a in arrays.values())
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def average_gradients(grads: dict, weight: float, buckets: list[list[str]], comm, algorithm: str,
+                      log: CommLog) -> dict:
+    """Sum weight * grads over all ranks, one all-reduce per bucket (weights add up to 1)."""
+    averaged = {}
+    for bucket in buckets:
+        flat = flatten(grads, bucket)
+        flat *= flat.dtype.type(weight)
+        log.timed(f"allreduce:{algorithm}", ALLREDUCES[algorithm], flat, comm)
+        averaged.update(unflatten(flat, grads, bucket))
+    return averaged
+
+
+def reduce_gradients_to_owners(grads: dict, weight: float, owners: dict, comm,
+                               log: CommLog) -> dict:
+    """ZeRO-2: sum weight * grads over ranks, each tensor delivered only to its owner."""
+    mine = {}
+    for owner in range(comm.size):
+        names = [n for n in grads if owners[n] == owner]
+        if not names:
+            continue
+        flat = flatten(grads, names)
+        flat *= flat.dtype.type(weight)
+        result = np.empty_like(flat) if comm.rank == owner else None
+        start = time.perf_counter()
+        comm.Reduce(flat, result, op=MPI.SUM, root=owner)
+        log.records.append(("reduce", int(flat.nbytes), time.perf_counter() - start))
+        if comm.rank == owner:
+            mine.update(unflatten(result, grads, names))
+    return mine
+
+
+def broadcast_from_owners(params: dict, owners: dict, comm, log: CommLog) -> dict:
+    """Every owner sends its updated tensors to all ranks (ZeRO's parameter all-gather)."""
+    params = dict(params)
+    for owner in range(comm.size):
+        names = [n for n in params if owners[n] == owner]
+        if not names:
+            continue
+        flat = flatten(params, names)
+        start = time.perf_counter()
+        comm.Bcast(flat, root=owner)
+        log.records.append(("bcast", int(flat.nbytes), time.perf_counter() - start))
+        params.update(unflatten(flat, params, names))
+    return params
+
+
+@dataclasses.dataclass
+class Replica:
+    """What one rank holds between steps."""
+
+    params: dict
+    opt_state: dict
+    owners: dict | None  # ZeRO only: parameter name -> owner rank
+
+
+def start(config, settings: TrainSettings, comm, zero: int) -> Replica:
+    params = init_params(config, settings.seed)
+    if zero == 0:
+        return Replica(params, adamw_init(params), None)
+    owners = partition_params({n: p.size for n, p in params.items()}, comm.size)
+    owned = {n: p for n, p in params.items() if owners[n] == comm.rank}
+    return Replica(params, adamw_init(owned), owners)
+
+
+def train_step(replica: Replica, x, y, step: int, config, settings: TrainSettings, comm,
+               algorithm: str, zero: int, buckets, log: CommLog) -> tuple[float, dict]:
+    """One data-parallel step on the global batch (x, y); returns (global loss, kept grads)."""
+    lo, hi = batch_rows(len(x), comm.rank, comm.size)
+    weight = (hi - lo) / len(x)
+    local_loss, grads = loss_and_grads(replica.params, x[lo:hi], y[lo:hi], config)
+    loss = comm.allreduce(local_loss * weight, op=MPI.SUM)
+    if zero == 0:
+        grads = average_gradients(grads, weight, buckets, comm, algorithm, log)
+        replica.params, replica.opt_state, _ = optimizer_update(
+            replica.params, grads, replica.opt_state, settings, step)
+        return loss, grads
+    if zero == 1:  # every rank receives the whole averaged gradient, but updates only its share
+        kept = average_gradients(grads, weight, buckets, comm, algorithm, log)
+        grads = {n: g for n, g in kept.items() if replica.owners[n] == comm.rank}
+    else:  # zero == 2: each gradient is reduced to its owner only
+        kept = grads = reduce_gradients_to_owners(grads, weight, replica.owners, comm, log)
+    norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
+    owned = {n: replica.params[n] for n in grads}
+    owned, replica.opt_state, _ = optimizer_update(owned, grads, replica.opt_state, settings,
+                                                   step, norm)
+    replica.params = broadcast_from_owners({**replica.params, **owned}, replica.owners, comm,
+                                           log)
+    return loss, kept
+
+
+# --------------------------------------------------------------------------- program
+
+
+def run(args: argparse.Namespace, comm) -> dict:
+    corpus = load_corpus(args.text)
+    config = preset(args.config, corpus.vocab.size, dtype=args.dtype)
+    settings = dataclasses.replace(TRAIN_PRESETS[args.config], seed=args.seed,
+                                   **{k: v for k, v in {"steps": args.steps,
+                                                        "batch_size": args.batch_size,
+                                                        "seq_len": args.seq_len,
+                                                        "lr": args.lr}.items() if v is not None})
+    batch_rows(settings.batch_size, comm.rank, comm.size)  # reject too small a batch early
+    replica = start(config, settings, comm, args.zero)
+    sizes = {n: p.size for n, p in replica.params.items()}
+    buckets = make_buckets(list(replica.params), sizes, int(args.bucket_mb * 2**20 // 8))
+    log, losses, step_seconds, compute_seconds = CommLog(), [], [], 0.0
+    kept_grads = {}
+    for step in range(settings.steps):
+        x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
+        comm.Barrier()  # time each step from a common start
+        started, comm_before = time.perf_counter(), log.total_seconds()
+        loss, kept_grads = train_step(replica, x, y, step, config, settings, comm,
+                                      args.allreduce, args.zero, buckets, log)
+        step_seconds.append(time.perf_counter() - started)
+        compute_seconds += step_seconds[-1] - (log.total_seconds() - comm_before)
+        losses.append(loss)
+    memory = {"parameters": nbytes(replica.params), "gradients": nbytes(kept_grads),
+              "optimizer (m, v)": nbytes({k: v for k, v in replica.opt_state.items()
+                                          if k != "step"})}
+    n_params = sum(sizes.values())
+    itemsize = np.dtype(config.dtype).itemsize
+    return {
+        "losses": losses,
+        "world_size": comm.size,
+        "allreduce": args.allreduce,
+        "zero": args.zero,
+        "config": config.to_dict(),
+        "settings": dataclasses.asdict(settings),
+        "step_seconds": step_seconds,
+        "compute_seconds": compute_seconds,
+        "comm_seconds": log.total_seconds(),
+        "comm_bytes": log.total_bytes(),
+        "memory_bytes": comm.gather(memory, root=0),
+        "predicted_memory_bytes": zero_state_bytes_per_rank(n_params, comm.size, args.zero,
+                                                            itemsize),
+        "tokens_per_s": settings.batch_size * settings.seq_len / float(np.median(step_seconds)),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.data_parallel",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", choices=sorted(TRAIN_PRESETS))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
+    parser.add_argument("--allreduce", default="mpi", choices=sorted(ALLREDUCES))
+    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
+    parser.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    add_json_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    comm = MPI.COMM_WORLD
+    _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
+    result = run(args, comm)
+    if comm.rank == 0:
+        losses = result["losses"]
+        print(f"data parallel on {comm.size} rank(s), all-reduce {args.allreduce}, "
+              f"ZeRO-{args.zero}: final loss {losses[-1]:.4f} after {len(losses)} steps")
+        if args.json:
+            write_json_atomic(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
