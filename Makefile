@@ -30,6 +30,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mpiexec -n 4 $(BIN)/python -m mpi4py -m tfcourse.hello
+	$(BIN)/mpiexec -n 4 $(BIN)/python -m mpi4py -m tfcourse.parallel.data_parallel \
+		--config tiny --steps 100 --allreduce ring
 
 notebooks: $(STAMP)
 	$(BIN)/python -m tfcourse.nbtools execute notebooks/*.ipynb solutions/*.ipynb
