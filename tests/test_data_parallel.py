@@ -9,7 +9,7 @@ import pytest
 from tfcourse import train
 from tfcourse.launch import MPIJobError, run_mpi
 from tfcourse.model import preset
-from tfcourse.parallel.data_parallel import (
+from tfcourse.parallel.partition import (
     batch_rows,
     flatten,
     make_buckets,

@@ -49,3 +49,20 @@ def test_ignored_outputs_say_why(path):
             assert lines[0] == IGNORE_MARK and lines[1].startswith("#") and any(
                 reason in lines[1].lower() for reason in IGNORE_REASONS
             ), f"{path.name}: '{lines[1]}' must say it hides a timing, measurement or widget"
+
+
+MPI_MODULES = ("mpi4py", "tfcourse.hello", "tfcourse.parallel.comm",
+               "tfcourse.parallel.data_parallel", "tfcourse.parallel.tensor_parallel",
+               "tfcourse.parallel.pipeline_parallel")
+
+
+@pytest.mark.parametrize("path", COMMITTED + sorted((REPO_ROOT / "exercises").glob("*.ipynb")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_mpi_inside_the_notebook_kernel(path):
+    """Importing mpi4py.MPI initialises MPI in the kernel; notebooks start real jobs with
+    tfcourse.launch instead, and use the MPI-free tfcourse.parallel.partition helpers."""
+    for cell in code_cells(path):
+        for line in cell.source.splitlines():
+            words = line.replace(",", " ").split()
+            if words[:1] in (["import"], ["from"]):
+                assert not any(w.startswith(MPI_MODULES) for w in words[1:2]), (path.name, line)

@@ -8,7 +8,7 @@ import pytest
 from tfcourse import train
 from tfcourse.launch import MPIJobError, run_mpi
 from tfcourse.model import init_params, preset
-from tfcourse.parallel.tensor_parallel import shard_axis, shard_params
+from tfcourse.parallel.partition import shard_axis, shard_params
 
 STEPS = 5
 

@@ -19,6 +19,7 @@ from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
 from tfcourse.files import write_json_atomic
+from tfcourse.parallel.partition import chunk_bounds
 
 
 def print_in_rank_order(comm: MPI.Comm, line: str) -> list[str] | None:
@@ -48,13 +49,6 @@ def limit_blas_threads(threads: int = 1):
 
 
 # --------------------------------------------------------------------------- all-reduce
-
-
-def chunk_bounds(n: int, p: int) -> list[tuple[int, int]]:
-    """Split range(n) into p contiguous chunks whose sizes differ by at most one."""
-    sizes = [n // p + (1 if i < n % p else 0) for i in range(p)]
-    starts = np.cumsum([0] + sizes)
-    return [(int(starts[i]), int(starts[i + 1])) for i in range(p)]
 
 
 def ring_reduce_scatter(buf: np.ndarray, comm: MPI.Comm) -> tuple[int, int]:

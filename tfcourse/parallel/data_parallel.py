@@ -31,64 +31,17 @@ from tfcourse.data import lm_batch
 from tfcourse.files import write_json_atomic
 from tfcourse.model import init_params, loss_and_grads, preset
 from tfcourse.optim import adamw_init, sum_of_squares
-from tfcourse.parallel.comm import (
-    ALLREDUCES,
-    CommLog,
-    add_json_argument,
-    chunk_bounds,
-    limit_blas_threads,
+from tfcourse.parallel.comm import ALLREDUCES, CommLog, add_json_argument, limit_blas_threads
+from tfcourse.parallel.partition import (
+    batch_rows,
+    flatten,
+    make_buckets,
+    partition_params,
+    unflatten,
 )
 from tfcourse.train import TRAIN_PRESETS, TrainSettings, load_corpus, optimizer_update
 
-# --------------------------------------------------------------------------- pure helpers
-
-
-def batch_rows(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows [lo, hi) of the global batch that `rank` trains on; sizes differ by at most 1."""
-    if batch_size < world_size:
-        raise ValueError(f"batch_size: expected at least world_size={world_size} rows so every "
-                         f"rank gets data, got {batch_size}")
-    return chunk_bounds(batch_size, world_size)[rank]
-
-
-def partition_params(sizes: dict[str, int], world_size: int) -> dict[str, int]:
-    """Owner rank of every parameter for ZeRO: largest tensors first, each to the least loaded
-    rank (ties to the lowest rank), so owners hold about 1/p of the values each."""
-    load = [0] * world_size
-    owners = {}
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[name] = rank
-        load[rank] += sizes[name]
-    return {name: owners[name] for name in sizes}
-
-
-def make_buckets(names: list[str], sizes: dict[str, int], bucket_values: int) -> list[list[str]]:
-    """Group parameter names, in backward order (last layer first), into buckets of at most
-    `bucket_values` values (a tensor larger than that gets a bucket of its own)."""
-    buckets, current, filled = [], [], 0
-    for name in reversed(names):
-        if current and filled + sizes[name] > bucket_values:
-            buckets.append(current)
-            current, filled = [], 0
-        current.append(name)
-        filled += sizes[name]
-    return buckets + ([current] if current else [])
-
-
-def flatten(arrays: dict, names: list[str]) -> np.ndarray:
-    """One contiguous 1-D copy of the named arrays, in order."""
-    return np.concatenate([arrays[name].ravel() for name in names])
-
-
-def unflatten(flat: np.ndarray, like: dict, names: list[str]) -> dict:
-    """Inverse of `flatten`: arrays shaped like like[name], copied out of `flat`."""
-    out, offset = {}, 0
-    for name in names:
-        size = like[name].size
-        out[name] = flat[offset:offset + size].reshape(like[name].shape).copy()
-        offset += size
-    return out
+# --------------------------------------------------------------------------- helpers
 
 
 def nbytes(arrays: dict) -> int:

@@ -49,40 +49,8 @@ from tfcourse.model import (
 )
 from tfcourse.optim import adamw_init, sum_of_squares
 from tfcourse.parallel.comm import CommLog, add_json_argument, limit_blas_threads, mpi_allreduce
+from tfcourse.parallel.partition import check_world_size, shard_axis, shard_params
 from tfcourse.train import TRAIN_PRESETS, load_corpus, optimizer_update
-
-# Which axis of each block parameter is split across ranks (None: replicated).
-SHARD_AXIS = {
-    "attn.w_q": 1, "attn.w_k": 1, "attn.w_v": 1, "attn.b_q": 0, "attn.b_k": 0, "attn.b_v": 0,
-    "attn.w_o": 0, "ffn.w1": 1, "ffn.b1": 0, "ffn.w2": 0,
-}  # fmt: skip
-
-
-def shard_axis(name: str) -> int | None:
-    """The split axis of parameter `name` ("blocks.0.attn.w_q" -> 1), None if replicated."""
-    if not name.startswith("blocks."):
-        return None
-    return SHARD_AXIS.get(name.split(".", 2)[2])
-
-
-def check_world_size(config, world_size: int) -> None:
-    """Heads and FFN columns must split evenly across ranks."""
-    for name, size in (("n_heads", config.n_heads), ("d_ff", config.d_ff)):
-        if size % world_size:
-            raise ValueError(f"world_size: {world_size} ranks cannot split {name}={size} evenly; "
-                             f"use a number of ranks that divides {name}")
-
-
-def shard_params(params: dict, rank: int, world_size: int) -> dict:
-    """This rank's slice of every split parameter (a copy); replicated ones are shared."""
-    local = {}
-    for name, value in params.items():
-        axis = shard_axis(name)
-        if axis is None:
-            local[name] = value
-        else:
-            local[name] = np.array_split(value, world_size, axis=axis)[rank].copy()
-    return local
 
 
 def gather_params(local: dict, comm) -> dict:
