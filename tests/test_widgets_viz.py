@@ -62,3 +62,28 @@ def test_roofline_plot_has_the_roof():
     ax = viz.plot_roofline(100.0, 10.0, [("p", 1.0, 5.0)])
     x, y = ax.lines[0].get_data()
     np.testing.assert_allclose(y, np.minimum(100.0, 10.0 * x))
+
+
+@pytest.mark.parametrize("schedule_name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p, m", [(1, 1), (2, 4), (4, 1), (4, 8), (3, 5)])
+def test_simulated_bubble_equals_the_formula(schedule_name, p, m):
+    """With uniform stages, both schedules idle exactly (p-1)/(m+p-1) of the time."""
+    events, simulated, formula = widgets.explorer_pipeline(schedule_name, p, m)
+    assert simulated == pytest.approx(formula)
+    assert len(events) == p and all(len(stage) == 2 * m for stage in events)
+
+
+def test_bubble_explorer_builds():
+    import matplotlib.pyplot as plt
+
+    assert callable(widgets.bubble_explorer())
+    plt.close("all")
+
+
+def test_pipeline_timeline_draws_one_bar_per_event():
+    events = [[{"kind": "forward", "microbatch": 0, "start": 0.0, "end": 1.0},
+               {"kind": "backward", "microbatch": 0, "start": 2.0, "end": 4.0}],
+              [{"kind": "forward", "microbatch": 0, "start": 1.0, "end": 2.0}]]
+    ax = viz.plot_pipeline_timeline(events, scale=1.0)
+    widths = sorted(round(patch.get_width(), 6) for patch in ax.patches)
+    assert widths == [1.0, 1.0, 2.0]

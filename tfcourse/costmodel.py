@@ -215,3 +215,17 @@ def training_days(n_params: float, n_tokens: float, n_devices: int, peak_flops_p
                   utilisation: float) -> float:
     """Wall-clock days to train on n_tokens with 6 N FLOPs per token (attention ignored)."""
     return 6 * n_params * n_tokens / (n_devices * peak_flops_per_s * utilisation) / 86400
+
+
+def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int) -> int:
+    """Micro-batches whose activations stage `stage` of p keeps alive at once, at the peak:
+    GPipe runs all m forwards before any backward (m); 1F1B starts backwards after
+    p - stage - 1 warm-up forwards, so at most min(p - stage, m)."""
+    if p < 1 or not 0 <= stage < p or m < 1:
+        raise ValueError(f"expected p >= 1, 0 <= stage < p and m >= 1, got p={p}, "
+                         f"stage={stage}, m={m}")
+    if schedule == "gpipe":
+        return m
+    if schedule == "1f1b":
+        return min(p - stage, m)
+    raise ValueError(f"schedule: expected 'gpipe' or '1f1b', got {schedule!r}")

@@ -63,3 +63,36 @@ def plot_attention(weights, ax=None, title="attention weights", tokens=None, col
     return plot_heatmap(weights, ax=ax, title=title, xlabel="key position",
                         ylabel="query position", xticklabels=tokens, yticklabels=tokens,
                         vmin=0.0, vmax=1.0, colorbar=colorbar)
+
+
+PIPELINE_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "send": "0.6",
+                    "recv": "0.8"}
+
+
+def plot_pipeline_timeline(events_per_rank, ax=None, title="pipeline timeline", unit="ms",
+                           scale=1e3):
+    """Gantt chart: one row per rank (rank 0 on top), one bar per recorded event, labelled
+    with its micro-batch; gaps are idle time. `scale` converts event times to `unit`."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * len(events_per_rank)))
+    for rank, events in enumerate(events_per_rank):
+        for event in events:
+            start, width = event["start"] * scale, (event["end"] - event["start"]) * scale
+            height = 0.8 if event["kind"] in ("forward", "backward") else 0.3
+            ax.barh(rank, width, left=start, height=height,
+                    color=PIPELINE_COLOURS[event["kind"]], edgecolor="white", linewidth=0.5)
+            if height == 0.8 and width > 0:
+                ax.text(start + width / 2, rank, str(event["microbatch"]), ha="center",
+                        va="center", fontsize=7, color="white")
+    ax.set_yticks(range(len(events_per_rank)), [f"rank {r}" for r in range(len(events_per_rank))])
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_title(title)
+    kinds = sorted({e["kind"] for events in events_per_rank for e in events},
+                   key=list(PIPELINE_COLOURS).index)
+    ax.legend(handles=[Patch(color=PIPELINE_COLOURS[k], label=k) for k in kinds],
+              loc="upper right", fontsize="small", ncol=len(kinds))
+    return ax

@@ -83,3 +83,37 @@ def positional_explorer():
         d_model=widgets.IntSlider(value=32, min=2, max=128, step=2, description="d_model"),
         position=widgets.IntSlider(value=10, min=0, max=63, description="position"),
     )
+
+
+def explorer_pipeline(schedule_name: str, p: int, m: int, backward_cost: float = 2.0):
+    """Simulated timeline and bubble of a schedule: (events per stage, simulated bubble,
+    formula (p-1)/(m+p-1))."""
+    from tfcourse.costmodel import pipeline_bubble_fraction
+    from tfcourse.parallel.partition import bubble_fraction, schedule, simulate_pipeline
+
+    events = simulate_pipeline([schedule(schedule_name, p, s, m) for s in range(p)],
+                               t_forward=1.0, t_backward=backward_cost)
+    return events, bubble_fraction(events), pipeline_bubble_fraction(p, m)
+
+
+def bubble_explorer():
+    """Sliders for stages p and micro-batches m: the schedule's timeline and its bubble."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from tfcourse.viz import plot_pipeline_timeline
+
+    def draw(schedule_name="gpipe", p=4, m=4):
+        events, simulated, formula = explorer_pipeline(schedule_name, p, m)
+        ax = plot_pipeline_timeline(events, unit="time (forward = 1, backward = 2)", scale=1.0,
+                                    title=f"{schedule_name}: bubble {simulated:.1%}, "
+                                          f"formula (p-1)/(m+p-1) = {formula:.1%}")
+        ax.figure.set_size_inches(9, 0.6 + 0.45 * p)
+        plt.show()
+
+    return widgets.interact(
+        draw,
+        schedule_name=widgets.ToggleButtons(options=["gpipe", "1f1b"], description="schedule"),
+        p=widgets.IntSlider(value=4, min=1, max=8, description="stages p"),
+        m=widgets.IntSlider(value=4, min=1, max=32, description="micro-batches m"),
+    )

@@ -1,0 +1,323 @@
+"""Chapter 7: pipeline parallelism - the model's layers cut into p stages, one per process.
+
+    mpiexec -n 4 python -m mpi4py -m tfcourse.parallel.pipeline_parallel --config tiny \\
+        --layers 4 --steps 50 --microbatches 8 --schedule 1f1b --seed 0 --json out.json
+
+Stage s of p holds the blocks chunk_bounds(n_layers, p)[s]; stage 0 also holds the embeddings,
+the last stage the final LayerNorm, the head and the loss. Each rank keeps only its stage's
+parameters (sliced from the serial `init_params` dict, so the same seed gives the same model)
+and the AdamW state of those.
+
+The global batch is split into m micro-batches. A micro-batch's activations travel forward
+from stage to stage, its activation gradients travel back, as point-to-point messages tagged
+with the micro-batch. Micro-batch i's loss is weighted by rows_i / B, so the gradients summed
+over micro-batches are the serial full-batch gradients and the loss curve equals serial
+training's to rounding.
+
+Schedules - the order in which a stage runs its forwards F and backwards B:
+
+- gpipe (Huang et al. 2019): all m forwards, then all m backwards in reverse order. At the
+  peak every stage holds the activations of all m micro-batches.
+- 1f1b (PipeDream, Narayanan et al. 2019, in the flushed form of Megatron-LM): stage s runs
+  min(p - s - 1, m) warm-up forwards, then alternates one forward and one backward, then the
+  remaining backwards. Same bubble, (p - 1) / (m + p - 1), but at most min(p - s, m)
+  micro-batches in flight on stage s.
+
+Sends are non-blocking (`Isend`, completed at the end of the step), receives blocking
+(`Recv`). With blocking `Send`s 1F1B deadlocks as soon as a message is too large for MPI's
+eager buffer (MPICH on one machine sends only messages of under about 16 KB eagerly; the tiny
+model's 2-row activations are 16 KB): in the steady state stage s sends F(k) forward while
+stage s + 1 sends B(j) back, and each waits for the other to post its receive.
+tests/test_pipeline_parallel.py simulates both kinds of send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from tfcourse.costmodel import pipeline_bubble_fraction, pipeline_peak_microbatches
+from tfcourse.data import lm_batch
+from tfcourse.files import write_json_atomic
+from tfcourse.layers import cross_entropy_backward, cross_entropy_forward
+from tfcourse.model import (
+    block_backward,
+    block_forward,
+    embed_backward,
+    embed_forward,
+    head_backward,
+    head_forward,
+    init_params,
+    preset,
+)
+from tfcourse.optim import adamw_init, sum_of_squares
+from tfcourse.parallel.comm import add_json_argument, limit_blas_threads
+from tfcourse.parallel.partition import (
+    SCHEDULES,
+    busy_seconds,
+    message_tag,
+    microbatch_rows,
+    schedule,
+    stage_layers,
+    stage_param_names,
+)
+from tfcourse.train import TRAIN_PRESETS, TrainSettings, load_corpus, optimizer_update
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclasses.dataclass
+class Stage:
+    """What one rank holds between steps."""
+
+    index: int
+    world_size: int
+    layers: tuple[int, int]
+    params: dict
+    opt_state: dict
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.world_size - 1
+
+
+def start(config, settings: TrainSettings, comm) -> Stage:
+    """This rank's stage: its slice of the serial model's parameters and fresh AdamW state."""
+    full = init_params(config, settings.seed)
+    names = stage_param_names(config, comm.size, comm.rank)
+    params = {name: full[name] for name in names}
+    layers = stage_layers(config.n_layers, comm.size)[comm.rank]
+    return Stage(comm.rank, comm.size, layers, params, adamw_init(params))
+
+
+class EventLog:
+    """Timestamped (kind, micro-batch, start, end) records, in seconds since `t0`."""
+
+    def __init__(self, t0: float):
+        self.t0, self.events = t0, []
+
+    def record(self, kind: str, microbatch, started: float) -> None:
+        now = time.perf_counter()
+        self.events.append({"kind": kind, "microbatch": microbatch,
+                            "start": started - self.t0, "end": now - self.t0})
+
+
+def stage_forward(stage: Stage, x, config, tokens, targets, weight: float):
+    """This stage's part of the forward pass; returns (output or weighted loss, cache)."""
+    caches = []
+    if stage.first:
+        x, cache = embed_forward(stage.params, tokens, config)
+        caches.append(cache)
+    for i in range(*stage.layers):
+        x, cache = block_forward(stage.params, i, x, config)
+        caches.append(cache)
+    if not stage.last:
+        return np.ascontiguousarray(x), caches
+    logits, head_cache = head_forward(stage.params, x)
+    loss, loss_cache = cross_entropy_forward(logits, targets)
+    return loss * weight, (caches, head_cache, loss_cache, weight)
+
+
+def stage_backward(stage: Stage, dy, cache, grads: dict):
+    """This stage's part of the backward pass: adds into `grads`, returns the input gradient
+    to send to the previous stage (None on stage 0)."""
+    if stage.last:
+        caches, head_cache, loss_cache, weight = cache
+        dy, head_grads = head_backward(cross_entropy_backward(loss_cache, weight), head_cache)
+        _accumulate(grads, head_grads)
+    else:
+        caches = cache
+    block_caches = caches[1:] if stage.first else caches
+    for block_cache in reversed(block_caches):
+        dy, block_grads = block_backward(dy, block_cache)
+        _accumulate(grads, block_grads)
+    if stage.first:
+        _accumulate(grads, embed_backward(dy, caches[0]))
+        return None
+    return np.ascontiguousarray(dy)
+
+
+def _accumulate(total: dict, grads: dict) -> None:
+    for name, g in grads.items():
+        total[name] += g
+
+
+def run_schedule(stage: Stage, ops, tokens, targets, config, comm, log: EventLog):
+    """Run one step's forwards and backwards in the order `ops`; returns (weighted loss of
+    this stage's micro-batches (0.0 except on the last stage), gradients, peak in flight)."""
+    rows = microbatch_rows(len(tokens), sum(kind == "F" for kind, _ in ops))
+    dtype = np.dtype(config.dtype)
+    grads = {name: np.zeros_like(p) for name, p in stage.params.items()}
+    caches, pending, loss, peak = {}, [], 0.0, 0
+    for kind, mb in ops:
+        # forget sends that have completed (this also lets MPI progress the others)
+        pending = [(request, buf) for request, buf in pending if not request.Test()]
+        lo, hi = rows[mb]
+        shape = (hi - lo, tokens.shape[1], config.d_model)
+        if kind == "F":
+            x = None
+            if not stage.first:
+                started = time.perf_counter()
+                x = np.empty(shape, dtype=dtype)
+                comm.Recv(x, source=stage.index - 1, tag=message_tag("F", mb))
+                log.record("recv", mb, started)
+            started = time.perf_counter()
+            out, caches[mb] = stage_forward(stage, x, config, tokens[lo:hi], targets[lo:hi],
+                                            (hi - lo) / len(tokens))
+            log.record("forward", mb, started)
+            peak = max(peak, len(caches))
+            if stage.last:
+                loss += out
+            else:
+                started = time.perf_counter()
+                pending.append((comm.Isend(out, dest=stage.index + 1,
+                                           tag=message_tag("F", mb)), out))
+                log.record("send", mb, started)
+        else:
+            dy = None
+            if not stage.last:
+                started = time.perf_counter()
+                dy = np.empty(shape, dtype=dtype)
+                comm.Recv(dy, source=stage.index + 1, tag=message_tag("B", mb))
+                log.record("recv", mb, started)
+            started = time.perf_counter()
+            dx = stage_backward(stage, dy, caches.pop(mb), grads)
+            log.record("backward", mb, started)
+            if not stage.first:
+                started = time.perf_counter()
+                pending.append((comm.Isend(dx, dest=stage.index - 1,
+                                           tag=message_tag("B", mb)), dx))
+                log.record("send", mb, started)
+    if pending:  # the buffers must stay alive until MPI has sent them
+        started = time.perf_counter()
+        MPI.Request.Waitall([request for request, _ in pending])
+        log.record("send", None, started)  # None: waiting for all outstanding sends
+    return loss, grads, peak
+
+
+def train_step(stage: Stage, ops, tokens, targets, step: int, settings: TrainSettings, config,
+               comm, log: EventLog) -> tuple[float, int]:
+    """One pipeline step; returns (the global batch's loss, on every rank; peak in flight)."""
+    loss, grads, peak = run_schedule(stage, ops, tokens, targets, config, comm, log)
+    norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
+    stage.params, stage.opt_state, _ = optimizer_update(stage.params, grads, stage.opt_state,
+                                                        settings, step, norm)
+    return comm.bcast(loss, root=comm.size - 1), peak
+
+
+# --------------------------------------------------------------------------- program
+
+
+def run(args: argparse.Namespace, comm) -> dict:
+    corpus = load_corpus(args.text)
+    overrides = {"dtype": args.dtype}
+    if args.layers is not None:
+        overrides["n_layers"] = args.layers
+    config = preset(args.config, corpus.vocab.size, **overrides)
+    settings = dataclasses.replace(TRAIN_PRESETS[args.config], seed=args.seed,
+                                   **{k: v for k, v in {"steps": args.steps,
+                                                        "batch_size": args.batch_size,
+                                                        "seq_len": args.seq_len,
+                                                        "lr": args.lr}.items() if v is not None})
+    if settings.steps < 1:
+        raise ValueError(f"steps: expected a positive integer, got {settings.steps}")
+    if settings.seq_len > config.max_len:
+        raise ValueError(f"seq_len: expected at most max_len={config.max_len}, "
+                         f"got {settings.seq_len}")
+    p, m = comm.size, args.microbatches
+    layers = stage_layers(config.n_layers, p)  # reject bad input before any communication
+    microbatch_rows(settings.batch_size, m)
+    stage = start(config, settings, comm)
+    ops = schedule(args.schedule, p, comm.rank, m)
+    losses, step_seconds, peak = [], [], 0
+    for step in range(settings.steps):
+        tokens, targets = lm_batch(corpus.ids, settings.batch_size, settings.seq_len,
+                                   settings.seed, step)
+        comm.Barrier()  # time each step from a common start
+        t0 = time.perf_counter()
+        log = EventLog(t0)
+        loss, peak_step = train_step(stage, ops, tokens, targets, step, settings, config, comm,
+                                     log)
+        step_seconds.append(time.perf_counter() - t0)
+        losses.append(loss)
+        peak = max(peak, peak_step)
+    # the last step: the pipeline ends when the last rank's last op has ended
+    pipeline_end = max((e["end"] for e in log.events), default=0.0)
+    pipeline_seconds = comm.allreduce(pipeline_end, op=MPI.MAX)
+    busy = busy_seconds(log.events)
+    per_rank = comm.gather({"events": log.events, "busy": busy, "peak": peak,
+                            "step": step_seconds[-1]}, root=0)
+    if comm.rank != 0:
+        return {}
+    bubbles = [1.0 - r["busy"] / pipeline_seconds if pipeline_seconds > 0 else 0.0
+               for r in per_rank]
+    return {
+        "losses": losses,
+        "world_size": p,
+        "schedule": args.schedule,
+        "microbatches": m,
+        "stage_layers": [list(bounds) for bounds in layers],
+        "step_seconds": step_seconds,
+        "last_step_seconds": [r["step"] for r in per_rank],
+        "pipeline_seconds": pipeline_seconds,
+        "events": [r["events"] for r in per_rank],
+        "busy_seconds": [r["busy"] for r in per_rank],
+        "bubble_measured_per_rank": bubbles,
+        "bubble_measured": float(np.mean(bubbles)),
+        "bubble_formula": pipeline_bubble_fraction(p, m),
+        "peak_inflight": [r["peak"] for r in per_rank],
+        "peak_inflight_predicted": [pipeline_peak_microbatches(args.schedule, p, s, m)
+                                    for s in range(p)],
+        "config": config.to_dict(),
+        "settings": dataclasses.asdict(settings),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.pipeline_parallel",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", choices=sorted(TRAIN_PRESETS))
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    add_json_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    comm = MPI.COMM_WORLD
+    _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
+    result = run(args, comm)
+    if comm.rank == 0:
+        losses = result["losses"]
+        print(f"pipeline {args.schedule} on {comm.size} stage(s), {args.microbatches} "
+              f"micro-batches: final loss {losses[-1]:.4f} after {len(losses)} steps, bubble "
+              f"{result['bubble_measured']:.2f} measured vs {result['bubble_formula']:.2f} "
+              f"formula")
+        if args.json:
+            write_json_atomic(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
