@@ -97,3 +97,23 @@ def test_run_serial_rejects_a_cycle_and_unknown_kinds():
         T.run_task({"id": 0, "kind": "dance"})
     outcome = T.timed_task({"id": 3, "kind": "fail"}, {}, 0, 0.0)
     assert outcome["error"].startswith("RuntimeError: task 3 failed")
+
+
+def test_scheduling_models_by_hand():
+    costs = [6, 1, 6, 1, 6, 1, 6, 1]
+    static = T.simulate_static(costs, 2)
+    assert [e["worker"] for e in static] == [0, 1] * 4 and T.makespan(static) == 24
+    dynamic = T.simulate_dynamic(costs, 2)
+    # w0: 6 (0-6), then 1 (6-7), 6 (7-13), 1 (13-14); w1: 1, 6 (1-7), 1 (7-8), 6 (8-14)
+    assert [e["worker"] for e in dynamic] == [0, 1, 1, 0, 0, 1, 1, 0]
+    assert T.makespan(dynamic) == 14
+
+
+def test_task_timeline_plot_has_a_bar_per_task():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tfcourse.viz import plot_task_timeline
+
+    ax = plot_task_timeline(T.simulate_dynamic([3, 1, 2], 2), workers=[0, 1])
+    assert sorted(p.get_width() for p in ax.patches) == [1, 2, 3]

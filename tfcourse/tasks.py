@@ -172,3 +172,34 @@ def run_serial(tasks: list[dict]) -> dict[int, dict]:
             outcomes[task["id"]] = (skipped(task, failure, t0) if failure
                                     else timed_task(task, inputs, 0, t0))
     return outcomes
+
+
+# --------------------------------------------------------------------------- scheduling models
+
+
+def simulate_static(costs, n_workers: int) -> list[dict]:
+    """Round-robin: worker w runs tasks w, w + n, w + 2n, ... back to back.
+    Returns [{"id", "worker", "start", "end"}] in task order."""
+    clock = [0.0] * n_workers
+    timeline = []
+    for task_id, cost in enumerate(costs):
+        w = task_id % n_workers
+        timeline.append({"id": task_id, "worker": w, "start": clock[w], "end": clock[w] + cost})
+        clock[w] += cost
+    return timeline
+
+
+def simulate_dynamic(costs, n_workers: int) -> list[dict]:
+    """Master/worker: whenever a worker becomes free it gets the next task in order (ties go
+    to the lowest-numbered worker). Returns [{"id", "worker", "start", "end"}]."""
+    clock = [0.0] * n_workers
+    timeline = []
+    for task_id, cost in enumerate(costs):
+        w = min(range(n_workers), key=lambda i: (clock[i], i))
+        timeline.append({"id": task_id, "worker": w, "start": clock[w], "end": clock[w] + cost})
+        clock[w] += cost
+    return timeline
+
+
+def makespan(timeline: list[dict]) -> float:
+    return max(entry["end"] for entry in timeline)

@@ -69,30 +69,49 @@ PIPELINE_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "send": "0.
                     "recv": "0.8"}
 
 
-def plot_pipeline_timeline(events_per_rank, ax=None, title="pipeline timeline", unit="ms",
-                           scale=1e3):
-    """Gantt chart: one row per rank (rank 0 on top), one bar per recorded event, labelled
-    with its micro-batch; gaps are idle time. `scale` converts event times to `unit`."""
+def plot_gantt(rows, row_labels, ax=None, title="", xlabel="time", legend=None):
+    """Bars on horizontal rows: rows[r] is a list of (start, end, text, colour, tall).
+    `legend` maps labels to colours. Returns the Axes."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * len(events_per_rank)))
-    for rank, events in enumerate(events_per_rank):
-        for event in events:
-            start, width = event["start"] * scale, (event["end"] - event["start"]) * scale
-            height = 0.8 if event["kind"] in ("forward", "backward") else 0.3
-            ax.barh(rank, width, left=start, height=height,
-                    color=PIPELINE_COLOURS[event["kind"]], edgecolor="white", linewidth=0.5)
-            if height == 0.8 and width > 0:
-                ax.text(start + width / 2, rank, str(event["microbatch"]), ha="center",
-                        va="center", fontsize=7, color="white")
-    ax.set_yticks(range(len(events_per_rank)), [f"rank {r}" for r in range(len(events_per_rank))])
+        _, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * len(rows)))
+    for r, bars in enumerate(rows):
+        for start, end, text, colour, tall in bars:
+            height = 0.8 if tall else 0.3
+            ax.barh(r, end - start, left=start, height=height, color=colour, edgecolor="white",
+                    linewidth=0.5)
+            if text and end > start:
+                ax.text((start + end) / 2, r, text, ha="center", va="center", fontsize=7,
+                        color="white")
+    ax.set_yticks(range(len(rows)), row_labels)
     ax.invert_yaxis()
-    ax.set_xlabel(unit)
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
+    if legend:
+        ax.legend(handles=[Patch(color=c, label=k) for k, c in legend.items()],
+                  loc="upper right", fontsize="small", ncol=len(legend))
+    return ax
+
+
+def plot_pipeline_timeline(events_per_rank, ax=None, title="pipeline timeline", unit="ms",
+                           scale=1e3):
+    """Gantt chart: one row per rank (rank 0 on top), one bar per recorded event, labelled
+    with its micro-batch; gaps are idle time. `scale` converts event times to `unit`."""
+    rows = [[(e["start"] * scale, e["end"] * scale,
+              str(e["microbatch"]) if e["kind"] in ("forward", "backward") else "",
+              PIPELINE_COLOURS[e["kind"]], e["kind"] in ("forward", "backward"))
+             for e in events] for events in events_per_rank]
     kinds = sorted({e["kind"] for events in events_per_rank for e in events},
                    key=list(PIPELINE_COLOURS).index)
-    ax.legend(handles=[Patch(color=PIPELINE_COLOURS[k], label=k) for k in kinds],
-              loc="upper right", fontsize="small", ncol=len(kinds))
-    return ax
+    return plot_gantt(rows, [f"rank {r}" for r in range(len(rows))], ax=ax, title=title,
+                      xlabel=unit, legend={k: PIPELINE_COLOURS[k] for k in kinds})
+
+
+def plot_task_timeline(timeline, workers, ax=None, title="tasks per worker", scale=1.0,
+                       unit="seconds"):
+    """Gantt chart of tasks: one row per worker, one bar per task labelled with its id."""
+    rows = [[(e["start"] * scale, e["end"] * scale, str(e["id"]), f"C{e['id'] % 10}", True)
+             for e in timeline if e["worker"] == w] for w in workers]
+    return plot_gantt(rows, [f"worker {w}" for w in workers], ax=ax, title=title, xlabel=unit)
