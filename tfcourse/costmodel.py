@@ -229,3 +229,78 @@ def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int) -> int
     if schedule == "1f1b":
         return min(p - stage, m)
     raise ValueError(f"schedule: expected 'gpipe' or '1f1b', got {schedule!r}")
+
+
+# --------------------------------------------------------------------------- sequence parallelism
+
+
+def _sequence_chunk_sizes(seq_len: int, p: int, zigzag: bool) -> tuple[list[int], list[list]]:
+    """Chunk sizes (as chunk_bounds cuts them: the first seq_len % c chunks one longer) and the
+    chunk indices each rank holds: rank r holds chunk r, or chunks r and 2p - 1 - r zig-zag."""
+    if p < 1:
+        raise ValueError(f"p: expected a positive integer, got {p}")
+    c = 2 * p if zigzag else p
+    if seq_len < c:
+        raise ValueError(f"seq_len: expected at least {c} positions for {c} chunks on p={p} "
+                         f"ranks, got seq_len={seq_len}")
+    sizes = [seq_len // c + (1 if i < seq_len % c else 0) for i in range(c)]
+    owned = [[r, c - 1 - r] if zigzag else [r] for r in range(p)]
+    return sizes, owned
+
+
+def full_attention_score_bytes(seq_len: int, batch: int, heads: int,
+                               bytes_per_value: int = 4) -> int:
+    """One (B, heads, n, n) score (or probability) array of full attention: quadratic in n."""
+    return batch * heads * seq_len * seq_len * bytes_per_value
+
+
+def ring_attention_score_entries(seq_len: int, p: int, zigzag: bool = False) -> list[int]:
+    """(query, key) score entries each rank computes per (sequence, head) in one ring pass.
+
+    Causal ring attention computes, for each of its query chunks a, one block against every
+    key chunk b <= a (later chunks are skipped; the diagonal block is computed whole, then
+    masked), so a rank computes sum over its chunks of n_a * end_a, with end_a the position
+    where chunk a ends. Contiguous: rank r computes about (r + 1) (n / p)^2, so the last rank
+    does p times the first's work; zig-zag pairs an early and a late chunk and every rank
+    computes about (2p + 1) (n / 2p)^2.
+    """
+    sizes, owned = _sequence_chunk_sizes(seq_len, p, zigzag)
+    ends = np.cumsum(sizes)
+    return [int(sum(sizes[a] * ends[a] for a in chunks)) for chunks in owned]
+
+
+def ring_attention_flops(seq_len: int, p: int, batch: int, heads: int, d_head: int,
+                         zigzag: bool = False) -> list[int]:
+    """Matmul FLOPs of ring attention, forward + backward, per rank: 14 d_head FLOPs per score
+    entry, 4 d forward (S = Q K^T, P V) and 10 d backward (S again, dV, dP, dQ, dK)."""
+    entries = ring_attention_score_entries(seq_len, p, zigzag)
+    return [14 * d_head * batch * heads * e for e in entries]
+
+
+def ring_attention_peak_score_bytes(seq_len: int, p: int, batch: int, heads: int,
+                                    bytes_per_value: int = 4, zigzag: bool = False) -> list[int]:
+    """Largest (B, heads, n_q, n_k) score block each rank materialises: its longest query
+    chunk against the longest key chunk (chunk 0), about (n / p)^2 instead of n^2 (n / 2p
+    zig-zag). Blocks are computed one at a time, so this is the score memory of a rank."""
+    sizes, owned = _sequence_chunk_sizes(seq_len, p, zigzag)
+    return [batch * heads * bytes_per_value * sizes[0] * max(sizes[a] for a in chunks)
+            for chunks in owned]
+
+
+def ring_attention_bytes_sent(seq_len: int, p: int, batch: int, heads: int, d_head: int,
+                              bytes_per_value: int = 4, zigzag: bool = False) -> list[int]:
+    """Bytes each rank sends in ring attention's forward and backward pass together.
+
+    Forward: p - 1 steps, each passing the (K, V) block it holds to the next rank. Backward:
+    p - 1 steps passing (K, V, dK, dV), then one last step sending (dK, dV) of the block it
+    holds home. Rank r never sends block r + 1's K and V (it receives it last), so it sends
+    6 (n - n_{r+1}) + 2 n_{r+1} token rows of B heads d_head values: linear in n, about
+    6 n (p - 1) / p, while the scores that are never sent are quadratic.
+    """
+    sizes, owned = _sequence_chunk_sizes(seq_len, p, zigzag)
+    if p == 1:
+        return [0] * p
+    row_bytes = batch * heads * d_head * bytes_per_value
+    block_rows = [sum(sizes[a] for a in chunks) for chunks in owned]
+    return [row_bytes * (6 * (seq_len - block_rows[(r + 1) % p]) + 2 * block_rows[(r + 1) % p])
+            for r in range(p)]
