@@ -39,8 +39,8 @@ def test_a_rank_that_raises_fails_the_job_fast_with_its_error():
 
 
 def _processes_running(pattern: str) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if pattern in line and "ps -eo" not in line]
+    ps = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if pattern in line and "ps -eww" not in line]
 
 
 def test_a_deadlock_becomes_a_timeout_error_and_no_rank_survives():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ INSTALL_HINT = (
     "To use a cluster's own MPI instead, see README.md, section 'Using your own MPI'."
 )
 STDERR_TAIL_CHARS = 6000
+STDOUT_TAIL_CHARS = 2000
 
 
 class MPIError(RuntimeError):
@@ -134,8 +136,86 @@ def rank_environment(threads_per_rank: int = 1, python: str = sys.executable) ->
     return env
 
 
+# --------------------------------------------------------------------------- why it failed
+
+ABORT_PATTERNS = (
+    r"Abort\(\d+\) on node \d+ \(rank (\d+) in comm 0\)",  # MPICH
+    r"MPI_ABORT was invoked on rank (\d+)",  # Open MPI
+)
+
+
+def failed_ranks_note(stdout: str, stderr: str) -> str:
+    """One line saying which rank brought a failed job down and how, or '' if unknown.
+
+    Bad arguments: the programs print "error: ..." and exit (see agree_on_arguments in
+    tfcourse.parallel.comm); that line is repeated here. A rank that raised calls
+    MPI_Abort, and the MPI library names it in stderr. A rank killed by a signal (SIGKILL
+    from outside, or the kernel's out-of-memory killer) cannot say anything: MPICH's hydra
+    then reports "BAD TERMINATION ... EXIT CODE: 9" on stdout with a PID that may be any
+    rank it stopped while cleaning up; Open MPI names the rank.
+    """
+    # the programs' own message ("error: ..."), or argparse's ("prog: error: argument ...")
+    rejected = re.search(r"(?:^|: )error: (.*)$", stderr, re.MULTILINE)
+    if rejected:
+        return f"the program stopped on bad input: {rejected.group(1)}"
+    aborted = sorted({int(m) for pattern in ABORT_PATTERNS for m in re.findall(pattern, stderr)})
+    if aborted:
+        return f"{_ranks(aborted)} called MPI_Abort (an uncaught error: see stderr below)"
+    openmpi = re.search(r"process rank (\d+) with PID (\d+) .*?exited on signal (\d+)", stdout
+                        + stderr)
+    if openmpi:
+        rank, pid, sig = (int(g) for g in openmpi.groups())
+        return f"rank {rank} (PID {pid}) was {_signal_description(sig)}"
+    hydra = re.search(r"BAD TERMINATION.*?EXIT CODE: (\d+)", stdout, re.DOTALL)
+    if hydra:
+        return (f"a rank was {_signal_description(int(hydra.group(1)))}; MPICH names it only "
+                f"by a PID (in its report below), which may be a rank it stopped afterwards")
+    return ""
+
+
+def _signal_description(code: int) -> str:
+    """MPICH reports a rank killed by signal N as exit code N."""
+    try:
+        name = signal.Signals(code).name
+    except ValueError:
+        return f"ended with exit code {code}"
+    hint = " - killed from outside, or by the kernel when out of memory" \
+        if code == signal.SIGKILL else ""
+    return f"killed by signal {code} ({name}{hint})"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (mpiexec's proxies and ranks), from `ps`."""
+    try:
+        table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True,
+                               text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        child, parent = (int(field) for field in line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def _kill_job(process: subprocess.Popen) -> None:
-    """Terminate mpiexec and every rank it started (they share one process group)."""
+    """Terminate mpiexec and every rank it started.
+
+    SIGTERM to mpiexec's process group first (MPICH's hydra and Open MPI then stop their
+    ranks); whatever still runs 2 s later is killed - the group, and the processes that were
+    below mpiexec, because hydra puts every rank in a session of its own, out of reach of
+    the group's signal.
+    """
+    below = _descendants(process.pid)
     try:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -144,6 +224,11 @@ def _kill_job(process: subprocess.Popen) -> None:
         process.wait(timeout=2.0)
     except subprocess.TimeoutExpired:
         pass
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone, as it should be
+            pass
     try:  # ranks may outlive mpiexec: sweep the whole group
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -151,8 +236,19 @@ def _kill_job(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _tail(text: str) -> str:
-    return text if len(text) <= STDERR_TAIL_CHARS else "...\n" + text[-STDERR_TAIL_CHARS:]
+def _tail(text: str, chars: int = STDERR_TAIL_CHARS) -> str:
+    return text if len(text) <= chars else "...\n" + text[-chars:]
+
+
+def _failure_message(returncode: int, command: list[str], stdout: str, stderr: str) -> str:
+    """MPIJobError's text: exit code, which rank failed if known, stderr, hydra's report."""
+    culprits = failed_ranks_note(stdout, stderr)
+    message = (f"MPI job failed with exit code {returncode}: {' '.join(command)}\n"
+               + (f"{culprits}\n" if culprits else "")
+               + f"--- ranks' stderr ---\n{_tail(stderr)}")
+    if "BAD TERMINATION" in stdout:  # MPICH's hydra writes its report to stdout
+        message += f"\n--- stdout (tail) ---\n{_tail(stdout, STDOUT_TAIL_CHARS)}"
+    return message
 
 
 def run_mpi(
@@ -205,8 +301,7 @@ def run_mpi(
         seconds = time.perf_counter() - start
         if process.returncode != 0:
             raise MPIJobError(
-                f"MPI job failed with exit code {process.returncode}: {' '.join(command)}\n"
-                f"--- ranks' stderr ---\n{_tail(stderr)}",
+                _failure_message(process.returncode, command, stdout, stderr),
                 process.returncode,
                 stdout,
                 stderr,

@@ -192,9 +192,17 @@ def dropout_backward(dout, cache):
 
 
 def log_softmax(logits):
-    """log softmax over the last axis, computed as x - max - log(sum(exp(x - max)))."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    """log softmax over the last axis, computed as x - max - log(sum(exp(x - max))).
+
+    Entries equal to -inf get -inf; a row that is entirely -inf (nothing possible, e.g. a
+    fully masked padding position) gives all -inf rather than NaN, like `softmax`'s zeros.
+    """
+    x_max = logits.max(axis=-1, keepdims=True)
+    shifted = logits - np.where(np.isfinite(x_max), x_max, 0)  # -inf - (-inf) would be NaN
+    total = np.exp(shifted).sum(axis=-1, keepdims=True)
+    possible = total > 0
+    log_total = np.log(total, out=np.zeros_like(total), where=possible)
+    return np.subtract(shifted, log_total, out=np.full_like(shifted, -np.inf), where=possible)
 
 
 def cross_entropy_forward(logits, targets, ignore_index: int | None = None):
@@ -211,7 +219,8 @@ def cross_entropy_forward(logits, targets, ignore_index: int | None = None):
         flat_targets != ignore_index)
     n_valid = int(valid.sum())
     picked = flat_logp[np.arange(flat_targets.size), np.where(valid, flat_targets, 0)]
-    loss = float(-(picked * valid).sum() / max(n_valid, 1))
+    picked = np.where(valid, picked, 0)  # an ignored row may be all -inf: -inf * 0 is NaN
+    loss = float(-picked.sum() / max(n_valid, 1))
     return loss, (logp, flat_targets, valid, n_valid)
 
 

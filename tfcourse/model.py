@@ -33,7 +33,12 @@ from tfcourse.layers import (
     linear_backward,
     linear_forward,
 )
-from tfcourse.validate import require_divisible, require_positive_int
+from tfcourse.validate import (
+    require_divisible,
+    require_nonnegative_int,
+    require_positive_int,
+    require_real,
+)
 
 DTYPES = ("float32", "float64")
 
@@ -153,7 +158,7 @@ def add_prefix(grads: dict, prefix: str) -> dict:
 
 
 def check_params(params: dict, expected_shapes: dict[str, tuple], dtype: str) -> None:
-    """ValueError naming any missing, unexpected, mis-shaped or mis-typed parameter."""
+    """ValueError naming any missing, unexpected, mis-shaped, mis-typed or non-finite parameter."""
     missing = sorted(set(expected_shapes) - set(params))
     extra = sorted(set(params) - set(expected_shapes))
     if missing or extra:
@@ -166,6 +171,19 @@ def check_params(params: dict, expected_shapes: dict[str, tuple], dtype: str) ->
         if value.dtype != np.dtype(dtype):
             raise ValueError(f"params[{name!r}]: expected dtype {dtype} (config.dtype), "
                              f"got {value.dtype}")
+        _require_finite(f"params[{name!r}]", value)
+
+
+def _require_finite(name: str, value: np.ndarray) -> None:
+    """NaN or infinity in a parameter would poison every output; name the first one found.
+
+    One np.isfinite pass per array: cheap next to a forward pass, and it turns "the loss is
+    NaN" into the name of the broken parameter (after training diverged, or a bad checkpoint).
+    """
+    if not np.isfinite(value).all():
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+        raise ValueError(f"{name}: expected finite values, got {value[where]} at index {where} "
+                         f"(if training diverged, lower the learning rate)")
 
 
 def check_tokens(name: str, tokens, vocab_size: int, max_len: int,
@@ -341,10 +359,13 @@ def generate(params: dict, prompt, n_new: int, config: TransformerConfig,
     """Extend 1-D `prompt` ids by `n_new` tokens: greedy when temperature == 0, else sampled
     from softmax(logits / temperature) with a seeded generator. Only the last max_len tokens
     are fed to the model."""
-    if temperature < 0:
+    if require_real("temperature", temperature) < 0:
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    rng = np.random.default_rng(seed)
-    ids = list(np.asarray(prompt).reshape(-1))
+    n_new = require_nonnegative_int("n_new", n_new)
+    rng = np.random.default_rng(require_nonnegative_int("seed", seed))
+    prompt = check_tokens("prompt", np.asarray(prompt).reshape(1, -1), config.vocab_size,
+                          np.iinfo(np.int64).max)  # longer prompts are cut to max_len below
+    ids = list(prompt[0])
     for _ in range(n_new):
         context = np.array(ids[-config.max_len:], dtype=np.int64)[None, :]
         logits = forward(params, context, config)[0, -1].astype(np.float64)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
-from pathlib import Path
+
+import numpy as np
 
 from tfcourse import seq2seq
 from tfcourse.checkpoint import check_matches, load_checkpoint, save_checkpoint
@@ -27,15 +29,39 @@ from tfcourse.data import (
     unigram_cross_entropy,
     zen_of_python,
 )
-from tfcourse.files import write_json_atomic
+from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.model import PRESETS, TransformerConfig, init_params, loss_and_grads, preset
 from tfcourse.optim import adamw_init, adamw_step, clip_grad_norm
 from tfcourse.seq2seq import Seq2SeqConfig
+from tfcourse.validate import require_nonnegative_int, require_positive_int, require_real
+
+
+def _require_nonnegative_real(name: str, value) -> float:
+    value = require_real(name, value)
+    if value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return value
+
+
+# How each setting is checked; the CLIs reuse it with the flag's name ("--steps").
+SETTING_CHECKS = {
+    "steps": require_positive_int,
+    "batch_size": require_positive_int,
+    "seq_len": require_positive_int,
+    "lr": functools.partial(require_real, positive=True),
+    "warmup_steps": require_nonnegative_int,
+    "weight_decay": _require_nonnegative_real,
+    "clip": functools.partial(require_real, positive=True),
+    "seed": require_nonnegative_int,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation settings; the batch is the *global* batch (all ranks together)."""
+    """Optimisation settings; the batch is the *global* batch (all ranks together).
+
+    Every field is checked on creation (and by dataclasses.replace), so a bad value fails
+    here with its name rather than steps later inside NumPy."""
 
     steps: int = 200
     batch_size: int = 16
@@ -45,6 +71,17 @@ class TrainSettings:
     weight_decay: float = 0.0
     clip: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        for name, check in SETTING_CHECKS.items():
+            check(name, getattr(self, name))
+
+
+def check_fits(config: TransformerConfig, settings: TrainSettings) -> None:
+    """The training windows must fit the model's position table."""
+    if settings.seq_len > config.max_len:
+        raise ValueError(f"seq_len: expected at most max_len={config.max_len}, "
+                         f"got {settings.seq_len}")
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -122,17 +159,16 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
              checkpoint_path: str | None = None, checkpoint_every: int = 0,
              resume_from: str | None = None, progress: str = "auto") -> dict:
     """Train from scratch (or resume) and return a JSON-ready summary with `losses` per step."""
-    if settings.seq_len > config.max_len:
-        raise ValueError(f"seq_len: expected at most max_len={config.max_len}, "
-                         f"got {settings.seq_len}")
+    check_fits(config, settings)
     params = init_params(config, settings.seed)
     opt_state = adamw_init(params)
     losses: list[float] = []
     start_step = 0
     if resume_from:
-        params_loaded, opt_state, meta = load_checkpoint(resume_from)
-        check_matches(params_loaded, params)
-        params, start_step, losses = params_loaded, int(meta["step"]), list(meta["losses"])
+        params, opt_state, start_step, losses = load_resume_state(resume_from, params)
+        if start_step > settings.steps:
+            raise ValueError(f"steps: expected at least the checkpoint's step {start_step} "
+                             f"(resume_from), got {settings.steps}")
     bar = Progress(settings.steps, progress)
     start = time.perf_counter()
     for step in range(start_step, settings.steps):
@@ -156,6 +192,43 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         "unigram_baseline": unigram_cross_entropy(corpus.ids, corpus.vocab.size),
         "params": params,
     }
+
+
+def load_resume_state(path: str, fresh_params: dict) -> tuple[dict, dict, int, list[float]]:
+    """(params, opt_state, step, losses) from a checkpoint `train_lm` wrote.
+
+    Every problem is a ValueError naming `resume_from`: a missing, corrupt or foreign file,
+    another model's shapes or dtype (`fresh_params` are the expected ones), or NaN/inf in
+    the saved arrays (a run that had diverged)."""
+    try:
+        params, opt_state, meta = load_checkpoint(path)
+        check_matches(params, fresh_params)
+    except ValueError as err:
+        raise ValueError(f"resume_from: {str(err).removeprefix('path: ')}") from None
+    _check_resume_meta(path, meta, opt_state)
+    for kind, arrays in (("parameter", params), ("optimiser state", opt_state)):
+        for name, value in arrays.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"resume_from: {path!r} holds NaN or infinite values in "
+                                 f"{kind} {name!r} (saved after training diverged?)")
+    return params, opt_state, meta["step"], meta["losses"]
+
+
+def _check_resume_meta(path: str, meta: dict, opt_state: dict | None) -> None:
+    """What train_lm saves besides the parameters: the step, the losses so far, AdamW state."""
+    foreign = "(not a checkpoint written by train_lm)"
+    for key in ("step", "losses"):
+        if key not in meta:
+            raise ValueError(f"resume_from: {path!r} has no {key!r} in its metadata {foreign}")
+    step, losses = meta["step"], meta["losses"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"resume_from: {path!r} has step {step!r} in its metadata, expected "
+                         f"an integer >= 0 {foreign}")
+    if not isinstance(losses, list):
+        raise ValueError(f"resume_from: {path!r} has losses of type {type(losses).__name__} "
+                         f"in its metadata, expected a list {foreign}")
+    if opt_state is None:
+        raise ValueError(f"resume_from: {path!r} holds no optimiser state {foreign}")
 
 
 def train_seq2seq(config: Seq2SeqConfig, train_data: Seq2SeqData, settings: TrainSettings,
@@ -195,38 +268,75 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    """The preset's TrainSettings with any command-line overrides applied."""
+    """The preset's TrainSettings with any command-line overrides applied.
+
+    Used by every training CLI (serial and parallel); a bad override is a ValueError naming
+    its flag, e.g. "--steps: expected a positive integer, got 0"."""
     if args.config not in TRAIN_PRESETS:
         raise ValueError(f"config: expected one of {sorted(TRAIN_PRESETS)}, got {args.config!r}")
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                 "lr": args.lr}
-    return dataclasses.replace(TRAIN_PRESETS[args.config], seed=args.seed,
-                               **{k: v for k, v in overrides.items() if v is not None})
+                 "lr": args.lr, "seed": args.seed}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for name, value in overrides.items():
+        SETTING_CHECKS[name]("--" + name.replace("_", "-"), value)
+    return dataclasses.replace(TRAIN_PRESETS[args.config], **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """What a checked training command line decides: the text, the model and the settings."""
+
+    corpus: CharCorpus
+    config: TransformerConfig
+    settings: TrainSettings
+
+
+def training_setup(args: argparse.Namespace, **config_overrides) -> TrainingSetup:
+    """Settings, corpus (--text) and model config of a training CLI, all checked.
+
+    Shared by the serial and the parallel programs; `config_overrides` such as n_layers
+    change the preset. Touches no output file and needs no MPI."""
+    settings = settings_from_args(args)
+    corpus = load_corpus(args.text)
+    config = preset(args.config, corpus.vocab.size, dtype=args.dtype, **config_overrides)
+    check_fits(config, settings)
+    if len(corpus.ids) < settings.seq_len + 1:
+        raise ValueError(f"--text: expected at least seq_len + 1 = {settings.seq_len + 1} "
+                         f"characters to cut training windows from, got {len(corpus.ids)}")
+    return TrainingSetup(corpus, config, settings)
+
+
+def check_cli_paths(args: argparse.Namespace) -> None:
+    """Output paths must be writable and --checkpoint-every sane before training starts."""
+    if args.json:
+        check_writable("--json", args.json)
+    if args.checkpoint:
+        check_writable("--checkpoint", args.checkpoint)
+    require_nonnegative_int("--checkpoint-every", args.checkpoint_every)
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    """Check the arguments, train, print the final loss; returns the JSON-ready result."""
+    setup = training_setup(args)
+    check_cli_paths(args)
+    result = train_lm(setup.config, setup.corpus, setup.settings, args.checkpoint,
+                      args.checkpoint_every, args.resume, args.progress)
+    result.pop("params")
+    losses = result["losses"]
+    print(f"final loss {losses[-1]:.4f} (unigram baseline {result['unigram_baseline']:.4f}), "
+          f"{result['tokens_per_s']:.0f} tokens/s")
+    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        settings = settings_from_args(args)
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(settings, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, "
-                                 f"got {getattr(settings, name)}")
-        if args.json and not Path(args.json).resolve().parent.is_dir():
-            raise ValueError(f"--json: folder of {args.json!r} does not exist")
-        corpus = load_corpus(args.text)
-        config = preset(args.config, corpus.vocab.size, dtype=args.dtype)
-        result = train_lm(config, corpus, settings, args.checkpoint, args.checkpoint_every,
-                          args.resume, args.progress)
+        result = run_cli(args)
+        if args.json:
+            write_json_atomic(args.json, result)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result.pop("params")
-    losses = result["losses"]
-    print(f"final loss {losses[-1]:.4f} (unigram baseline {result['unigram_baseline']:.4f}), "
-          f"{result['tokens_per_s']:.0f} tokens/s")
-    if args.json:
-        write_json_atomic(args.json, result)
     return 0
 
 

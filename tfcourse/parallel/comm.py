@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from tfcourse.files import write_json_atomic
+from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.parallel.partition import chunk_bounds
+from tfcourse.validate import require_positive_int
+
+T = TypeVar("T")
 
 
 def print_in_rank_order(comm: MPI.Comm, line: str) -> list[str] | None:
@@ -39,6 +45,35 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", metavar="PATH", default=None, help="write the result as JSON (rank 0 only)"
     )
+
+
+def agree_on_arguments(comm: MPI.Comm, prepare: Callable[[], T],
+                       json_path: str | None = None) -> T:
+    """Run `prepare()` - which checks the command line and raises ValueError on bad input -
+    on every rank, BEFORE any training collective; returns what `prepare()` returns.
+
+    Rank 0 also checks that the --json file can be written, so a typo in its folder fails in
+    a second, not after the whole run. The ranks then exchange their verdicts (one
+    allgather that every rank reaches), so all fail the same way even if only one rank saw
+    the problem (a file missing on one node): the lowest failing rank prints "error: ..."
+    to stderr, every rank waits for that line, and all exit with status 2 - under
+    `python -m mpi4py` that is an MPI_Abort, which ends the job at once. Nothing is written.
+    """
+    result, error = None, None
+    try:
+        result = prepare()
+        if comm.rank == 0 and json_path:
+            check_writable("--json", json_path)
+    except ValueError as err:
+        error = str(err)
+    errors = comm.allgather(error)
+    failed = [rank for rank, message in enumerate(errors) if message is not None]
+    if not failed:
+        return result
+    if comm.rank == failed[0]:
+        print(f"error: {errors[failed[0]]}", file=sys.stderr, flush=True)
+    comm.Barrier()  # no rank may abort the job before the message is out
+    sys.exit(2)
 
 
 def limit_blas_threads(threads: int = 1):
@@ -186,7 +221,7 @@ def bench_allreduces(comm: MPI.Comm, sizes_bytes, repeats: int = 5) -> dict:
     return {"world_size": comm.size, "sizes_bytes": list(sizes_bytes), "seconds": timings}
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.comm")
     add_json_argument(parser)
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -194,8 +229,20 @@ def main(argv=None) -> None:
     mode.add_argument("--bench", action="store_true", help="time the all-reduces")
     parser.add_argument("--max-bytes", type=int, default=64 * 2**20)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if require_positive_int("--max-bytes", args.max_bytes) < 1024:
+        raise ValueError(f"--max-bytes: expected at least 1024 (the smallest size timed), "
+                         f"got {args.max_bytes}")
+    require_positive_int("--repeats", args.repeats)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     comm = MPI.COMM_WORLD
+    agree_on_arguments(comm, lambda: check_args(args), args.json)
     if args.check:
         result = check_allreduces(comm)
     else:

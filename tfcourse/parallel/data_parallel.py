@@ -29,9 +29,15 @@ from mpi4py import MPI
 from tfcourse.costmodel import zero_state_bytes_per_rank
 from tfcourse.data import lm_batch
 from tfcourse.files import write_json_atomic
-from tfcourse.model import init_params, loss_and_grads, preset
+from tfcourse.model import init_params, loss_and_grads
 from tfcourse.optim import adamw_init, sum_of_squares
-from tfcourse.parallel.comm import ALLREDUCES, CommLog, add_json_argument, limit_blas_threads
+from tfcourse.parallel.comm import (
+    ALLREDUCES,
+    CommLog,
+    add_json_argument,
+    agree_on_arguments,
+    limit_blas_threads,
+)
 from tfcourse.parallel.partition import (
     batch_rows,
     flatten,
@@ -39,7 +45,14 @@ from tfcourse.parallel.partition import (
     partition_params,
     unflatten,
 )
-from tfcourse.train import TRAIN_PRESETS, TrainSettings, load_corpus, optimizer_update
+from tfcourse.train import (
+    TRAIN_PRESETS,
+    TrainingSetup,
+    TrainSettings,
+    optimizer_update,
+    training_setup,
+)
+from tfcourse.validate import require_positive_int, require_real
 
 # --------------------------------------------------------------------------- helpers
 
@@ -144,15 +157,18 @@ def train_step(replica: Replica, x, y, step: int, config, settings: TrainSetting
 # --------------------------------------------------------------------------- program
 
 
-def run(args: argparse.Namespace, comm) -> dict:
-    corpus = load_corpus(args.text)
-    config = preset(args.config, corpus.vocab.size, dtype=args.dtype)
-    settings = dataclasses.replace(TRAIN_PRESETS[args.config], seed=args.seed,
-                                   **{k: v for k, v in {"steps": args.steps,
-                                                        "batch_size": args.batch_size,
-                                                        "seq_len": args.seq_len,
-                                                        "lr": args.lr}.items() if v is not None})
-    batch_rows(settings.batch_size, comm.rank, comm.size)  # reject too small a batch early
+def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
+    """Check every argument against `world_size` without any communication; ValueError
+    naming the argument on bad input (see comm.agree_on_arguments)."""
+    require_positive_int("--threads", args.threads)
+    require_real("--bucket-mb", args.bucket_mb, positive=True)
+    setup = training_setup(args)
+    batch_rows(setup.settings.batch_size, 0, world_size)  # every rank needs at least one row
+    return setup
+
+
+def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
+    corpus, config, settings = setup.corpus, setup.config, setup.settings
     replica = start(config, settings, comm, args.zero)
     sizes = {n: p.size for n, p in replica.params.items()}
     buckets = make_buckets(list(replica.params), sizes, int(args.bucket_mb * 2**20 // 8))
@@ -213,8 +229,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
+    setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
     _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, comm)
+    result = run(args, setup, comm)
     if comm.rank == 0:
         losses = result["losses"]
         print(f"data parallel on {comm.size} rank(s), all-reduce {args.allreduce}, "

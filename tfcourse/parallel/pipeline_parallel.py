@@ -54,10 +54,9 @@ from tfcourse.model import (
     head_backward,
     head_forward,
     init_params,
-    preset,
 )
 from tfcourse.optim import adamw_init, sum_of_squares
-from tfcourse.parallel.comm import add_json_argument, limit_blas_threads
+from tfcourse.parallel.comm import add_json_argument, agree_on_arguments, limit_blas_threads
 from tfcourse.parallel.partition import (
     SCHEDULES,
     busy_seconds,
@@ -67,7 +66,14 @@ from tfcourse.parallel.partition import (
     stage_layers,
     stage_param_names,
 )
-from tfcourse.train import TRAIN_PRESETS, TrainSettings, load_corpus, optimizer_update
+from tfcourse.train import (
+    TRAIN_PRESETS,
+    TrainingSetup,
+    TrainSettings,
+    optimizer_update,
+    training_setup,
+)
+from tfcourse.validate import require_positive_int
 
 # --------------------------------------------------------------------------- helpers
 
@@ -218,25 +224,24 @@ def train_step(stage: Stage, ops, tokens, targets, step: int, settings: TrainSet
 # --------------------------------------------------------------------------- program
 
 
-def run(args: argparse.Namespace, comm) -> dict:
-    corpus = load_corpus(args.text)
-    overrides = {"dtype": args.dtype}
+def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
+    """Check every argument against `world_size` without any communication; ValueError
+    naming the argument on bad input (see comm.agree_on_arguments)."""
+    require_positive_int("--threads", args.threads)
+    require_positive_int("--microbatches", args.microbatches)
+    overrides = {}
     if args.layers is not None:
-        overrides["n_layers"] = args.layers
-    config = preset(args.config, corpus.vocab.size, **overrides)
-    settings = dataclasses.replace(TRAIN_PRESETS[args.config], seed=args.seed,
-                                   **{k: v for k, v in {"steps": args.steps,
-                                                        "batch_size": args.batch_size,
-                                                        "seq_len": args.seq_len,
-                                                        "lr": args.lr}.items() if v is not None})
-    if settings.steps < 1:
-        raise ValueError(f"steps: expected a positive integer, got {settings.steps}")
-    if settings.seq_len > config.max_len:
-        raise ValueError(f"seq_len: expected at most max_len={config.max_len}, "
-                         f"got {settings.seq_len}")
+        overrides["n_layers"] = require_positive_int("--layers", args.layers)
+    setup = training_setup(args, **overrides)
+    stage_layers(setup.config.n_layers, world_size)  # every stage needs at least one block
+    microbatch_rows(setup.settings.batch_size, args.microbatches)
+    return setup
+
+
+def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
+    corpus, config, settings = setup.corpus, setup.config, setup.settings
     p, m = comm.size, args.microbatches
-    layers = stage_layers(config.n_layers, p)  # reject bad input before any communication
-    microbatch_rows(settings.batch_size, m)
+    layers = stage_layers(config.n_layers, p)
     stage = start(config, settings, comm)
     ops = schedule(args.schedule, p, comm.rank, m)
     losses, step_seconds, peak = [], [], 0
@@ -306,8 +311,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
+    setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
     _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, comm)
+    result = run(args, setup, comm)
     if comm.rank == 0:
         losses = result["losses"]
         print(f"pipeline {args.schedule} on {comm.size} stage(s), {args.microbatches} "

@@ -44,7 +44,7 @@ from mpi4py import MPI
 from tfcourse import costmodel
 from tfcourse.attention import causal_mask, sdpa_backward, sdpa_forward
 from tfcourse.files import write_json_atomic
-from tfcourse.parallel.comm import add_json_argument, limit_blas_threads
+from tfcourse.parallel.comm import add_json_argument, agree_on_arguments, limit_blas_threads
 from tfcourse.parallel.partition import (
     block_attention_grads,
     block_scores,
@@ -57,6 +57,7 @@ from tfcourse.parallel.partition import (
     score_blocks,
     sequence_chunks,
 )
+from tfcourse.validate import require_nonnegative_int, require_positive_int
 
 # --------------------------------------------------------------------------- the ring
 
@@ -178,17 +179,17 @@ def full_attention_errors(q, k, v, dout, out, dq, dk, dv) -> tuple[float, float]
     return err_out, err_grad
 
 
-def _check_positive(args) -> None:
-    for name in ("seq_len", "batch", "heads", "d_head"):
-        value = getattr(args, name)
-        if value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value}")
+def prepare(args: argparse.Namespace, world_size: int) -> list[list[tuple]]:
+    """Check every argument against `world_size` without any communication (ValueError
+    naming the argument, see comm.agree_on_arguments); returns every rank's chunks."""
+    for flag in ("--seq-len", "--batch", "--heads", "--d-head", "--threads"):
+        require_positive_int(flag, getattr(args, flag[2:].replace("-", "_")))
+    require_nonnegative_int("--seed", args.seed)
+    return sequence_chunks(args.seq_len, world_size, args.zigzag)  # seq_len >= p (or 2p)
 
 
-def run(args: argparse.Namespace, comm) -> dict:
-    _check_positive(args)
+def run(args: argparse.Namespace, chunks: list[list[tuple]], comm) -> dict:
     p, rank, n = comm.size, comm.rank, args.seq_len
-    chunks = sequence_chunks(n, p, args.zigzag)  # rejects seq_len < p before any message
     dtype = np.dtype(args.dtype)
     q, k, v, dout = random_inputs(args.seed, args.batch, args.heads, n, args.d_head, dtype)
     mine = chunk_positions(chunks[rank])
@@ -280,8 +281,9 @@ def _kib(nbytes: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
+    chunks = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
     _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, comm)
+    result = run(args, chunks, comm)
     if comm.rank == 0:
         errors = "not checked" if args.skip_reference else (
             f"max |error| out {result['max_abs_err_out']:.1e}, "

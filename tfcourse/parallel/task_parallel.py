@@ -26,7 +26,7 @@ from mpi4py import MPI
 from mpi4py.futures import MPICommExecutor
 
 from tfcourse.files import write_json_atomic
-from tfcourse.parallel.comm import add_json_argument, limit_blas_threads
+from tfcourse.parallel.comm import add_json_argument, agree_on_arguments, limit_blas_threads
 from tfcourse.tasks import (
     dependency_inputs,
     graph_tasks,
@@ -37,6 +37,7 @@ from tfcourse.tasks import (
     sweep_tasks,
     timed_task,
 )
+from tfcourse.validate import require_nonnegative_int, require_positive_int, require_real
 
 WORK, RESULT, STOP = 1, 2, 3
 POLL_SECONDS = 0.0005
@@ -131,20 +132,46 @@ def timed_on_this_rank(task: dict, inputs: dict, t0: float) -> dict:
 SCHEDULERS = {"dynamic": None, "static": run_static, "futures": run_futures}
 
 
+def parse_list(flag: str, text: str, convert, check) -> list:
+    """'0.003,0.01' -> [0.003, 0.01]; ValueError naming `flag` if an item does not convert
+    or fails `check(flag, value)` (e.g. require_positive_int)."""
+    items = []
+    for item in text.split(","):
+        try:
+            value = convert(item.strip())
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated {convert.__name__} values, "
+                             f"got {item.strip()!r} in {text!r}") from None
+        items.append(check(flag, value))
+    return items
+
+
 def make_tasks(args) -> list[dict]:
-    lrs = [float(v) for v in args.lrs.split(",")]
+    """The tasks the command line asks for; ValueError naming the flag on bad input."""
+    require_positive_int("--steps", args.steps)
+    lrs = parse_list("--lrs", args.lrs, float, lambda f, v: require_real(f, v, positive=True))
     if args.mode == "sweep":
-        tasks = sweep_tasks(lrs, [int(v) for v in args.seeds.split(",")], args.steps)
+        seeds = parse_list("--seeds", args.seeds, int, require_nonnegative_int)
+        tasks = sweep_tasks(lrs, seeds, args.steps)
     elif args.mode == "graph":
         tasks = graph_tasks(lrs, args.steps)
     else:
-        tasks = imbalanced_tasks([int(v) for v in args.costs.split(",")])
+        tasks = imbalanced_tasks(parse_list("--costs", args.costs, int, require_positive_int))
+    if args.scheduler == "static" and any(t.get("deps") for t in tasks):
+        raise ValueError("--scheduler: 'static' cannot run a task graph (tasks with deps); "
+                         "use 'dynamic' or 'futures'")
     if args.fail_task is not None:
         if not 0 <= args.fail_task < len(tasks):
             raise ValueError(f"--fail-task: expected a task id in [0, {len(tasks)}), "
                              f"got {args.fail_task}")
         tasks[args.fail_task] = {**tasks[args.fail_task], "kind": "fail"}
     return tasks
+
+
+def prepare(args: argparse.Namespace) -> list[dict]:
+    """Check every argument without any communication (see comm.agree_on_arguments)."""
+    require_positive_int("--threads", args.threads)
+    return make_tasks(args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,8 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
+    tasks = agree_on_arguments(comm, lambda: prepare(args), args.json)
     _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    tasks = make_tasks(args)
     t0 = comm.bcast(time.time(), root=0)  # one clock origin for every rank's timeline
     if args.scheduler == "dynamic":
         outcomes = master(tasks, comm, t0) if comm.rank == 0 else worker(comm, t0)

@@ -44,13 +44,19 @@ from tfcourse.model import (
     head_forward,
     init_params,
     loss_and_grads,
-    preset,
     subdict,
 )
 from tfcourse.optim import adamw_init, sum_of_squares
-from tfcourse.parallel.comm import CommLog, add_json_argument, limit_blas_threads, mpi_allreduce
+from tfcourse.parallel.comm import (
+    CommLog,
+    add_json_argument,
+    agree_on_arguments,
+    limit_blas_threads,
+    mpi_allreduce,
+)
 from tfcourse.parallel.partition import check_world_size, shard_axis, shard_params
-from tfcourse.train import TRAIN_PRESETS, load_corpus, optimizer_update
+from tfcourse.train import TRAIN_PRESETS, TrainingSetup, optimizer_update, training_setup
+from tfcourse.validate import require_positive_int
 
 
 def gather_params(local: dict, comm) -> dict:
@@ -175,14 +181,17 @@ def max_relative_error(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[n] - b[n]))) for n in b) / scale
 
 
-def run(args: argparse.Namespace, comm) -> dict:
-    corpus = load_corpus(args.text)
-    config = preset(args.config, corpus.vocab.size, dtype=args.dtype)
-    check_world_size(config, comm.size)
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                 "lr": args.lr}
-    settings = dataclasses.replace(TRAIN_PRESETS[args.config], seed=args.seed,
-                                   **{k: v for k, v in overrides.items() if v is not None})
+def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
+    """Check every argument against `world_size` without any communication; ValueError
+    naming the argument on bad input (see comm.agree_on_arguments)."""
+    require_positive_int("--threads", args.threads)
+    setup = training_setup(args)
+    check_world_size(setup.config, world_size)  # heads and FFN columns split evenly
+    return setup
+
+
+def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
+    corpus, config, settings = setup.corpus, setup.config, setup.settings
     full = init_params(config, settings.seed)
     local = shard_params(full, comm.rank, comm.size)
     opt_state = adamw_init(local)
@@ -238,8 +247,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
+    setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
     _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, comm)
+    result = run(args, setup, comm)
     if comm.rank == 0:
         print(f"tensor parallel on {comm.size} rank(s): final loss {result['losses'][-1]:.4f} "
               f"after {len(result['losses'])} steps")

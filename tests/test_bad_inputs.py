@@ -1,0 +1,538 @@
+"""Bad inputs, through the public API and every command line: each one must fail fast with a
+clear error that names the argument - never a bare traceback from inside NumPy, never a
+hang, never a half-written output file.
+
+Three tables: in-process calls (the ValueError's text, raised from tfcourse's own code),
+`python -m tfcourse.train` (exit status 2, "error: ..." on stderr, no traceback), and every
+MPI program under real mpiexec through tfcourse.launch.run_mpi (MPIJobError carrying the
+ranks' stderr). Every command-line case writes --json into a folder of its own and checks
+that nothing - not even a temporary file - is left there. The time to each clean error is
+recorded; `test_summary` (last) prints how many inputs were tried and the longest time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfcourse import attention, checkpoint, data, files, launch, model, optim, train
+from tfcourse.launch import MPIJobError, MPITimeoutError, run_mpi
+from tfcourse.parallel import partition
+
+CORPUS = train.load_corpus()
+TINY = model.preset("tiny", CORPUS.vocab.size)
+PARAMS = model.init_params(TINY, seed=0)
+TOKENS = np.zeros((2, 8), dtype=np.int64)
+CLI_TIMEOUT = 30  # seconds; a case that needs longer has hung or trained before checking
+FAST = 8.0  # seconds: a clean error must come long before the default run would finish
+
+TIMINGS: dict[str, float] = {}  # case id -> seconds to the clean error (command lines)
+TRIED: set[str] = set()  # every case id run, in-process ones included
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def with_param(name: str, change) -> dict:
+    """A copy of PARAMS with params[name] replaced by change(params[name])."""
+    return {**PARAMS, name: change(PARAMS[name].copy())}
+
+
+def poisoned(value: float):
+    def change(array):
+        array.flat[3] = value
+        return array
+    return change
+
+
+def train_checkpoint(folder: Path, params: dict | None = None, name: str = "ckpt.npz",
+                     **meta) -> str:
+    """A checkpoint as train_lm writes it (step 1), optionally with other params or meta."""
+    params = PARAMS if params is None else params
+    meta = {"step": 1, "losses": [3.0], **meta}
+    path = folder / name
+    fresh_state = optim.adamw_init({k: np.zeros_like(v) for k, v in params.items()})
+    checkpoint.save_checkpoint(path, params, fresh_state, meta)
+    return str(path)
+
+
+def foreign_checkpoint(folder: Path) -> str:
+    """A valid checkpoint that train_lm did not write: no step, no losses, no AdamW state."""
+    return str(checkpoint.save_checkpoint(folder / "other.npz", PARAMS, None, {"note": "mine"}))
+
+
+def nan_checkpoint(folder: Path) -> str:
+    return train_checkpoint(folder, with_param("blocks.1.ffn.w2", poisoned(np.nan)))
+
+
+def float32_checkpoint(folder: Path) -> str:
+    return train_checkpoint(folder, {k: v.astype(np.float32) for k, v in PARAMS.items()})
+
+
+def corrupt_file(folder: Path, name: str = "bad.npz") -> str:
+    path = folder / name
+    path.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    return str(path)
+
+
+def text_file(folder: Path, text: str, name: str = "book.txt") -> str:
+    path = folder / name
+    path.write_text(text)
+    return str(path)
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder nobody may create files in; root ignores permissions, so use /sys then."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    for candidate in (folder, Path("/sys")):
+        try:
+            fd, probe = tempfile.mkstemp(dir=candidate)
+        except OSError:
+            return candidate
+        os.close(fd)
+        os.unlink(probe)
+    pytest.skip("no unwritable folder available (root, and /sys is writable)")
+
+
+def assert_not_from_numpy(info: pytest.ExceptionInfo) -> None:
+    """The error must be raised by tfcourse's own checks, not deep inside NumPy."""
+    raised_in = str(info.traceback[-1].path)
+    assert "tfcourse" in raised_in and "numpy" not in raised_in, raised_in
+
+
+# --------------------------------------------------------------------------- in-process API
+
+
+def case(case_id: str, match: str, call):
+    return pytest.param(call, match, id=case_id)
+
+
+IN_PROCESS = [
+    # model: tokens (ints by construction, so wrong dtype / shape / range)
+    case("forward-float-token-ids", r"tokens: expected integer token ids, got dtype float64",
+         lambda tmp: model.forward(PARAMS, TOKENS.astype(float), TINY)),
+    case("forward-1d-tokens", r"tokens: expected a non-empty \(B, T\) array, got shape \(8,\)",
+         lambda tmp: model.forward(PARAMS, TOKENS[0], TINY)),
+    case("forward-empty-batch", r"tokens: expected a non-empty \(B, T\) array",
+         lambda tmp: model.forward(PARAMS, TOKENS[:0], TINY)),
+    case("forward-id-out-of-vocab", rf"tokens: expected ids in \[0, {TINY.vocab_size}\)",
+         lambda tmp: model.forward(PARAMS, TOKENS + TINY.vocab_size, TINY)),
+    case("forward-negative-id", r"tokens: expected ids in \[0, \d+\).*got -1",
+         lambda tmp: model.forward(PARAMS, TOKENS - 1, TINY)),
+    case("forward-too-long", r"tokens: sequence length 33 exceeds max_len=32",
+         lambda tmp: model.forward(PARAMS, np.zeros((1, 33), dtype=np.int64), TINY)),
+    case("loss-targets-wrong-shape", r"targets: expected shape \(2, 8\) \(of tokens\)",
+         lambda tmp: model.loss_and_grads(PARAMS, TOKENS, TOKENS[:, :4], TINY)),
+    case("loss-float-targets", r"targets: expected integer token ids",
+         lambda tmp: model.loss_and_grads(PARAMS, TOKENS, TOKENS.astype(np.float32), TINY)),
+    # model: parameters (dtype, shape, names, NaN/inf)
+    case("forward-int-params", r"params\['tok_emb'\]: expected dtype float64 \(config.dtype\)",
+         lambda tmp: model.forward({k: v.astype(np.int64) for k, v in PARAMS.items()},
+                                   TOKENS, TINY)),
+    case("forward-float32-params-float64-config", r"expected dtype float64.*got float32",
+         lambda tmp: model.forward({k: v.astype(np.float32) for k, v in PARAMS.items()},
+                                   TOKENS, TINY)),
+    case("forward-nan-in-params", r"params\['blocks.0.attn.w_q'\]: expected finite values",
+         lambda tmp: model.forward(with_param("blocks.0.attn.w_q", poisoned(np.nan)),
+                                   TOKENS, TINY)),
+    case("loss-inf-in-params", r"params\['head.b'\]: expected finite values, got inf",
+         lambda tmp: model.loss_and_grads(with_param("head.b", poisoned(np.inf)), TOKENS,
+                                          TOKENS, TINY)),
+    case("forward-missing-param", r"params: missing \['head.b'\]",
+         lambda tmp: model.forward({k: v for k, v in PARAMS.items() if k != "head.b"},
+                                   TOKENS, TINY)),
+    case("forward-wrong-param-shape", r"params\['tok_emb'\]: expected shape \(\d+, 32\)",
+         lambda tmp: model.forward(with_param("tok_emb", lambda a: a[:, :16]), TOKENS, TINY)),
+    case("generate-negative-temperature", r"temperature: expected >= 0",
+         lambda tmp: model.generate(PARAMS, [1, 2], 3, TINY, temperature=-1.0)),
+    case("generate-nan-temperature", r"temperature: expected a finite real number",
+         lambda tmp: model.generate(PARAMS, [1, 2], 3, TINY, temperature=float("nan"))),
+    case("generate-negative-n-new", r"n_new: expected a non-negative integer, got -2",
+         lambda tmp: model.generate(PARAMS, [1, 2], -2, TINY)),
+    case("generate-float-prompt", r"prompt: expected integer token ids",
+         lambda tmp: model.generate(PARAMS, [1.5, 2.0], 3, TINY)),
+    case("generate-empty-prompt", r"prompt: expected a non-empty",
+         lambda tmp: model.generate(PARAMS, np.array([], dtype=np.int64), 3, TINY)),
+    # model: configuration (zero / negative / non-dividing sizes, unknown names)
+    case("config-zero-heads", r"n_heads: expected a positive integer, got 0",
+         lambda tmp: model.TransformerConfig(vocab_size=10, n_heads=0)),
+    case("config-zero-d-model", r"d_model: expected a positive integer, got 0",
+         lambda tmp: model.TransformerConfig(vocab_size=10, d_model=0)),
+    case("config-heads-do-not-divide", r"d_model: expected a multiple of n_heads=4, got 30",
+         lambda tmp: model.TransformerConfig(vocab_size=10, d_model=30)),
+    case("config-negative-max-len", r"max_len: expected a positive integer, got -1",
+         lambda tmp: model.TransformerConfig(vocab_size=10, max_len=-1)),
+    case("config-float-layers", r"n_layers: expected a positive integer, got 2.0",
+         lambda tmp: model.TransformerConfig(vocab_size=10, n_layers=2.0)),
+    case("config-unknown-dtype", r"dtype: expected one of \('float32', 'float64'\)",
+         lambda tmp: model.TransformerConfig(vocab_size=10, dtype="float16")),
+    case("config-unknown-preset", r"config: expected one of \['small', 'tiny'\], got 'huge'",
+         lambda tmp: model.preset("huge", 10)),
+    # training settings and train_lm (incl. --resume problems)
+    case("settings-zero-steps", r"steps: expected a positive integer, got 0",
+         lambda tmp: train.TrainSettings(steps=0)),
+    case("settings-negative-batch", r"batch_size: expected a positive integer, got -3",
+         lambda tmp: train.TrainSettings(batch_size=-3)),
+    case("settings-zero-seq-len", r"seq_len: expected a positive integer, got 0",
+         lambda tmp: train.TrainSettings(seq_len=0)),
+    case("settings-nan-lr", r"lr: expected a positive finite number, got nan",
+         lambda tmp: train.TrainSettings(lr=float("nan"))),
+    case("settings-negative-seed", r"seed: expected a non-negative integer, got -1",
+         lambda tmp: train.TrainSettings(seed=-1)),
+    case("train-seq-len-over-max-len", r"seq_len: expected at most max_len=32, got 64",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=1, seq_len=64),
+                                    progress="none")),
+    case("train-resume-missing", r"resume_from: no checkpoint file at '.*nope.npz'",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
+                                    resume_from=str(tmp / "nope.npz"), progress="none")),
+    case("train-resume-corrupt", r"resume_from: '.*bad.npz' is truncated or corrupt",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
+                                    resume_from=corrupt_file(tmp), progress="none")),
+    case("train-resume-nan", r"resume_from: .* NaN or infinite values in parameter "
+         r"'blocks.1.ffn.w2'",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
+                                    resume_from=nan_checkpoint(tmp), progress="none")),
+    case("train-resume-other-dtype", r"resume_from: .*'tok_emb' has dtype float32 instead "
+         r"of float64",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
+                                    resume_from=float32_checkpoint(tmp), progress="none")),
+    case("train-resume-foreign", r"resume_from: '.*other.npz' has no 'step' in its metadata "
+         r"\(not a checkpoint written by train_lm\)",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
+                                    resume_from=foreign_checkpoint(tmp), progress="none")),
+    case("train-resume-bad-step", r"resume_from: .* has step -3 in its metadata",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
+                                    resume_from=train_checkpoint(tmp, step=-3),
+                                    progress="none")),
+    case("train-resume-past-steps", r"steps: expected at least the checkpoint's step 5",
+         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
+                                    resume_from=train_checkpoint(tmp, step=5),
+                                    progress="none")),
+    # attention (NaN/inf in activations, shapes, dtypes)
+    case("softmax-nan", r"x: expected finite values or -inf, got nan at index \(0, 1\)",
+         lambda tmp: attention.softmax(np.array([[0.0, np.nan]]))),
+    case("softmax-strings", r"x: expected a real numeric array, got dtype <U1",
+         lambda tmp: attention.softmax(np.array(["a", "b"]))),
+    case("sdpa-nan-query", r"q: expected finite values, got nan",
+         lambda tmp: attention.sdpa_forward(np.full((1, 2, 4), np.nan), np.ones((1, 3, 4)),
+                                            np.ones((1, 3, 4)))),
+    case("sdpa-key-width", r"k: expected last dim 4 \(d_k of q\), got shape \(1, 3, 5\)",
+         lambda tmp: attention.sdpa_forward(np.ones((1, 2, 4)), np.ones((1, 3, 5)),
+                                            np.ones((1, 3, 4)))),
+    case("sdpa-int-mask", r"mask: expected a bool array",
+         lambda tmp: attention.sdpa_forward(np.ones((2, 4)), np.ones((3, 4)), np.ones((3, 4)),
+                                            mask=np.ones((2, 3), dtype=int))),
+    case("mha-inf-activations", r"x_q: expected finite values, got inf",
+         lambda tmp: attention.mha_forward(
+             np.full((1, 2, 8), np.inf), np.ones((1, 2, 8)),
+             attention.init_mha_params(8, 2, np.random.default_rng(0)), 2)),
+    case("mha-zero-heads", r"n_heads: expected a positive integer, got 0",
+         lambda tmp: attention.mha_forward(
+             np.ones((1, 2, 8)), np.ones((1, 2, 8)),
+             attention.init_mha_params(8, 2, np.random.default_rng(0)), 0)),
+    case("causal-mask-zero", r"n: expected a positive integer, got 0",
+         lambda tmp: attention.causal_mask(0)),
+    # data
+    case("lm-batch-zero-seq-len", r"seq_len: expected a positive integer, got 0",
+         lambda tmp: data.lm_batch(CORPUS.ids, 2, 0, 0, 0)),
+    case("lm-batch-zero-batch", r"batch_size: expected a positive integer, got 0",
+         lambda tmp: data.lm_batch(CORPUS.ids, 0, 8, 0, 0)),
+    case("lm-batch-float-ids", r"ids: expected integers, got dtype float64",
+         lambda tmp: data.lm_batch(CORPUS.ids.astype(float), 2, 8, 0, 0)),
+    case("corpus-empty-text", r"text: expected a non-empty string, got ''",
+         lambda tmp: data.CharCorpus.from_text("")),
+    case("corpus-missing-file", r"path: no text file at '.*missing.txt'",
+         lambda tmp: data.CharCorpus.from_file(tmp / "missing.txt")),
+    # optimiser, checkpoints, files, launcher
+    case("clip-zero-max-norm", r"max_norm: expected a positive finite number, got 0",
+         lambda tmp: optim.clip_grad_norm({"w": np.ones(3)}, 0)),
+    case("adamw-grads-missing-key", r"grads: expected the names of params, got missing",
+         lambda tmp: optim.adamw_step(PARAMS, {}, optim.adamw_init(PARAMS), 1e-3)),
+    case("checkpoint-missing", r"path: no checkpoint file at",
+         lambda tmp: checkpoint.load_checkpoint(tmp / "nope.npz")),
+    case("checkpoint-corrupt", r"path: '.*bad.npz' is truncated or corrupt",
+         lambda tmp: checkpoint.load_checkpoint(corrupt_file(tmp))),
+    case("json-nan", r"obj: expected finite numbers only",
+         lambda tmp: files.write_json_atomic(tmp / "r.json", {"loss": float("nan")})),
+    case("json-missing-folder", r"path: folder '.*missing' does not exist",
+         lambda tmp: files.write_json_atomic(tmp / "missing" / "r.json", {})),
+    case("json-path-is-a-folder", r"--json: expected a file path, got the folder",
+         lambda tmp: files.check_writable("--json", tmp)),
+    case("run-mpi-zero-ranks", r"n_ranks: expected a positive integer, got 0",
+         lambda tmp: run_mpi("tfcourse.hello", n_ranks=0)),
+    case("run-mpi-zero-timeout", r"timeout: expected a positive number of seconds, got 0",
+         lambda tmp: run_mpi("tfcourse.hello", n_ranks=1, timeout=0)),
+    # partitioning for the parallel chapters (world sizes that do not divide)
+    case("tp-heads-not-divisible", r"world_size: 3 ranks cannot split n_heads=4 evenly",
+         lambda tmp: partition.check_world_size(TINY, 3)),
+    case("pp-fewer-layers-than-ranks", r"n_layers: expected at least world_size=3 blocks",
+         lambda tmp: partition.stage_layers(2, 3)),
+    case("pp-zero-microbatches", r"microbatches: expected a positive integer, got 0",
+         lambda tmp: partition.microbatch_rows(16, 0)),
+    case("sp-sequence-shorter-than-ranks", r"seq_len: expected at least world_size=4",
+         lambda tmp: partition.sequence_chunks(3, 4)),
+    case("dp-batch-smaller-than-ranks", r"batch_size: expected at least world_size=4 rows",
+         lambda tmp: partition.batch_rows(3, 0, 4)),
+]
+
+
+@pytest.mark.parametrize("call, match", IN_PROCESS)
+def test_in_process_bad_input_is_a_named_value_error(call, match, tmp_path, request):
+    TRIED.add(request.node.callspec.id)
+    with pytest.raises(ValueError, match=match) as info:
+        call(tmp_path)
+    assert_not_from_numpy(info)
+
+
+# ------------------------------------------------------------------ python -m tfcourse.train
+
+
+def train_case(case_id: str, args, match: str, json: str = "out"):
+    """args: a list, or a function of the case's folder returning the list. json: where
+    --json points, relative to the case folder ("out": an existing, empty folder)."""
+    return pytest.param(args, match, json, id=case_id)
+
+
+TRAIN_CASES = [
+    train_case("steps-zero", ["--steps", "0"], r"--steps: expected a positive integer, got 0"),
+    train_case("steps-negative", ["--steps", "-5"], r"--steps: expected a positive integer"),
+    train_case("batch-size-zero", ["--batch-size", "0"], r"--batch-size: expected a positive"),
+    train_case("seq-len-zero", ["--seq-len", "0"], r"--seq-len: expected a positive integer"),
+    train_case("seq-len-over-max-len", ["--seq-len", "64"],
+               r"seq_len: expected at most max_len=32, got 64"),
+    train_case("lr-zero", ["--lr", "0"], r"--lr: expected a positive finite number, got 0"),
+    train_case("lr-nan", ["--lr", "nan"], r"--lr: expected a positive finite number, got nan"),
+    train_case("seed-negative", ["--seed", "-1"], r"--seed: expected a non-negative integer"),
+    train_case("unknown-config", ["--config", "huge"], r"config: expected one of"),
+    train_case("unknown-dtype", ["--dtype", "float16"], r"argument --dtype: invalid choice"),
+    train_case("steps-not-a-number", ["--steps", "ten"], r"argument --steps: invalid int"),
+    train_case("checkpoint-every-negative", ["--checkpoint-every", "-1"],
+               r"--checkpoint-every: expected a non-negative integer, got -1"),
+    train_case("checkpoint-missing-folder",
+               lambda d: ["--checkpoint", str(d / "missing" / "c.npz"), "--checkpoint-every",
+                          "1"], r"--checkpoint: folder '.*missing' does not exist"),
+    train_case("resume-missing", lambda d: ["--resume", str(d / "nope.npz")],
+               r"resume_from: no checkpoint file at"),
+    train_case("resume-corrupt", lambda d: ["--resume", corrupt_file(d)],
+               r"resume_from: '.*bad.npz' is truncated or corrupt"),
+    train_case("resume-nan-checkpoint", lambda d: ["--resume", nan_checkpoint(d)],
+               r"resume_from: .* NaN or infinite values in parameter 'blocks.1.ffn.w2'"),
+    train_case("resume-other-model", lambda d: ["--resume", float32_checkpoint(d)],
+               r"resume_from: .*has dtype float32 instead of float64"),
+    train_case("text-missing", lambda d: ["--text", str(d / "missing.txt")],
+               r"path: no text file at '.*missing.txt'"),
+    train_case("text-empty", lambda d: ["--text", text_file(d, "")], r"path: '.*' is empty"),
+    train_case("text-shorter-than-window", lambda d: ["--text", text_file(d, "abc")],
+               r"--text: expected at least seq_len \+ 1 = 33 characters.*got 3"),
+    train_case("json-missing-folder", [], r"--json: folder '.*missing' does not exist",
+               json="missing/result.json"),
+    train_case("json-is-a-folder", [], r"--json: expected a file path, got the folder",
+               json="."),
+    train_case("json-unwritable-folder", [], r"--json: folder '.*' is not writable",
+               json="UNWRITABLE"),
+]
+
+
+def json_target(folder: Path, json: str, tmp_path: Path) -> Path:
+    if json == "UNWRITABLE":
+        return unwritable_folder(tmp_path) / "result.json"
+    return folder / json if json != "out" else folder / "out" / "result.json"
+
+
+def entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def assert_nothing_written(json_path: Path, before: list[str]) -> None:
+    """No result, no leftover temporary file: the folder is exactly as it was."""
+    if json_path.is_dir():  # --json pointed at a folder: it must be untouched
+        assert entries(json_path) == before
+        return
+    assert not json_path.exists()
+    assert entries(json_path.parent) == before, "a temporary or partial file was left"
+
+
+@pytest.mark.parametrize("args, match, json", TRAIN_CASES)
+def test_train_cli_bad_input_is_a_clean_error(args, match, json, tmp_path, request):
+    case_id = request.node.callspec.id
+    TRIED.add(f"train/{case_id}")
+    (tmp_path / "out").mkdir()
+    args = args(tmp_path) if callable(args) else args
+    json_path = json_target(tmp_path, json, tmp_path)
+    target_folder = json_path if json_path.is_dir() else json_path.parent
+    before = entries(target_folder)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfcourse.train", "--progress", "none", *args,
+         "--json", str(json_path)],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT,
+    )
+    TIMINGS[f"train/{case_id}"] = elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert re.search(match, proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert elapsed < FAST, f"took {elapsed:.1f} s: the check must come before training"
+    assert_nothing_written(json_path, before)
+
+
+# --------------------------------------------------------------------------- the MPI programs
+
+DP = "tfcourse.parallel.data_parallel"
+TP = "tfcourse.parallel.tensor_parallel"
+PP = "tfcourse.parallel.pipeline_parallel"
+SP = "tfcourse.parallel.sequence_parallel"
+TASKS = "tfcourse.parallel.task_parallel"
+COMM = "tfcourse.parallel.comm"
+HELLO = "tfcourse.hello"
+
+
+def mpi_case(case_id: str, module: str, n_ranks: int, args, match: str, json: str = "out"):
+    return pytest.param(module, n_ranks, args, match, json, id=case_id)
+
+
+MPI_CASES = [
+    # data parallel
+    mpi_case("dp-steps-zero", DP, 2, ["--steps", "0"], r"--steps: expected a positive integer"),
+    mpi_case("dp-batch-size-zero", DP, 2, ["--batch-size", "0"],
+             r"--batch-size: expected a positive integer, got 0"),
+    mpi_case("dp-batch-smaller-than-world", DP, 3, ["--steps", "2", "--batch-size", "2"],
+             r"batch_size: expected at least world_size=3 rows"),
+    mpi_case("dp-seq-len-zero", DP, 2, ["--seq-len", "0"], r"--seq-len: expected a positive"),
+    mpi_case("dp-seq-len-over-max-len", DP, 2, ["--steps", "2", "--seq-len", "64"],
+             r"seq_len: expected at most max_len=32, got 64"),
+    mpi_case("dp-threads-zero", DP, 2, ["--steps", "2", "--threads", "0"],
+             r"--threads: expected a positive integer, got 0"),
+    mpi_case("dp-bucket-mb-zero", DP, 2, ["--steps", "2", "--bucket-mb", "0"],
+             r"--bucket-mb: expected a positive finite number"),
+    mpi_case("dp-lr-negative", DP, 2, ["--steps", "2", "--lr", "-1"], r"--lr: expected a posit"),
+    mpi_case("dp-unknown-zero-stage", DP, 2, ["--zero", "3"], r"argument --zero: invalid choice"),
+    mpi_case("dp-unknown-allreduce", DP, 2, ["--allreduce", "tree"],
+             r"argument --allreduce: invalid choice: 'tree'"),
+    mpi_case("dp-unknown-config", DP, 2, ["--config", "huge"],
+             r"argument --config: invalid choice: 'huge'"),
+    mpi_case("dp-text-missing", DP, 2, lambda d: ["--text", str(d / "missing.txt")],
+             r"path: no text file at"),
+    mpi_case("dp-json-missing-folder", DP, 2, ["--steps", "1000"],
+             r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    mpi_case("dp-json-unwritable-folder", DP, 2, ["--steps", "1000"],
+             r"--json: folder '.*' is not writable", json="UNWRITABLE"),
+    # tensor parallel
+    mpi_case("tp-heads-not-divisible", TP, 3, ["--steps", "2"],
+             r"world_size: 3 ranks cannot split n_heads=4 evenly"),
+    mpi_case("tp-steps-zero", TP, 2, ["--steps", "0"], r"--steps: expected a positive integer"),
+    mpi_case("tp-batch-size-negative", TP, 2, ["--batch-size", "-2"], r"--batch-size: expect"),
+    mpi_case("tp-threads-zero", TP, 2, ["--steps", "2", "--threads", "0"], r"--threads: exp"),
+    mpi_case("tp-json-missing-folder", TP, 2, ["--steps", "1000"],
+             r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    # pipeline parallel
+    mpi_case("pp-fewer-layers-than-ranks", PP, 2, ["--steps", "2", "--layers", "1"],
+             r"n_layers: expected at least world_size=2 blocks.*n_layers=1"),
+    mpi_case("pp-layers-zero", PP, 2, ["--layers", "0"], r"--layers: expected a positive"),
+    mpi_case("pp-microbatches-zero", PP, 2, ["--microbatches", "0"],
+             r"--microbatches: expected a positive integer, got 0"),
+    mpi_case("pp-more-microbatches-than-rows", PP, 2, ["--steps", "2", "--microbatches", "20"],
+             r"batch_size: expected at least microbatches=20 rows"),
+    mpi_case("pp-unknown-schedule", PP, 2, ["--schedule", "zigzag"],
+             r"argument --schedule: invalid choice: 'zigzag'"),
+    mpi_case("pp-steps-zero", PP, 2, ["--steps", "0"], r"--steps: expected a positive integer"),
+    mpi_case("pp-seq-len-zero", PP, 2, ["--seq-len", "0"], r"--seq-len: expected a positive"),
+    mpi_case("pp-json-missing-folder", PP, 2, ["--steps", "1000"],
+             r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    # sequence parallel
+    mpi_case("sp-seq-len-zero", SP, 2, ["--seq-len", "0"], r"--seq-len: expected a positive"),
+    mpi_case("sp-sequence-shorter-than-ranks", SP, 2, ["--seq-len", "1"],
+             r"seq_len: expected at least world_size=2 positions.*seq_len=1"),
+    mpi_case("sp-zigzag-needs-2p", SP, 2, ["--seq-len", "3", "--zigzag"],
+             r"seq_len: expected at least 2 \* world_size=4 positions"),
+    mpi_case("sp-heads-zero", SP, 2, ["--seq-len", "8", "--heads", "0"], r"--heads: expected"),
+    mpi_case("sp-d-head-zero", SP, 2, ["--seq-len", "8", "--d-head", "0"], r"--d-head: exp"),
+    mpi_case("sp-batch-negative", SP, 2, ["--seq-len", "8", "--batch", "-1"], r"--batch: exp"),
+    mpi_case("sp-seq-len-missing", SP, 2, [], r"the following arguments are required: --seq-len"),
+    mpi_case("sp-json-missing-folder", SP, 2, ["--seq-len", "8"],
+             r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    # task parallel
+    mpi_case("tasks-fail-task-out-of-range", TASKS, 2, ["--fail-task", "99"],
+             r"--fail-task: expected a task id in \[0, 6\), got 99"),
+    mpi_case("tasks-fail-task-negative", TASKS, 2, ["--fail-task", "-1"], r"--fail-task: exp"),
+    mpi_case("tasks-steps-zero", TASKS, 2, ["--steps", "0"], r"--steps: expected a positive"),
+    mpi_case("tasks-lrs-not-numbers", TASKS, 2, ["--lrs", "0.01,fast"],
+             r"--lrs: expected comma-separated float values, got 'fast'"),
+    mpi_case("tasks-lr-zero", TASKS, 2, ["--lrs", "0.01,0"], r"--lrs: expected a positive"),
+    mpi_case("tasks-seed-negative", TASKS, 2, ["--seeds", "0,-1"], r"--seeds: expected a non"),
+    mpi_case("tasks-cost-zero", TASKS, 2, ["--mode", "imbalance", "--costs", "3,0"],
+             r"--costs: expected a positive integer, got 0"),
+    mpi_case("tasks-unknown-mode", TASKS, 2, ["--mode", "map"], r"argument --mode: invalid"),
+    mpi_case("tasks-static-graph", TASKS, 2, ["--mode", "graph", "--scheduler", "static"],
+             r"--scheduler: 'static' cannot run a task graph"),
+    mpi_case("tasks-json-missing-folder", TASKS, 2, ["--steps", "200"],
+             r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    # comm, hello
+    mpi_case("comm-repeats-zero", COMM, 2, ["--bench", "--repeats", "0"], r"--repeats: exp"),
+    mpi_case("comm-max-bytes-tiny", COMM, 2, ["--bench", "--max-bytes", "10"],
+             r"--max-bytes: expected at least 1024"),
+    mpi_case("comm-no-mode", COMM, 2, [], r"one of the arguments --check --bench is required"),
+    mpi_case("comm-json-missing-folder", COMM, 2, ["--check"],
+             r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    mpi_case("hello-raise-rank-out-of-range", HELLO, 2, ["--raise-on-rank", "7"],
+             r"--raise-on-rank: expected a rank in \[0, 2\), got 7"),
+    mpi_case("hello-kill-rank-negative", HELLO, 2, ["--kill-on-rank", "-1"],
+             r"--kill-on-rank: expected a rank in \[0, 2\), got -1"),
+    mpi_case("hello-json-is-a-folder", HELLO, 2, [], r"--json: expected a file path",
+             json="."),
+]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("module, n_ranks, args, match, json", MPI_CASES)
+def test_mpi_program_bad_input_is_a_clean_error(module, n_ranks, args, match, json, tmp_path,
+                                                request):
+    case_id = request.node.callspec.id
+    TRIED.add(f"mpi/{case_id}")
+    (tmp_path / "out").mkdir()
+    args = args(tmp_path) if callable(args) else args
+    json_path = json_target(tmp_path, json, tmp_path)
+    target_folder = json_path if json_path.is_dir() else json_path.parent
+    before = entries(target_folder)
+    start = time.perf_counter()
+    with pytest.raises(MPIJobError) as info:
+        run_mpi(module, [*args, "--json", str(json_path)], n_ranks=n_ranks,
+                timeout=CLI_TIMEOUT, json_result=False)
+    TIMINGS[f"mpi/{case_id}"] = elapsed = time.perf_counter() - start
+    assert not isinstance(info.value, MPITimeoutError), "a bad argument must not hang the job"
+    message = str(info.value)
+    assert re.search(match, message), message
+    assert info.value.returncode == 2  # the program's own exit, on every rank
+    assert "Traceback" not in info.value.stderr, info.value.stderr
+    assert elapsed < FAST, f"took {elapsed:.1f} s: ranks must check before training"
+    assert_nothing_written(json_path, before)
+
+
+def test_launcher_repeats_the_programs_error_first():
+    """The line after the command in MPIJobError is the program's own "error: ..." line."""
+    note = launch.failed_ranks_note("", "error: --steps: expected a positive integer\n"
+                                        "Abort(2) on node 1 (rank 1 in comm 0): ...\n")
+    assert note == "the program stopped on bad input: --steps: expected a positive integer"
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summary():
+    """Printed with `pytest -s`: the closing note's numbers."""
+    if not TIMINGS:
+        pytest.skip("run the whole file to get the summary")
+    slowest = max(TIMINGS, key=TIMINGS.get)
+    print(f"\n{len(TRIED)} bad inputs tried ({len(TIMINGS)} through a command line); longest "
+          f"time to a clean error: {TIMINGS[slowest]:.2f} s ({slowest})")
+    assert len(TRIED) >= 40
+    assert TIMINGS[slowest] < FAST
