@@ -419,7 +419,7 @@ MPI_CASES = [
     mpi_case("dp-unknown-allreduce", DP, 2, ["--allreduce", "tree"],
              r"argument --allreduce: invalid choice: 'tree'"),
     mpi_case("dp-unknown-config", DP, 2, ["--config", "huge"],
-             r"argument --config: invalid choice: 'huge'"),
+             r"config: expected one of \['small', 'tiny'\], got 'huge'"),
     mpi_case("dp-text-missing", DP, 2, lambda d: ["--text", str(d / "missing.txt")],
              r"path: no text file at"),
     mpi_case("dp-json-missing-folder", DP, 2, ["--steps", "1000"],

@@ -248,17 +248,25 @@ def train_seq2seq(config: Seq2SeqConfig, train_data: Seq2SeqData, settings: Trai
     return {"losses": losses, "params": params}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = False) -> None:
+    """The options every training program shares (serial and each parallel mode), so they
+    mean the same everywhere; `settings_from_args` turns them into TrainSettings."""
     parser.add_argument("--config", default="tiny", help=f"one of {sorted(PRESETS)}")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks)")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tfcourse.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write results here")
     parser.add_argument("--checkpoint", default=None, metavar="PATH", help="save to this .npz")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N")

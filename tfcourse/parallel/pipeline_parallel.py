@@ -67,9 +67,9 @@ from tfcourse.parallel.partition import (
     stage_param_names,
 )
 from tfcourse.train import (
-    TRAIN_PRESETS,
     TrainingSetup,
     TrainSettings,
+    add_training_arguments,
     optimizer_update,
     training_setup,
 )
@@ -292,18 +292,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.pipeline_parallel",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", choices=sorted(TRAIN_PRESETS))
+    add_training_arguments(parser, threads=True)
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
-    parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks)")
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
-    parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
     add_json_argument(parser)
     return parser.parse_args(argv)
 

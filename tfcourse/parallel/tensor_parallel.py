@@ -55,7 +55,12 @@ from tfcourse.parallel.comm import (
     mpi_allreduce,
 )
 from tfcourse.parallel.partition import check_world_size, shard_axis, shard_params
-from tfcourse.train import TRAIN_PRESETS, TrainingSetup, optimizer_update, training_setup
+from tfcourse.train import (
+    TrainingSetup,
+    add_training_arguments,
+    optimizer_update,
+    training_setup,
+)
 from tfcourse.validate import require_positive_int
 
 
@@ -229,15 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.tensor_parallel",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", choices=sorted(TRAIN_PRESETS))
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
-    parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    add_training_arguments(parser, threads=True)
     parser.add_argument("--check-grads", action="store_true",
                         help="at step 0, compare gathered gradients with the serial model's")
     add_json_argument(parser)
