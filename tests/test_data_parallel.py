@@ -18,7 +18,8 @@ from tfcourse.parallel.partition import (
 )
 
 STEPS, BATCH = 6, 6  # 6 rows over 4 ranks: 2, 2, 1, 1 - uneven slices are part of the test
-VARIANTS = [("mpi", 0), ("ring", 0), ("naive", 0), ("ring", 1), ("mpi", 2), ("naive", 2)]
+VARIANTS = [("mpi", 0), ("ring", 0), ("naive", 0), ("overlap", 0), ("ring", 1), ("mpi", 2),
+            ("naive", 2)]
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,10 @@ def test_flatten_unflatten_round_trip():
     np.testing.assert_array_equal(flat, [7, 8, 0, 1, 2, 3, 4, 5])
     back = unflatten(flat, arrays, ["b", "w"])
     assert all(np.array_equal(back[k], arrays[k]) for k in arrays)
+
+
+@pytest.mark.mpi
+def test_overlap_with_zero_is_rejected_clearly():
+    with pytest.raises(MPIJobError, match="'overlap' averages whole gradients"):
+        run_mpi("tfcourse.parallel.data_parallel", ["--allreduce", "overlap", "--zero", "1"],
+                n_ranks=2, timeout=60)

@@ -312,7 +312,9 @@ def head_backward(dlogits, cache):
 # --------------------------------------------------------------------------- the model
 
 
-def _forward_with_caches(params, tokens, config, rng):
+def forward_with_caches(params, tokens, config, rng=None):
+    """Logits and the caches of (embedding, every block, head) for a backward pass that a
+    caller runs piece by piece (data parallelism overlaps it with communication)."""
     x, embed_cache = embed_forward(params, tokens, config)
     block_caches = []
     for i in range(config.n_layers):
@@ -326,7 +328,7 @@ def forward(params: dict, tokens, config: TransformerConfig) -> np.ndarray:
     """Logits (B, T, vocab_size) for integer tokens (B, T); dropout is off at inference."""
     check_params(params, param_shapes(config), config.dtype)
     tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
-    return _forward_with_caches(params, tokens, dataclasses.replace(config, dropout=0.0),
+    return forward_with_caches(params, tokens, dataclasses.replace(config, dropout=0.0),
                                 None)[0]
 
 
@@ -343,7 +345,7 @@ def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
     if targets.shape != tokens.shape:
         raise ValueError(f"targets: expected shape {tokens.shape} (of tokens), "
                          f"got {targets.shape}")
-    logits, (embed_cache, block_caches, head_cache) = _forward_with_caches(
+    logits, (embed_cache, block_caches, head_cache) = forward_with_caches(
         params, tokens, config, rng)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
     dx, grads = head_backward(cross_entropy_backward(loss_cache), head_cache)

@@ -29,7 +29,15 @@ from mpi4py import MPI
 from tfcourse.costmodel import zero_state_bytes_per_rank
 from tfcourse.data import lm_batch
 from tfcourse.files import write_json_atomic
-from tfcourse.model import init_params, loss_and_grads
+from tfcourse.layers import cross_entropy_backward, cross_entropy_forward
+from tfcourse.model import (
+    block_backward,
+    embed_backward,
+    forward_with_caches,
+    head_backward,
+    init_params,
+    loss_and_grads,
+)
 from tfcourse.optim import adamw_init, sum_of_squares
 from tfcourse.parallel.comm import (
     ALLREDUCES,
@@ -128,11 +136,51 @@ def start(config, settings: TrainSettings, comm, zero: int) -> Replica:
     return Replica(params, adamw_init(owned), owners)
 
 
+def overlapped_loss_and_grads(params: dict, x, y, weight: float, config, comm,
+                              log: CommLog) -> tuple[float, dict]:
+    """The serial model's loss and the all-ranks sum of weight * gradients, with each layer's
+    gradients sent (non-blocking Iallreduce) as soon as its backward pass has produced them,
+    so communication of layer i overlaps the backward pass of layer i - 1.
+
+    MPI progresses a non-blocking collective only inside MPI calls unless the library runs a
+    progress thread, so how much really overlaps depends on the MPI library."""
+    logits, (embed_cache, block_caches, head_cache) = forward_with_caches(params, x, config)
+    local_loss, loss_cache = cross_entropy_forward(logits, y)
+    in_flight = []
+
+    def send(grads: dict) -> None:
+        names = list(grads)
+        flat = flatten(grads, names)
+        flat *= flat.dtype.type(weight)
+        in_flight.append((comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM), flat, names, grads))
+
+    dx, head_grads = head_backward(cross_entropy_backward(loss_cache), head_cache)
+    send(head_grads)
+    for cache in reversed(block_caches):
+        dx, block_grads = block_backward(dx, cache)
+        send(block_grads)
+    send(embed_backward(dx, embed_cache))
+    started = time.perf_counter()
+    MPI.Request.Waitall([request for request, *_ in in_flight])
+    log.records.append(("iallreduce wait", sum(int(f.nbytes) for _, f, _, _ in in_flight),
+                        time.perf_counter() - started))
+    averaged = {}
+    for _, flat, names, like in in_flight:
+        averaged.update(unflatten(flat, like, names))
+    return local_loss, {name: averaged[name] for name in params}
+
+
 def train_step(replica: Replica, x, y, step: int, config, settings: TrainSettings, comm,
                algorithm: str, zero: int, buckets, log: CommLog) -> tuple[float, dict]:
     """One data-parallel step on the global batch (x, y); returns (global loss, kept grads)."""
     lo, hi = batch_rows(len(x), comm.rank, comm.size)
     weight = (hi - lo) / len(x)
+    if algorithm == "overlap":  # zero == 0 (checked in prepare)
+        local_loss, grads = overlapped_loss_and_grads(replica.params, x[lo:hi], y[lo:hi],
+                                                      weight, config, comm, log)
+        replica.params, replica.opt_state, _ = optimizer_update(
+            replica.params, grads, replica.opt_state, settings, step)
+        return comm.allreduce(local_loss * weight, op=MPI.SUM), grads
     local_loss, grads = loss_and_grads(replica.params, x[lo:hi], y[lo:hi], config)
     loss = comm.allreduce(local_loss * weight, op=MPI.SUM)
     if zero == 0:
@@ -162,6 +210,9 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     naming the argument on bad input (see comm.agree_on_arguments)."""
     require_positive_int("--threads", args.threads)
     require_real("--bucket-mb", args.bucket_mb, positive=True)
+    if args.allreduce == "overlap" and args.zero:
+        raise ValueError(f"--allreduce: 'overlap' averages whole gradients (ZeRO-0); "
+                         f"got --zero {args.zero}")
     setup = training_setup(args)
     batch_rows(setup.settings.batch_size, 0, world_size)  # every rank needs at least one row
     return setup
@@ -211,7 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(parser, threads=True)
-    parser.add_argument("--allreduce", default="mpi", choices=sorted(ALLREDUCES))
+    parser.add_argument("--allreduce", default="mpi", choices=sorted([*ALLREDUCES, "overlap"]),
+                        help="overlap: per-layer Iallreduce during the backward pass")
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
     parser.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size")
     add_json_argument(parser)
