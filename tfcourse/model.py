@@ -43,6 +43,20 @@ from tfcourse.validate import (
 DTYPES = ("float32", "float64")
 
 
+def check_config(config, size_names: tuple[str, ...]) -> None:
+    """Checks shared by the model configs: positive sizes, heads dividing d_model, a known
+    dtype and activation; ValueError naming the field."""
+    for name in size_names:
+        require_positive_int(name, getattr(config, name))
+    require_divisible("d_model", config.d_model, "n_heads", config.n_heads)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {config.dtype!r}")
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {sorted(ACTIVATIONS)}, got {config.activation!r}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Hyper-parameters of the decoder-only model (all sizes are positive integers)."""
@@ -59,15 +73,7 @@ class TransformerConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"):
-            require_positive_int(name, getattr(self, name))
-        require_divisible("d_model", self.d_model, "n_heads", self.n_heads)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
+        check_config(self, ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
 

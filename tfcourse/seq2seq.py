@@ -27,10 +27,10 @@ from tfcourse.layers import (
     linear_forward,
 )
 from tfcourse.model import (
-    DTYPES,
     attention_sublayer_backward,
     attention_sublayer_forward,
     block_param_shapes,
+    check_config,
     check_params,
     check_tokens,
     ffn_sublayer_backward,
@@ -38,7 +38,6 @@ from tfcourse.model import (
     init_value,
 )
 from tfcourse.positional import sinusoidal_encoding
-from tfcourse.validate import require_divisible, require_positive_int
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -59,12 +58,8 @@ class Seq2SeqConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_heads", "n_enc_layers", "n_dec_layers", "d_ff",
-                     "max_len"):
-            require_positive_int(name, getattr(self, name))
-        require_divisible("d_model", self.d_model, "n_heads", self.n_heads)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        check_config(self, ("vocab_size", "d_model", "n_heads", "n_enc_layers", "n_dec_layers",
+                            "d_ff", "max_len"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

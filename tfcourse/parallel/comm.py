@@ -76,10 +76,26 @@ def agree_on_arguments(comm: MPI.Comm, prepare: Callable[[], T],
     sys.exit(2)
 
 
+def run_program(args: argparse.Namespace, prepare, run, summary) -> int:
+    """The shape of every training program: check the arguments on all ranks
+    (`prepare(args, world_size)`, see agree_on_arguments), cap BLAS threads, `run(args, setup,
+    comm) -> result`, then on rank 0 print `summary(result)` and write --json atomically."""
+    comm = MPI.COMM_WORLD
+    setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
+    with limit_blas_threads(args.threads):
+        result = run(args, setup, comm)
+    if comm.rank == 0:
+        print(summary(result), flush=True)
+        if args.json:
+            write_json_atomic(args.json, result)
+    return 0
+
+
 def limit_blas_threads(threads: int = 1):
     """Cap this rank's BLAS threads (ranks sharing cores must not oversubscribe them).
 
-    Returns the threadpoolctl controller; keep a reference for the life of the program."""
+    Returns the threadpoolctl limit: use it as a context manager (`with`), or keep a
+    reference for the life of the program."""
     return threadpool_limits(limits=threads, user_api="blas")
 
 

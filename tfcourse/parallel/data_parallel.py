@@ -28,7 +28,6 @@ from mpi4py import MPI
 
 from tfcourse.costmodel import zero_state_bytes_per_rank
 from tfcourse.data import lm_batch
-from tfcourse.files import write_json_atomic
 from tfcourse.layers import cross_entropy_backward, cross_entropy_forward
 from tfcourse.model import (
     block_backward,
@@ -43,8 +42,7 @@ from tfcourse.parallel.comm import (
     ALLREDUCES,
     CommLog,
     add_json_argument,
-    agree_on_arguments,
-    limit_blas_threads,
+    run_program,
 )
 from tfcourse.parallel.partition import (
     batch_rows,
@@ -272,18 +270,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    comm = MPI.COMM_WORLD
-    setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
-    _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, setup, comm)
-    if comm.rank == 0:
-        losses = result["losses"]
-        print(f"data parallel on {comm.size} rank(s), all-reduce {args.allreduce}, "
-              f"ZeRO-{args.zero}: final loss {losses[-1]:.4f} after {len(losses)} steps")
-        if args.json:
-            write_json_atomic(args.json, result)
-    return 0
 
+    def summary(result: dict) -> str:
+        return (f"data parallel on {result['world_size']} rank(s), all-reduce {args.allreduce}, "
+                f"ZeRO-{args.zero}: final loss {result['losses'][-1]:.4f} after "
+                f"{len(result['losses'])} steps")
+
+    return run_program(args, prepare, run, summary)
 
 if __name__ == "__main__":
     sys.exit(main())

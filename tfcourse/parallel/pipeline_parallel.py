@@ -44,7 +44,6 @@ from mpi4py import MPI
 
 from tfcourse.costmodel import pipeline_bubble_fraction, pipeline_peak_microbatches
 from tfcourse.data import lm_batch
-from tfcourse.files import write_json_atomic
 from tfcourse.layers import cross_entropy_backward, cross_entropy_forward
 from tfcourse.model import (
     block_backward,
@@ -56,7 +55,7 @@ from tfcourse.model import (
     init_params,
 )
 from tfcourse.optim import adamw_init, sum_of_squares
-from tfcourse.parallel.comm import add_json_argument, agree_on_arguments, limit_blas_threads
+from tfcourse.parallel.comm import add_json_argument, run_program
 from tfcourse.parallel.partition import (
     SCHEDULES,
     busy_seconds,
@@ -302,20 +301,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    comm = MPI.COMM_WORLD
-    setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
-    _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, setup, comm)
-    if comm.rank == 0:
-        losses = result["losses"]
-        print(f"pipeline {args.schedule} on {comm.size} stage(s), {args.microbatches} "
-              f"micro-batches: final loss {losses[-1]:.4f} after {len(losses)} steps, bubble "
-              f"{result['bubble_measured']:.2f} measured vs {result['bubble_formula']:.2f} "
-              f"formula")
-        if args.json:
-            write_json_atomic(args.json, result)
-    return 0
 
+    def summary(result: dict) -> str:
+        return (f"pipeline {args.schedule} on {result['world_size']} stage(s), "
+                f"{args.microbatches} micro-batches: final loss {result['losses'][-1]:.4f} "
+                f"after {len(result['losses'])} steps, bubble {result['bubble_measured']:.2f} "
+                f"measured vs {result['bubble_formula']:.2f} formula")
+
+    return run_program(args, prepare, run, summary)
 
 if __name__ == "__main__":
     sys.exit(main())

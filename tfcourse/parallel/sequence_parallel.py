@@ -39,12 +39,10 @@ import sys
 import time
 
 import numpy as np
-from mpi4py import MPI
 
 from tfcourse import costmodel
 from tfcourse.attention import causal_mask, sdpa_backward, sdpa_forward
-from tfcourse.files import write_json_atomic
-from tfcourse.parallel.comm import add_json_argument, agree_on_arguments, limit_blas_threads
+from tfcourse.parallel.comm import add_json_argument, run_program
 from tfcourse.parallel.partition import (
     block_attention_grads,
     block_scores,
@@ -280,23 +278,18 @@ def _kib(nbytes: float) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    comm = MPI.COMM_WORLD
-    chunks = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
-    _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, chunks, comm)
-    if comm.rank == 0:
+
+    def summary(result: dict) -> str:
         errors = "not checked" if args.skip_reference else (
             f"max |error| out {result['max_abs_err_out']:.1e}, "
             f"grads {result['max_abs_err_grad']:.1e}")
-        print(f"ring attention ({'zig-zag' if args.zigzag else 'contiguous'}) on {comm.size} "
-              f"rank(s), seq_len {args.seq_len}: {errors}; peak score block "
-              f"{_kib(max(result['peak_score_block_bytes']))} vs full "
-              f"{_kib(result['full_score_bytes'])}; sent {_kib(max(result['bytes_sent']))} "
-              f"per rank (max); work imbalance {result['load_imbalance']:.2f}")
-        if args.json:
-            write_json_atomic(args.json, result)
-    return 0
+        return (f"ring attention ({'zig-zag' if args.zigzag else 'contiguous'}) on "
+                f"{result['world_size']} rank(s), seq_len {args.seq_len}: {errors}; peak score "
+                f"block {_kib(max(result['peak_score_block_bytes']))} vs full "
+                f"{_kib(result['full_score_bytes'])}; sent {_kib(max(result['bytes_sent']))} "
+                f"per rank (max); work imbalance {result['load_imbalance']:.2f}")
 
+    return run_program(args, prepare, run, summary)
 
 if __name__ == "__main__":
     sys.exit(main())

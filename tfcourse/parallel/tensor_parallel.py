@@ -28,7 +28,6 @@ from mpi4py import MPI
 from tfcourse.attention import causal_mask, mha_backward, mha_forward
 from tfcourse.costmodel import tensor_parallel_allreduce_bytes
 from tfcourse.data import lm_batch
-from tfcourse.files import write_json_atomic
 from tfcourse.layers import (
     cross_entropy_backward,
     cross_entropy_forward,
@@ -50,9 +49,8 @@ from tfcourse.optim import adamw_init, sum_of_squares
 from tfcourse.parallel.comm import (
     CommLog,
     add_json_argument,
-    agree_on_arguments,
-    limit_blas_threads,
     mpi_allreduce,
+    run_program,
 )
 from tfcourse.parallel.partition import check_world_size, shard_axis, shard_params
 from tfcourse.train import (
@@ -243,17 +241,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    comm = MPI.COMM_WORLD
-    setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
-    _blas = limit_blas_threads(args.threads)  # noqa: F841 - keeps the limit for the run
-    result = run(args, setup, comm)
-    if comm.rank == 0:
-        print(f"tensor parallel on {comm.size} rank(s): final loss {result['losses'][-1]:.4f} "
-              f"after {len(result['losses'])} steps")
-        if args.json:
-            write_json_atomic(args.json, result)
-    return 0
 
+    def summary(result: dict) -> str:
+        return (f"tensor parallel on {result['world_size']} rank(s): final loss "
+                f"{result['losses'][-1]:.4f} after {len(result['losses'])} steps")
+
+    return run_program(args, prepare, run, summary)
 
 if __name__ == "__main__":
     sys.exit(main())
