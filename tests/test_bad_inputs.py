@@ -391,6 +391,7 @@ DP = "tfcourse.parallel.data_parallel"
 TP = "tfcourse.parallel.tensor_parallel"
 PP = "tfcourse.parallel.pipeline_parallel"
 SP = "tfcourse.parallel.sequence_parallel"
+HYBRID = "tfcourse.parallel.hybrid"
 TASKS = "tfcourse.parallel.task_parallel"
 COMM = "tfcourse.parallel.comm"
 HELLO = "tfcourse.hello"
@@ -434,6 +435,15 @@ MPI_CASES = [
     mpi_case("tp-threads-zero", TP, 2, ["--steps", "2", "--threads", "0"], r"--threads: exp"),
     mpi_case("tp-json-missing-folder", TP, 2, ["--steps", "1000"],
              r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    # hybrid (chapter 9)
+    mpi_case("hybrid-grid-not-world-size", HYBRID, 2, ["--dp", "2", "--pp", "2"],
+             r"--dp/--pp/--tp: expected dp \* pp \* tp = the 2 MPI rank\(s\), got 2 \* 2 \* 1"),
+    mpi_case("hybrid-pp-and-tp", HYBRID, 4, ["--pp", "2", "--tp", "2"],
+             r"--pp/--tp: this program combines data parallelism with ONE model split"),
+    mpi_case("hybrid-dp-zero", HYBRID, 2, ["--dp", "0"], r"--dp: expected a positive integer"),
+    mpi_case("hybrid-replica-rows-fewer-than-microbatches", HYBRID, 4,
+             ["--dp", "2", "--pp", "2", "--layers", "2", "--batch-size", "4",
+              "--microbatches", "4"], r"batch_size: expected at least microbatches=4 rows"),
     # pipeline parallel
     mpi_case("pp-fewer-layers-than-ranks", PP, 2, ["--steps", "2", "--layers", "1"],
              r"n_layers: expected at least world_size=2 blocks.*n_layers=1"),

@@ -99,6 +99,17 @@ def sum_of_squares(grads: dict) -> float:
     return sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values())
 
 
+def state_nbytes(params: dict, grads: dict, opt_state: dict) -> dict[str, int]:
+    """Bytes of the training state one process holds, in costmodel.training_state_bytes's
+    parts: parameters, gradients and AdamW's moments (the "step" counter is not counted)."""
+    def total(arrays) -> int:
+        return sum(int(a.nbytes) for a in arrays)
+
+    moments = [v for k, v in opt_state.items() if k != "step"]
+    return {"parameters": total(params.values()), "gradients": total(grads.values()),
+            "optimizer (m, v)": total(moments)}
+
+
 def _global_norm(grads: dict) -> float:
     return math.sqrt(sum_of_squares(grads))
 

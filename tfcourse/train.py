@@ -259,6 +259,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = Fals
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
     if threads:
         parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
 
@@ -305,6 +306,8 @@ def training_setup(args: argparse.Namespace, **config_overrides) -> TrainingSetu
     Shared by the serial and the parallel programs; `config_overrides` such as n_layers
     change the preset. Touches no output file and needs no MPI."""
     settings = settings_from_args(args)
+    if getattr(args, "layers", None) is not None:
+        config_overrides["n_layers"] = require_positive_int("--layers", args.layers)
     corpus = load_corpus(args.text)
     config = preset(args.config, corpus.vocab.size, dtype=args.dtype, **config_overrides)
     check_fits(config, settings)

@@ -66,7 +66,8 @@ def plot_attention(weights, ax=None, title="attention weights", tokens=None, col
 
 
 PIPELINE_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "send": "0.6",
-                    "recv": "0.8"}
+                    "recv": "0.8", "wait": "mistyrose", "sync": "lavender",
+                    "allreduce": "0.4"}
 
 
 def plot_gantt(rows, row_labels, ax=None, title="", xlabel="time", legend=None):

@@ -47,6 +47,12 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_split_waiting_argument(parser: argparse.ArgumentParser) -> None:
+    """`--split-waiting`: time waiting for other ranks apart from communication (CommLog)."""
+    parser.add_argument("--split-waiting", action="store_true",
+                        help="enter a Barrier before each collective and time it as waiting")
+
+
 def agree_on_arguments(comm: MPI.Comm, prepare: Callable[[], T],
                        json_path: str | None = None) -> T:
     """Run `prepare()` - which checks the command line and raises ValueError on bad input -
@@ -182,24 +188,67 @@ def _require_1d_contiguous(buf) -> None:
 
 # --------------------------------------------------------------------------- timing
 
+WAITING = "waiting"
+
 
 @dataclasses.dataclass
 class CommLog:
-    """Bytes and seconds of every collective a rank ran, for the notebooks' plots."""
+    """Bytes and seconds of every collective a rank ran, for the notebooks' plots.
+
+    A collective's time mixes two things: waiting for the slowest rank to arrive, and moving
+    the data. With `split_waiting`, `timed` first enters a Barrier and records its time as a
+    separate "waiting" record (0 bytes), so the collective's own record is the transfer alone.
+    The extra Barrier costs one latency per collective; chapter 9's study turns it on.
+    """
 
     records: list = dataclasses.field(default_factory=list)
+    split_waiting: bool = False
 
     def timed(self, name: str, fn, buf: np.ndarray, comm: MPI.Comm):
+        if self.split_waiting:
+            start = time.perf_counter()
+            comm.Barrier()
+            self.records.append((WAITING, 0, time.perf_counter() - start))
         start = time.perf_counter()
         result = fn(buf, comm)
         self.records.append((name, int(buf.nbytes), time.perf_counter() - start))
         return result
 
     def total_seconds(self) -> float:
+        """Seconds in communication calls, waiting included."""
         return sum(seconds for _, _, seconds in self.records)
+
+    def waiting_seconds(self) -> float:
+        return sum(seconds for name, _, seconds in self.records if name == WAITING)
 
     def total_bytes(self) -> int:
         return sum(nbytes for _, nbytes, _ in self.records)
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """One rank's seconds per training step, split three ways (chapter 9's stacked bars):
+
+    - waiting: blocked until other ranks arrive (a Barrier before a collective, a Probe
+      before a receive) - load imbalance and pipeline bubbles;
+    - communication: inside MPI calls once the peers are there - moving the data;
+    - compute: everything else in the step (the model's own functions, the optimiser, Python).
+    """
+
+    rows: list = dataclasses.field(default_factory=list)
+
+    def add(self, step_seconds: float, communication: float, waiting: float) -> None:
+        self.rows.append((step_seconds, communication, waiting))
+
+    def mean(self, skip_first: bool = True) -> dict[str, float]:
+        """Mean seconds per step of each part; the first step (warm-up: page faults, BLAS
+        buffers) is left out when there are others."""
+        rows = self.rows[1:] if skip_first and len(self.rows) > 1 else self.rows
+        if not rows:
+            raise ValueError("StepTimes.mean: no steps were recorded")
+        step, communication, waiting = np.mean(np.array(rows), axis=0).tolist()
+        return {"compute": step - communication - waiting, "communication": communication,
+                "waiting": waiting}
 
 
 def check_allreduces(comm: MPI.Comm, lengths=(0, 1, 2, 3, 7, 1000, 1001, 4099)) -> dict:

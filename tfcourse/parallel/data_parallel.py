@@ -37,11 +37,13 @@ from tfcourse.model import (
     init_params,
     loss_and_grads,
 )
-from tfcourse.optim import adamw_init, sum_of_squares
+from tfcourse.optim import adamw_init, state_nbytes, sum_of_squares
 from tfcourse.parallel.comm import (
     ALLREDUCES,
     CommLog,
+    StepTimes,
     add_json_argument,
+    add_split_waiting_argument,
     run_program,
 )
 from tfcourse.parallel.partition import (
@@ -61,10 +63,6 @@ from tfcourse.train import (
 from tfcourse.validate import require_positive_int, require_real
 
 # --------------------------------------------------------------------------- helpers
-
-
-def nbytes(arrays: dict) -> int:
-    return sum(int(a.nbytes) for a in arrays.values())
 
 
 # --------------------------------------------------------------------------- one step
@@ -221,20 +219,21 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     replica = start(config, settings, comm, args.zero)
     sizes = {n: p.size for n, p in replica.params.items()}
     buckets = make_buckets(list(replica.params), sizes, int(args.bucket_mb * 2**20 // 8))
-    log, losses, step_seconds, compute_seconds = CommLog(), [], [], 0.0
-    kept_grads = {}
+    losses, step_seconds, compute_seconds = [], [], 0.0
+    log, kept_grads, times = CommLog(split_waiting=args.split_waiting), {}, StepTimes()
     for step in range(settings.steps):
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
         comm.Barrier()  # time each step from a common start
         started, comm_before = time.perf_counter(), log.total_seconds()
+        waiting_before = log.waiting_seconds()
         loss, kept_grads = train_step(replica, x, y, step, config, settings, comm,
                                       args.allreduce, args.zero, buckets, log)
         step_seconds.append(time.perf_counter() - started)
+        waiting = log.waiting_seconds() - waiting_before
+        times.add(step_seconds[-1], log.total_seconds() - comm_before - waiting, waiting)
         compute_seconds += step_seconds[-1] - (log.total_seconds() - comm_before)
         losses.append(loss)
-    memory = {"parameters": nbytes(replica.params), "gradients": nbytes(kept_grads),
-              "optimizer (m, v)": nbytes({k: v for k, v in replica.opt_state.items()
-                                          if k != "step"})}
+    memory = state_nbytes(replica.params, kept_grads, replica.opt_state)
     n_params = sum(sizes.values())
     itemsize = np.dtype(config.dtype).itemsize
     return {
@@ -249,6 +248,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         "comm_seconds": log.total_seconds(),
         "comm_bytes": log.total_bytes(),
         "memory_bytes": comm.gather(memory, root=0),
+        "seconds_per_step_per_rank": comm.gather(times.mean(), root=0),
         "predicted_memory_bytes": zero_state_bytes_per_rank(n_params, comm.size, args.zero,
                                                             itemsize),
         "tokens_per_s": settings.batch_size * settings.seq_len / float(np.median(step_seconds)),
@@ -264,6 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="overlap: per-layer Iallreduce during the backward pass")
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
     parser.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size")
+    add_split_waiting_argument(parser)
     add_json_argument(parser)
     return parser.parse_args(argv)
 

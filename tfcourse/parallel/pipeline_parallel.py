@@ -54,8 +54,8 @@ from tfcourse.model import (
     head_forward,
     init_params,
 )
-from tfcourse.optim import adamw_init, sum_of_squares
-from tfcourse.parallel.comm import add_json_argument, run_program
+from tfcourse.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.parallel.comm import StepTimes, add_json_argument, run_program
 from tfcourse.parallel.partition import (
     SCHEDULES,
     busy_seconds,
@@ -103,6 +103,17 @@ def start(config, settings: TrainSettings, comm) -> Stage:
     params = {name: full[name] for name in names}
     layers = stage_layers(config.n_layers, comm.size)[comm.rank]
     return Stage(comm.rank, comm.size, layers, params, adamw_init(params))
+
+
+SCHEDULE_EVENTS = ("forward", "backward", "send", "wait", "recv")
+
+
+def communication_and_waiting(events: list[dict]) -> tuple[float, float]:
+    """(seconds moving data, seconds waiting for other stages) in one step's events."""
+    def seconds(kinds) -> float:
+        return sum(e["end"] - e["start"] for e in events if e["kind"] in kinds)
+
+    return seconds(("send", "recv", "allreduce")), seconds(("wait", "sync"))
 
 
 class EventLog:
@@ -157,6 +168,20 @@ def _accumulate(total: dict, grads: dict) -> None:
         total[name] += g
 
 
+def receive(shape, dtype, source: int, tag: int, microbatch: int, comm, log: EventLog):
+    """Receive one activation (or gradient) array. The time until the message is there
+    (Probe) is logged as "wait" - the pipeline bubble as this rank sees it - and the copy
+    itself as "recv"."""
+    started = time.perf_counter()
+    comm.Probe(source=source, tag=tag)
+    log.record("wait", microbatch, started)
+    started = time.perf_counter()
+    buf = np.empty(shape, dtype=dtype)
+    comm.Recv(buf, source=source, tag=tag)
+    log.record("recv", microbatch, started)
+    return buf
+
+
 def run_schedule(stage: Stage, ops, tokens, targets, config, comm, log: EventLog):
     """Run one step's forwards and backwards in the order `ops`; returns (weighted loss of
     this stage's micro-batches (0.0 except on the last stage), gradients, peak in flight)."""
@@ -172,10 +197,7 @@ def run_schedule(stage: Stage, ops, tokens, targets, config, comm, log: EventLog
         if kind == "F":
             x = None
             if not stage.first:
-                started = time.perf_counter()
-                x = np.empty(shape, dtype=dtype)
-                comm.Recv(x, source=stage.index - 1, tag=message_tag("F", mb))
-                log.record("recv", mb, started)
+                x = receive(shape, dtype, stage.index - 1, message_tag("F", mb), mb, comm, log)
             started = time.perf_counter()
             out, caches[mb] = stage_forward(stage, x, config, tokens[lo:hi], targets[lo:hi],
                                             (hi - lo) / len(tokens))
@@ -191,10 +213,7 @@ def run_schedule(stage: Stage, ops, tokens, targets, config, comm, log: EventLog
         else:
             dy = None
             if not stage.last:
-                started = time.perf_counter()
-                dy = np.empty(shape, dtype=dtype)
-                comm.Recv(dy, source=stage.index + 1, tag=message_tag("B", mb))
-                log.record("recv", mb, started)
+                dy = receive(shape, dtype, stage.index + 1, message_tag("B", mb), mb, comm, log)
             started = time.perf_counter()
             dx = stage_backward(stage, dy, caches.pop(mb), grads)
             log.record("backward", mb, started)
@@ -210,14 +229,28 @@ def run_schedule(stage: Stage, ops, tokens, targets, config, comm, log: EventLog
     return loss, grads, peak
 
 
+def finish_step(stage: Stage, loss: float, grads: dict, step: int, settings: TrainSettings,
+                comm, log: EventLog) -> float:
+    """After the schedule: the global gradient norm (every stage holds different parameters,
+    so their squares add up), the optimiser update of this stage's parameters, and the loss
+    (known on the last stage) sent to every rank; returns the loss."""
+    started = time.perf_counter()
+    comm.Barrier()  # the other stages are still draining the pipeline
+    log.record("sync", None, started)
+    started = time.perf_counter()
+    norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
+    loss = comm.bcast(loss, root=comm.size - 1)
+    log.record("allreduce", None, started)
+    stage.params, stage.opt_state, _ = optimizer_update(stage.params, grads, stage.opt_state,
+                                                        settings, step, norm)
+    return loss
+
+
 def train_step(stage: Stage, ops, tokens, targets, step: int, settings: TrainSettings, config,
                comm, log: EventLog) -> tuple[float, int]:
     """One pipeline step; returns (the global batch's loss, on every rank; peak in flight)."""
     loss, grads, peak = run_schedule(stage, ops, tokens, targets, config, comm, log)
-    norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
-    stage.params, stage.opt_state, _ = optimizer_update(stage.params, grads, stage.opt_state,
-                                                        settings, step, norm)
-    return comm.bcast(loss, root=comm.size - 1), peak
+    return finish_step(stage, loss, grads, step, settings, comm, log), peak
 
 
 # --------------------------------------------------------------------------- program
@@ -228,10 +261,7 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     naming the argument on bad input (see comm.agree_on_arguments)."""
     require_positive_int("--threads", args.threads)
     require_positive_int("--microbatches", args.microbatches)
-    overrides = {}
-    if args.layers is not None:
-        overrides["n_layers"] = require_positive_int("--layers", args.layers)
-    setup = training_setup(args, **overrides)
+    setup = training_setup(args)
     stage_layers(setup.config.n_layers, world_size)  # every stage needs at least one block
     microbatch_rows(setup.settings.batch_size, args.microbatches)
     return setup
@@ -243,7 +273,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     layers = stage_layers(config.n_layers, p)
     stage = start(config, settings, comm)
     ops = schedule(args.schedule, p, comm.rank, m)
-    losses, step_seconds, peak = [], [], 0
+    losses, step_seconds, peak, times = [], [], 0, StepTimes()
     for step in range(settings.steps):
         tokens, targets = lm_batch(corpus.ids, settings.batch_size, settings.seq_len,
                                    settings.seed, step)
@@ -253,14 +283,19 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         loss, peak_step = train_step(stage, ops, tokens, targets, step, settings, config, comm,
                                      log)
         step_seconds.append(time.perf_counter() - t0)
+        times.add(step_seconds[-1], *communication_and_waiting(log.events))
         losses.append(loss)
         peak = max(peak, peak_step)
     # the last step: the pipeline ends when the last rank's last op has ended
-    pipeline_end = max((e["end"] for e in log.events), default=0.0)
+    pipeline_end = max((e["end"] for e in log.events if e["kind"] in SCHEDULE_EVENTS),
+                       default=0.0)
     pipeline_seconds = comm.allreduce(pipeline_end, op=MPI.MAX)
     busy = busy_seconds(log.events)
     per_rank = comm.gather({"events": log.events, "busy": busy, "peak": peak,
-                            "step": step_seconds[-1]}, root=0)
+                            "step": step_seconds[-1], "times": times.mean(),
+                            # a gradient per parameter, of the same size
+                            "memory": state_nbytes(stage.params, stage.params,
+                                                   stage.opt_state)}, root=0)
     if comm.rank != 0:
         return {}
     bubbles = [1.0 - r["busy"] / pipeline_seconds if pipeline_seconds > 0 else 0.0
@@ -280,6 +315,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         "bubble_measured": float(np.mean(bubbles)),
         "bubble_formula": pipeline_bubble_fraction(p, m),
         "peak_inflight": [r["peak"] for r in per_rank],
+        "memory_bytes": [r["memory"] for r in per_rank],
+        "seconds_per_step_per_rank": [r["times"] for r in per_rank],
         "peak_inflight_predicted": [pipeline_peak_microbatches(args.schedule, p, s, m)
                                     for s in range(p)],
         "config": config.to_dict(),
@@ -292,7 +329,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(parser, threads=True)
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
     parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
     add_json_argument(parser)

@@ -45,10 +45,12 @@ from tfcourse.model import (
     loss_and_grads,
     subdict,
 )
-from tfcourse.optim import adamw_init, sum_of_squares
+from tfcourse.optim import adamw_init, state_nbytes, sum_of_squares
 from tfcourse.parallel.comm import (
     CommLog,
+    StepTimes,
     add_json_argument,
+    add_split_waiting_argument,
     mpi_allreduce,
     run_program,
 )
@@ -198,11 +200,13 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     full = init_params(config, settings.seed)
     local = shard_params(full, comm.rank, comm.size)
     opt_state = adamw_init(local)
-    log, losses, step_seconds, grad_error = CommLog(), [], [], None
+    log, losses, step_seconds, grad_error = CommLog(split_waiting=args.split_waiting), [], [], None
+    times = StepTimes()
     for step in range(settings.steps):
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
         comm.Barrier()
-        started = time.perf_counter()
+        started, comm_before, waiting_before = (time.perf_counter(), log.total_seconds(),
+                                                log.waiting_seconds())
         loss, grads = tp_loss_and_grads(local, x, y, config, comm, log)
         if step == 0 and args.check_grads:  # gathered shards == the serial model's gradients
             gathered = gather_params(grads, comm)
@@ -210,6 +214,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         norm = global_grad_norm(grads, comm)
         local, opt_state, _ = optimizer_update(local, grads, opt_state, settings, step, norm)
         step_seconds.append(time.perf_counter() - started)
+        waiting = log.waiting_seconds() - waiting_before
+        times.add(step_seconds[-1], log.total_seconds() - comm_before - waiting, waiting)
         losses.append(loss)
     itemsize = np.dtype(config.dtype).itemsize
     return {
@@ -224,6 +230,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
             settings.batch_size, settings.seq_len, config.d_model, config.n_layers, itemsize),
         "allreduces_per_step": len(log.records) / settings.steps,
         "param_bytes_per_rank": sum(int(v.nbytes) for v in local.values()),
+        "memory_bytes": comm.gather(state_nbytes(local, grads, opt_state), root=0),
+        "seconds_per_step_per_rank": comm.gather(times.mean(), root=0),
         "grad_max_rel_error": grad_error,
     }
 
@@ -235,6 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_arguments(parser, threads=True)
     parser.add_argument("--check-grads", action="store_true",
                         help="at step 0, compare gathered gradients with the serial model's")
+    add_split_waiting_argument(parser)
     add_json_argument(parser)
     return parser.parse_args(argv)
 

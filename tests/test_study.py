@@ -1,0 +1,141 @@
+"""Chapter 9's study harness: every layout, run under real mpiexec, trains the serial model.
+
+The reference is the serial trainer (tfcourse.train.train_lm) run in this process, not any
+MPI run; memory per rank is checked against parameter counts taken from init_params.
+"""
+
+import numpy as np
+import pytest
+
+from tfcourse.model import init_params
+from tfcourse.parallel.partition import shard_axis
+from tfcourse.parallel.study import (
+    Layout,
+    default_layouts,
+    format_table,
+    run_study,
+    summarise,
+)
+from tfcourse.train import TRAIN_PRESETS, load_corpus, preset, train_lm
+
+pytestmark = pytest.mark.mpi
+
+STEPS, LAYERS, BATCH, MICROBATCHES = 4, 4, 16, 4
+TRAINING_ARGS = ["--config", "tiny", "--layers", str(LAYERS), "--steps", str(STEPS),
+                 "--batch-size", str(BATCH)]
+
+
+@pytest.fixture(scope="module")
+def serial():
+    corpus = load_corpus()
+    config = preset("tiny", corpus.vocab.size, n_layers=LAYERS, dtype="float64")
+    settings = TRAIN_PRESETS["tiny"]
+    settings = type(settings)(**{**settings.__dict__, "steps": STEPS, "batch_size": BATCH})
+    losses = train_lm(config, corpus, settings, progress="none")["losses"]
+    return config, np.array(losses)
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"max{n}ranks")
+def study(request):
+    layouts = default_layouts(request.param, n_heads=4)
+    if request.param != 4:  # 2 and 3 ranks: the layouts a 4-rank study does not cover
+        layouts = [layout for layout in layouts if layout.ranks in (1, request.param)]
+    return run_study(layouts, TRAINING_ARGS, MICROBATCHES, timeout=120)
+
+
+def test_every_layout_trains_the_serial_model(study, serial):
+    _, reference = serial
+    assert study, "no layout ran"
+    for name, result in study.items():
+        np.testing.assert_allclose(result["losses"], reference, rtol=1e-10, atol=0,
+                                   err_msg=f"layout {name} changed the loss curve")
+
+
+def test_training_state_per_rank_matches_the_parameter_counts(study, serial):
+    config, _ = serial
+    params = init_params(config, 0)
+    total = sum(p.nbytes for p in params.values())
+    replicated = sum(p.nbytes for n, p in params.items() if shard_axis(n) is None)
+    for name, result in study.items():
+        layout = Layout(**result["layout"])
+        memory = result["memory_bytes"]
+        assert len(memory) == layout.ranks, name
+        per_rank = [m["parameters"] for m in memory]
+        for m in memory:  # one gradient and two AdamW moments per parameter value
+            assert m["gradients"] == m["parameters"] and m["optimizer (m, v)"] == 2 * m[
+                "parameters"], name
+        # each replica holds the model once, cut into pp stages or tp shards
+        replica = per_rank[: layout.pp * layout.tp]
+        expected = total + (layout.tp - 1) * replicated  # TP copies the unsplit tensors
+        assert sum(replica) == expected, name
+        assert per_rank == replica * layout.dp, name
+
+
+def test_step_time_parts_are_measured_on_every_rank(study):
+    for name, result in study.items():
+        parts = result["seconds_per_step_per_rank"]
+        assert len(parts) == result["world_size"], name
+        for p in parts:
+            assert p["compute"] > 0 and p["communication"] >= 0 and p["waiting"] >= 0, name
+        if result["world_size"] > 1:  # every parallel layout talks and waits
+            assert all(p["communication"] + p["waiting"] > 0 for p in parts), name
+
+
+def test_summary_of_a_real_study(study):
+    rows = summarise(study)
+    assert [r["layout"] for r in rows] == list(study)
+    for row in rows:
+        assert row["max_loss_rel_diff"] < 1e-10
+        assert 0 <= row["comm_share"] < 1
+    assert "layout" in format_table(rows).splitlines()[0]
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def fake_result(step_seconds, losses, world_size, parts=None, memory=None):
+    return {"step_seconds": step_seconds, "losses": losses, "world_size": world_size,
+            "settings": {"batch_size": 4, "seq_len": 8},
+            "seconds_per_step_per_rank": parts or [{"compute": 0.75, "communication": 0.2,
+                                                    "waiting": 0.05}] * world_size,
+            "memory_bytes": memory or [{"parameters": 10, "gradients": 10,
+                                        "optimizer (m, v)": 20}] * world_size}
+
+
+def test_summarise_by_hand():
+    results = {"1 rank": fake_result([9.0, 2.0, 2.0, 2.0], [3.0, 2.0], 1),
+               "DP 2": fake_result([9.0, 1.0, 1.25, 1.0], [3.0, 2.2], 2,
+                                   memory=[{"parameters": 10, "gradients": 10,
+                                            "optimizer (m, v)": 20},
+                                           {"parameters": 12, "gradients": 0,
+                                            "optimizer (m, v)": 0}])}
+    base, dp = summarise(results)
+    assert base["speedup"] == 1.0 and base["step_seconds"] == 2.0  # the 9 s warm-up is left out
+    assert dp["step_seconds"] == 1.0
+    assert dp["speedup"] == 2.0 and dp["efficiency"] == 1.0
+    assert dp["tokens_per_s"] == 32.0  # 4 sequences x 8 tokens in 1 s
+    assert dp["comm_share"] == pytest.approx(0.25)
+    assert dp["max_state_bytes"] == 40
+    assert dp["max_loss_rel_diff"] == pytest.approx(0.1)
+
+
+def test_summarise_rejects_a_missing_baseline_and_unequal_curves():
+    with pytest.raises(ValueError, match=r"baseline: expected one of \['DP 2'\], got '1 rank'"):
+        summarise({"DP 2": fake_result([1.0], [1.0], 2)})
+    with pytest.raises(ValueError, match=r"results\['DP 2'\]: expected 2 losses"):
+        summarise({"1 rank": fake_result([1.0], [1.0, 2.0], 1),
+                   "DP 2": fake_result([1.0], [1.0], 2)})
+
+
+def test_layouts_and_their_programs():
+    names = [layout.name for layout in default_layouts(4, n_heads=4)]
+    assert names == ["1 rank", "DP 2", "TP 2", "PP 2 GPIPE", "PP 2 1F1B", "DP 4", "TP 4",
+                     "PP 4 GPIPE", "PP 4 1F1B", "DP 2 x PP 2 1F1B", "DP 2 x TP 2"]
+    assert "TP 3" not in [layout.name for layout in default_layouts(3, n_heads=4)]
+    assert Layout(pp=2, schedule="gpipe").command(4) == (
+        "tfcourse.parallel.pipeline_parallel", ["--microbatches", "4", "--schedule", "gpipe"])
+    assert Layout(dp=2, tp=2).command(4) == (
+        "tfcourse.parallel.hybrid", ["--dp", "2", "--tp", "2", "--pp", "1"])
+    assert Layout(dp=3).command(4)[0] == "tfcourse.parallel.data_parallel"
+    with pytest.raises(ValueError, match="max_ranks: expected a positive integer, got 0"):
+        default_layouts(0)

@@ -1,0 +1,194 @@
+"""Chapter 9: one harness that runs every parallel layout of the same model and global batch
+and measures them the same way.
+
+    python -m tfcourse.parallel.study --config tiny --layers 4 --steps 10 [--json out.json]
+
+It runs no MPI itself: each layout is a real `mpiexec -n N` job started through
+`tfcourse.launch.run_mpi` (with a timeout), of chapter 6's and 7's programs or of the hybrid
+program (data parallelism over pipelines or tensor-parallel groups). Every program reports,
+per rank, its training-state bytes and its seconds per step split into compute,
+communication and waiting (see comm.StepTimes); this module turns those into one table:
+
+    throughput (tokens/s), speed-up and efficiency against the 1-rank run, the share of a
+    step spent communicating or waiting, memory per rank, and the final loss - which must be
+    the serial run's, or the layout changed the model's quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import numpy as np
+
+from tfcourse.files import write_json_atomic
+from tfcourse.launch import run_mpi
+from tfcourse.model import PRESETS
+from tfcourse.validate import require_positive_int
+
+PROGRAMS = {"dp": "tfcourse.parallel.data_parallel", "tp": "tfcourse.parallel.tensor_parallel",
+            "pp": "tfcourse.parallel.pipeline_parallel", "hybrid": "tfcourse.parallel.hybrid"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a run's ranks are used: dp replicas, each split into pp stages or tp shards."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    schedule: str | None = None  # pipelines only: "gpipe" or "1f1b"
+
+    @property
+    def ranks(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def name(self) -> str:
+        if self.ranks == 1:
+            return "1 rank"
+        parts = [f"{kind.upper()} {n}" for kind, n in
+                 (("dp", self.dp), ("tp", self.tp), ("pp", self.pp)) if n > 1]
+        name = " x ".join(parts)
+        return f"{name} {self.schedule.upper()}" if self.schedule else name
+
+    def command(self, microbatches: int) -> tuple[str, list[str]]:
+        """(module, its layout flags): a single-kind layout runs its own chapter's program."""
+        kinds = sum(n > 1 for n in (self.dp, self.tp, self.pp))
+        if kinds > 1:
+            args = ["--dp", str(self.dp), "--tp", str(self.tp), "--pp", str(self.pp)]
+            if self.pp > 1:
+                args += ["--microbatches", str(microbatches), "--schedule", self.schedule]
+            return PROGRAMS["hybrid"], args
+        if self.pp > 1:
+            return PROGRAMS["pp"], ["--microbatches", str(microbatches),
+                                    "--schedule", self.schedule]
+        if self.tp > 1:
+            return PROGRAMS["tp"], ["--split-waiting"]
+        return PROGRAMS["dp"], ["--split-waiting"]
+
+
+def default_layouts(max_ranks: int = 4, n_heads: int = 4) -> list[Layout]:
+    """The layouts that fit `max_ranks`: 1 rank, DP, TP (when it divides n_heads) and PP
+    (both schedules) on 2 and on `max_ranks` ranks, and with 4 ranks DP x PP and DP x TP."""
+    require_positive_int("max_ranks", max_ranks)
+    require_positive_int("n_heads", n_heads)
+    sizes = sorted({n for n in (2, max_ranks) if 2 <= n <= max_ranks})
+    layouts = [Layout()]
+    for n in sizes:
+        layouts += [Layout(dp=n)] + ([Layout(tp=n)] if n_heads % n == 0 else [])
+        layouts += [Layout(pp=n, schedule=s) for s in ("gpipe", "1f1b")]
+    if max_ranks >= 4:
+        layouts += [Layout(dp=2, pp=2, schedule="1f1b")]
+        layouts += [Layout(dp=2, tp=2)] if n_heads % 2 == 0 else []
+    return layouts
+
+
+def run_layout(layout: Layout, training_args: list[str], microbatches: int = 4,
+               timeout: float = 300.0) -> dict:
+    """Run one layout through the launcher; returns its program's JSON result."""
+    module, layout_args = layout.command(microbatches)
+    return run_mpi(module, [*training_args, *layout_args], n_ranks=layout.ranks,
+                   timeout=timeout).result
+
+
+def run_study(layouts: list[Layout], training_args: list[str], microbatches: int = 4,
+              timeout: float = 300.0) -> dict[str, dict]:
+    """Every layout's result, by name, run one after another (never two jobs at once: they
+    would share the same cores and distort each other's timings)."""
+    return {layout.name: {"layout": dataclasses.asdict(layout),
+                          **run_layout(layout, training_args, microbatches, timeout)}
+            for layout in layouts}
+
+
+def median_step_seconds(result: dict) -> float:
+    """Median step time, leaving out the first (warm-up) step when there are others."""
+    steps = result["step_seconds"]
+    return float(np.median(steps[1:] if len(steps) > 1 else steps))
+
+
+def summarise(results: dict[str, dict], baseline: str = "1 rank") -> list[dict]:
+    """One row per layout: ranks, step seconds, tokens/s, speed-up and efficiency against
+    `baseline`, communication + waiting share of a step (mean over ranks), the largest
+    training state on any rank, the final loss and its largest relative difference from the
+    baseline's loss curve."""
+    if baseline not in results:
+        raise ValueError(f"baseline: expected one of {sorted(results)}, got {baseline!r}")
+    base = results[baseline]
+    base_seconds, base_losses = median_step_seconds(base), np.array(base["losses"])
+    rows = []
+    for name, result in results.items():
+        settings = result["settings"]
+        seconds, losses = median_step_seconds(result), np.array(result["losses"])
+        if losses.shape != base_losses.shape:
+            raise ValueError(f"results[{name!r}]: expected {base_losses.size} losses like the "
+                             f"baseline, got {losses.size}")
+        ranks = result["world_size"]
+        parts = result["seconds_per_step_per_rank"]
+        share = np.mean([(p["communication"] + p["waiting"]) / sum(p.values()) for p in parts])
+        rows.append({
+            "layout": name,
+            "ranks": ranks,
+            "step_seconds": seconds,
+            "tokens_per_s": settings["batch_size"] * settings["seq_len"] / seconds,
+            "speedup": base_seconds / seconds,
+            "efficiency": base_seconds / seconds / ranks,
+            "comm_share": float(share),
+            "max_state_bytes": max(sum(m.values()) for m in result["memory_bytes"]),
+            "final_loss": float(losses[-1]),
+            "max_loss_rel_diff": float(np.max(np.abs(losses - base_losses) / base_losses)),
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The summary as aligned text (the CLI's output)."""
+    header = (f"{'layout':16s} {'ranks':>5s} {'ms/step':>8s} {'tokens/s':>9s} {'speed-up':>8s} "
+              f"{'effic.':>6s} {'comm+wait':>9s} {'KiB/rank':>8s} {'loss':>7s} {'vs 1 rank':>9s}")
+    lines = [header]
+    for r in rows:
+        lines.append(f"{r['layout']:16s} {r['ranks']:5d} {r['step_seconds'] * 1e3:8.2f} "
+                     f"{r['tokens_per_s']:9.0f} {r['speedup']:8.2f} {r['efficiency']:6.2f} "
+                     f"{r['comm_share']:9.0%} {r['max_state_bytes'] / 1024:8.1f} "
+                     f"{r['final_loss']:7.4f} {r['max_loss_rel_diff']:9.1e}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.study",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--layers", type=int, default=4, help="blocks (>= the most stages)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--max-ranks", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per job")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    return parser.parse_args(argv)
+
+
+def training_arguments(args: argparse.Namespace) -> list[str]:
+    """The flags every layout's program gets, so they all train the same model."""
+    flags = ["--config", args.config, "--layers", str(args.layers), "--steps", str(args.steps),
+             "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+    return flags + (["--seq-len", str(args.seq_len)] if args.seq_len is not None else [])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    n_heads = PRESETS[args.config]["n_heads"] if args.config in PRESETS else 1
+    results = run_study(default_layouts(args.max_ranks, n_heads), training_arguments(args),
+                        args.microbatches, args.timeout)
+    print(format_table(summarise(results)))
+    if args.json:
+        write_json_atomic(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
