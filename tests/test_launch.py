@@ -119,3 +119,27 @@ def test_make_demo_style_command_runs_by_hand():
     assert [line.split(" on ")[0] for line in out.stdout.splitlines()] == [
         f"rank {r} of 4" for r in range(4)
     ]
+
+
+def test_a_hostfile_places_the_ranks(tmp_path):
+    """The multi-machine command line, shown on one machine: a hostfile naming this host
+    with 4 slots, in the runtime's own syntax, and `mpiexec -f` (or --hostfile) using it."""
+    flavour = launch.mpi_flavour(launch.find_mpiexec())
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("\n".join(launch.hostfile_lines({"localhost": 4}, flavour)) + "\n")
+    command = launch.build_command("tfcourse.hello", [], 4, hostfile=str(hostfile))
+    assert str(hostfile) in command
+    run = run_mpi("tfcourse.hello", n_ranks=4, json_result=False, timeout=60,
+                  hostfile=str(hostfile))
+    assert [line.split(" on host")[0] for line in run.stdout.splitlines()] == [
+        f"rank {r} of 4" for r in range(4)]
+
+
+def test_hostfile_syntax_per_runtime_and_bad_input(tmp_path):
+    assert launch.hostfile_lines({"node1": 8, "node2": 8}, "mpich") == ["node1:8", "node2:8"]
+    assert launch.hostfile_lines({"node1": 8}, "openmpi") == ["node1 slots=8"]
+    assert launch.hostfile_flags("mpich", None) == []
+    with pytest.raises(ValueError, match=r"hosts: expected \{hostname: positive number"):
+        launch.hostfile_lines({"node1": 0}, "mpich")
+    with pytest.raises(ValueError, match=r"hostfile: no file at '.*nowhere'"):
+        launch.hostfile_flags("mpich", str(tmp_path / "nowhere"))

@@ -108,13 +108,33 @@ def launcher_flags(flavour: str, is_root: bool) -> list[str]:
     return ["--oversubscribe"] + (["--allow-run-as-root"] if is_root else [])
 
 
+def hostfile_lines(hosts: dict[str, int], flavour: str) -> list[str]:
+    """A hostfile's lines: how many ranks (slots) each machine takes, in the syntax of the
+    MPI runtime: MPICH's hydra reads "host:n", Open MPI "host slots=n"."""
+    if not hosts or any(not isinstance(n, int) or n < 1 for n in hosts.values()):
+        raise ValueError(f"hosts: expected {{hostname: positive number of slots}}, got {hosts!r}")
+    if flavour == "openmpi":
+        return [f"{host} slots={n}" for host, n in hosts.items()]
+    return [f"{host}:{n}" for host, n in hosts.items()]
+
+
+def hostfile_flags(flavour: str, hostfile: str | None) -> list[str]:
+    """mpiexec's flag naming a hostfile: `-f FILE` (MPICH), `--hostfile FILE` (Open MPI)."""
+    if hostfile is None:
+        return []
+    if not Path(hostfile).is_file():
+        raise ValueError(f"hostfile: no file at {hostfile!r}")
+    return ["--hostfile", hostfile] if flavour == "openmpi" else ["-f", hostfile]
+
+
 def build_command(
     module: str,
     args: list[str] | tuple[str, ...] = (),
     n_ranks: int = 4,
     python: str = sys.executable,
+    hostfile: str | None = None,
 ) -> list[str]:
-    """The argv of `mpiexec -n N python -m mpi4py -m module args...`."""
+    """The argv of `mpiexec -n N [-f hostfile] python -m mpi4py -m module args...`."""
     if not isinstance(n_ranks, int) or isinstance(n_ranks, bool) or n_ranks < 1:
         raise ValueError(f"n_ranks: expected a positive integer, got {n_ranks!r}")
     if not module or not all(part.isidentifier() for part in module.split(".")):
@@ -122,7 +142,8 @@ def build_command(
             f"module: expected a dotted module name like 'tfcourse.hello', got {module!r}"
         )
     mpiexec = find_mpiexec(python)
-    flags = launcher_flags(mpi_flavour(mpiexec), is_root=os.geteuid() == 0)
+    flavour = mpi_flavour(mpiexec)
+    flags = launcher_flags(flavour, is_root=os.geteuid() == 0) + hostfile_flags(flavour, hostfile)
     return [mpiexec, "-n", str(n_ranks), *flags, python, "-m", "mpi4py", "-m", module, *args]
 
 
@@ -259,19 +280,22 @@ def run_mpi(
     threads_per_rank: int = 1,
     json_result: bool = True,
     python: str = sys.executable,
+    hostfile: str | None = None,
 ) -> MPIRun:
     """Run `mpiexec -n n_ranks python -m mpi4py -m module args... [--json FILE]`.
 
-    With `json_result`, `--json FILE` is appended and the parsed FILE is returned as
-    `MPIRun.result`. Raises MPITimeoutError after `timeout` seconds (the job is killed, no
-    rank is left behind) and MPIJobError, containing the ranks' stderr, if the job fails.
+    `hostfile` lists the machines to start ranks on (see hostfile_lines); without it every
+    rank runs on this machine. With `json_result`, `--json FILE` is appended and the parsed
+    FILE is returned as `MPIRun.result`. Raises MPITimeoutError after `timeout` seconds (the
+    job is killed, no rank is left behind) and MPIJobError, containing the ranks' stderr, if
+    the job fails.
     """
     if timeout <= 0:
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     with tempfile.TemporaryDirectory(prefix="tfcourse-mpi-") as tmp:
         json_path = Path(tmp) / "result.json"
         full_args = [*args, "--json", str(json_path)] if json_result else list(args)
-        command = build_command(module, full_args, n_ranks, python)
+        command = build_command(module, full_args, n_ranks, python, hostfile)
         start = time.perf_counter()
         process = subprocess.Popen(
             command,

@@ -195,3 +195,17 @@ def require_broadcastable(
         raise ValueError(
             f"{name}: shape {x.shape} does not broadcast to {target_shape}{_why(target_desc)}"
         )
+
+
+def parse_list(flag: str, text: str, convert, check) -> list:
+    """'0.003,0.01' -> [0.003, 0.01]; ValueError naming `flag` if an item does not convert
+    or fails `check(flag, value)` (e.g. require_positive_int)."""
+    items = []
+    for item in text.split(","):
+        try:
+            value = convert(item.strip())
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated {convert.__name__} values, "
+                             f"got {item.strip()!r} in {text!r}") from None
+        items.append(check(flag, value))
+    return items

@@ -156,12 +156,22 @@ def bubble_fraction(events_per_stage: list[list[dict]]) -> float:
 
 SCHEDULES = ("gpipe", "1f1b")
 
-def stage_layers(n_layers: int, world_size: int) -> list[tuple[int, int]]:
-    """Blocks [lo, hi) of every stage; stage sizes differ by at most one block."""
+def stage_layers(n_layers: int, world_size: int,
+                 layer_counts: list[int] | None = None) -> list[tuple[int, int]]:
+    """Blocks [lo, hi) of every stage: sizes differing by at most one block, or
+    `layer_counts[s]` blocks on stage s (uneven stages, e.g. for devices of different speed)."""
     if n_layers < world_size:
         raise ValueError(f"n_layers: expected at least world_size={world_size} blocks so every "
                          f"stage gets one, got n_layers={n_layers}")
-    return chunk_bounds(n_layers, world_size)
+    if layer_counts is None:
+        return chunk_bounds(n_layers, world_size)
+    counts = list(layer_counts)
+    if (len(counts) != world_size or sum(counts) != n_layers
+            or any(not isinstance(c, int) or c < 1 for c in counts)):
+        raise ValueError(f"layer_counts: expected {world_size} positive integers (one per "
+                         f"stage) adding up to n_layers={n_layers}, got {counts}")
+    ends = np.cumsum(counts).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def microbatch_rows(batch_size: int, microbatches: int) -> list[tuple[int, int]]:
@@ -174,9 +184,10 @@ def microbatch_rows(batch_size: int, microbatches: int) -> list[tuple[int, int]]
     return chunk_bounds(batch_size, microbatches)
 
 
-def stage_param_names(config, world_size: int, stage: int) -> list[str]:
+def stage_param_names(config, world_size: int, stage: int,
+                      layer_counts: list[int] | None = None) -> list[str]:
     """Names of the parameters stage `stage` holds, in `param_shapes` order."""
-    lo, hi = stage_layers(config.n_layers, world_size)[stage]
+    lo, hi = stage_layers(config.n_layers, world_size, layer_counts)[stage]
     names = []
     for name in param_shapes(config):
         if name.startswith("blocks."):

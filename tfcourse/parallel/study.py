@@ -142,16 +142,23 @@ def summarise(results: dict[str, dict], baseline: str = "1 rank") -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """The summary as aligned text (the CLI's output)."""
+def format_table(rows: list[dict], mark: str = "") -> str:
+    """The summary as aligned text. Measured values (times and what is computed from them)
+    are prefixed with `mark` - the notebooks use "~", which their tests mask."""
+    def measured(value: float, spec: str, width: int) -> str:
+        return f"{mark}{value:{spec}}".rjust(width)
+
     header = (f"{'layout':16s} {'ranks':>5s} {'ms/step':>8s} {'tokens/s':>9s} {'speed-up':>8s} "
               f"{'effic.':>6s} {'comm+wait':>9s} {'KiB/rank':>8s} {'loss':>7s} {'vs 1 rank':>9s}")
     lines = [header]
     for r in rows:
-        lines.append(f"{r['layout']:16s} {r['ranks']:5d} {r['step_seconds'] * 1e3:8.2f} "
-                     f"{r['tokens_per_s']:9.0f} {r['speedup']:8.2f} {r['efficiency']:6.2f} "
-                     f"{r['comm_share']:9.0%} {r['max_state_bytes'] / 1024:8.1f} "
-                     f"{r['final_loss']:7.4f} {r['max_loss_rel_diff']:9.1e}")
+        lines.append(f"{r['layout']:16s} {r['ranks']:5d} "
+                     f"{measured(r['step_seconds'] * 1e3, '.2f', 8)} "
+                     f"{measured(r['tokens_per_s'], '.0f', 9)} "
+                     f"{measured(r['speedup'], '.2f', 8)} {measured(r['efficiency'], '.2f', 6)} "
+                     f"{measured(r['comm_share'] * 100, '.0f', 8)}% "
+                     f"{r['max_state_bytes'] / 1024:8.1f} {r['final_loss']:7.4f} "
+                     f"{r['max_loss_rel_diff']:9.1e}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,12 @@ from tfcourse.tasks import (
     sweep_tasks,
     timed_task,
 )
-from tfcourse.validate import require_nonnegative_int, require_positive_int, require_real
+from tfcourse.validate import (
+    parse_list,
+    require_nonnegative_int,
+    require_positive_int,
+    require_real,
+)
 
 WORK, RESULT, STOP = 1, 2, 3
 POLL_SECONDS = 0.0005
@@ -130,20 +135,6 @@ def timed_on_this_rank(task: dict, inputs: dict, t0: float) -> dict:
 
 
 SCHEDULERS = {"dynamic": None, "static": run_static, "futures": run_futures}
-
-
-def parse_list(flag: str, text: str, convert, check) -> list:
-    """'0.003,0.01' -> [0.003, 0.01]; ValueError naming `flag` if an item does not convert
-    or fails `check(flag, value)` (e.g. require_positive_int)."""
-    items = []
-    for item in text.split(","):
-        try:
-            value = convert(item.strip())
-        except ValueError:
-            raise ValueError(f"{flag}: expected comma-separated {convert.__name__} values, "
-                             f"got {item.strip()!r} in {text!r}") from None
-        items.append(check(flag, value))
-    return items
 
 
 def make_tasks(args) -> list[dict]:
