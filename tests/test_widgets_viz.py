@@ -87,3 +87,16 @@ def test_pipeline_timeline_draws_one_bar_per_event():
     ax = viz.plot_pipeline_timeline(events, scale=1.0)
     widths = sorted(round(patch.get_width(), 6) for patch in ax.patches)
     assert widths == [1.0, 1.0, 2.0]
+
+
+def test_step_parts_stack_to_each_rank_step_time():
+    parts = [{"compute": 0.010, "communication": 0.002, "waiting": 0.003},
+             {"compute": 0.008, "communication": 0.004, "waiting": 0.0}]
+    ax = viz.plot_step_parts(parts, title="DP 2")
+    bars = ax.patches
+    assert len(bars) == 6  # 3 parts x 2 ranks
+    for rank, expected_ms in enumerate((15.0, 12.0)):
+        rank_bars = [b for b in bars if abs(b.get_x() + b.get_width() / 2 - rank) < 1e-9]
+        top = max(b.get_y() + b.get_height() for b in rank_bars)
+        assert top == pytest.approx(expected_ms)
+    matplotlib.pyplot.close("all")

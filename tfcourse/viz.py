@@ -116,3 +116,25 @@ def plot_task_timeline(timeline, workers, ax=None, title="tasks per worker", sca
     rows = [[(e["start"] * scale, e["end"] * scale, str(e["id"]), f"C{e['id'] % 10}", True)
              for e in timeline if e["worker"] == w] for w in workers]
     return plot_gantt(rows, [f"worker {w}" for w in workers], ax=ax, title=title, xlabel=unit)
+
+
+STEP_PART_COLOURS = {"compute": "tab:blue", "communication": "tab:red", "waiting": "0.75"}
+
+
+def plot_step_parts(seconds_per_rank: list[dict], ax=None, title="", scale=1e3, unit="ms"):
+    """Stacked bars, one per rank: the seconds of a step spent computing, communicating and
+    waiting (the dicts of comm.StepTimes.mean). Returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.2, 2.8))
+    ranks = range(len(seconds_per_rank))
+    bottom = [0.0 for _ in ranks]
+    for part, colour in STEP_PART_COLOURS.items():
+        heights = [parts[part] * scale for parts in seconds_per_rank]
+        ax.bar(ranks, heights, bottom=bottom, color=colour, label=part)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(ranks, [f"rank {r}" for r in ranks], fontsize="small")
+    ax.set_ylabel(unit)
+    ax.set_title(title, fontsize="medium")
+    return ax
