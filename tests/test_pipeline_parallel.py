@@ -3,6 +3,7 @@ backwarded once, peak in flight, deadlock-freedom and bubble by simulating all s
 and real mpiexec runs on 1-4 ranks whose loss curve equals serial training's."""
 
 import dataclasses
+import time
 from functools import cache
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from tfcourse import costmodel, train
 from tfcourse.launch import MPIJobError, run_mpi
 from tfcourse.model import param_shapes, preset
+from tfcourse.parallel import pipeline_parallel
 from tfcourse.parallel.partition import (
     SCHEDULES,
     busy_seconds,
@@ -301,3 +303,46 @@ def test_too_few_layers_for_the_world_size_is_rejected_clearly():
 def test_batch_smaller_than_microbatches_is_rejected_clearly():
     with pytest.raises(MPIJobError, match="batch_size: expected at least microbatches=16"):
         run_pp(2, "gpipe", 16)
+
+
+# --------------------------------------------------------------------------- chapter 10 options
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n_ranks", [1, 2, 3, 4])
+def test_auto_microbatches_tries_each_then_keeps_the_fastest_and_equals_serial(n_ranks):
+    steps = 8
+    result = run_mpi(MODULE, ["--steps", str(steps), "--batch-size", str(BATCH),
+                              "--layers", str(LAYERS), "--microbatches", "auto"],
+                     n_ranks=n_ranks, timeout=60).result
+    candidates = [m for m in pipeline_parallel.AUTO_MICROBATCHES if m <= BATCH]
+    trials = {int(m): t for m, t in result["microbatch_trials"].items()}
+    assert sorted(trials) == candidates
+    fastest = min(trials, key=trials.get)  # one trial each: the median is the value
+    used = result["microbatches_per_step"]
+    assert used[1:1 + len(candidates)] == candidates  # step 0 warms up, then one step each
+    assert set(used[1 + len(candidates):]) == {fastest} and result["microbatches"] == fastest
+    corpus = train.load_corpus()
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=steps, batch_size=BATCH)
+    config = preset("tiny", corpus.vocab.size, n_layers=LAYERS)
+    serial = train.train_lm(config, corpus, settings, progress="none")["losses"]
+    np.testing.assert_allclose(result["losses"], serial, rtol=1e-10, atol=0)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n_ranks, counts", [(2, "3,1"), (3, "1,1,2")])
+def test_chosen_stage_sizes_and_a_slow_rank_still_train_the_serial_model(n_ranks, counts):
+    slowdown = ",".join(["1"] * (n_ranks - 1) + ["3"])
+    result = run_pp(n_ranks, "1f1b", 4, "--stage-layers", counts, "--slowdown", slowdown)
+    sizes = [int(c) for c in counts.split(",")]
+    assert [hi - lo for lo, hi in result["stage_layers"]] == sizes
+    assert result["slowdown"] == [float(s) for s in slowdown.split(",")]
+    np.testing.assert_allclose(result["losses"], serial_losses(LAYERS), rtol=1e-10, atol=0)
+
+
+def test_a_slower_device_takes_slowdown_times_as_long():
+    stage = pipeline_parallel.Stage(0, 1, (0, 1), {}, {}, slowdown=3.0)
+    started = time.perf_counter()
+    time.sleep(0.02)  # "compute"
+    pipeline_parallel.simulate_slower_device(stage, started)
+    assert time.perf_counter() - started >= 3 * 0.02

@@ -304,3 +304,15 @@ def ring_attention_bytes_sent(seq_len: int, p: int, batch: int, heads: int, d_he
     block_rows = [sum(sizes[a] for a in chunks) for chunks in owned]
     return [row_bytes * (6 * (seq_len - block_rows[(r + 1) % p]) + 2 * block_rows[(r + 1) % p])
             for r in range(p)]
+
+
+# --------------------------------------------------------------------------- planning (chapter 10)
+
+
+def plan(model, cluster, **options):
+    """The fastest 3D-parallel plans (dp, tp, pp, micro-batches, ZeRO stage) of `model` (a
+    `tfcourse.planner.ModelSpec`) that fit on `cluster` (a `tfcourse.planner.Cluster`),
+    fastest first; see tfcourse.planner.plan for the options and the formulas."""
+    from tfcourse.planner import plan as _plan  # planner builds on this module
+
+    return _plan(model, cluster, **options)

@@ -65,6 +65,7 @@ from tfcourse.parallel.partition import (
     stage_layers,
     stage_param_names,
 )
+from tfcourse.planner import choose_fastest
 from tfcourse.train import (
     TrainingSetup,
     TrainSettings,
@@ -72,7 +73,7 @@ from tfcourse.train import (
     optimizer_update,
     training_setup,
 )
-from tfcourse.validate import require_positive_int
+from tfcourse.validate import parse_list, require_positive_int, require_real
 
 # --------------------------------------------------------------------------- helpers
 
@@ -86,6 +87,7 @@ class Stage:
     layers: tuple[int, int]
     params: dict
     opt_state: dict
+    slowdown: float = 1.0  # > 1 simulates a slower device: compute is stretched by sleeping
 
     @property
     def first(self) -> bool:
@@ -96,13 +98,22 @@ class Stage:
         return self.index == self.world_size - 1
 
 
-def start(config, settings: TrainSettings, comm) -> Stage:
-    """This rank's stage: its slice of the serial model's parameters and fresh AdamW state."""
+def start(config, settings: TrainSettings, comm, layer_counts: list[int] | None = None,
+          slowdown: float = 1.0) -> Stage:
+    """This rank's stage: its slice of the serial model's parameters and fresh AdamW state
+    (`layer_counts`: blocks per stage, default as even as possible)."""
     full = init_params(config, settings.seed)
-    names = stage_param_names(config, comm.size, comm.rank)
+    names = stage_param_names(config, comm.size, comm.rank, layer_counts)
     params = {name: full[name] for name in names}
-    layers = stage_layers(config.n_layers, comm.size)[comm.rank]
-    return Stage(comm.rank, comm.size, layers, params, adamw_init(params))
+    layers = stage_layers(config.n_layers, comm.size, layer_counts)[comm.rank]
+    return Stage(comm.rank, comm.size, layers, params, adamw_init(params), slowdown)
+
+
+def simulate_slower_device(stage: Stage, started: float) -> None:
+    """Make the compute that began at `started` last `stage.slowdown` times as long, by
+    sleeping - a device 1/slowdown as fast, without burning a shared core."""
+    if stage.slowdown > 1.0:
+        time.sleep((stage.slowdown - 1.0) * (time.perf_counter() - started))
 
 
 SCHEDULE_EVENTS = ("forward", "backward", "send", "wait", "recv")
@@ -201,6 +212,7 @@ def run_schedule(stage: Stage, ops, tokens, targets, config, comm, log: EventLog
             started = time.perf_counter()
             out, caches[mb] = stage_forward(stage, x, config, tokens[lo:hi], targets[lo:hi],
                                             (hi - lo) / len(tokens))
+            simulate_slower_device(stage, started)
             log.record("forward", mb, started)
             peak = max(peak, len(caches))
             if stage.last:
@@ -216,6 +228,7 @@ def run_schedule(stage: Stage, ops, tokens, targets, config, comm, log: EventLog
                 dy = receive(shape, dtype, stage.index + 1, message_tag("B", mb), mb, comm, log)
             started = time.perf_counter()
             dx = stage_backward(stage, dy, caches.pop(mb), grads)
+            simulate_slower_device(stage, started)
             log.record("backward", mb, started)
             if not stage.first:
                 started = time.perf_counter()
@@ -256,36 +269,95 @@ def train_step(stage: Stage, ops, tokens, targets, step: int, settings: TrainSet
 # --------------------------------------------------------------------------- program
 
 
+AUTO_MICROBATCHES = (1, 2, 4, 8, 16)
+
+
+def parse_microbatches(text: str) -> int | str:
+    """--microbatches: a positive integer, or "auto" (chosen at run time, see run)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--microbatches: expected a positive integer or 'auto', "
+                         f"got {text!r}") from None
+    return require_positive_int("--microbatches", value)
+
+
 def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     """Check every argument against `world_size` without any communication; ValueError
     naming the argument on bad input (see comm.agree_on_arguments)."""
     require_positive_int("--threads", args.threads)
-    require_positive_int("--microbatches", args.microbatches)
+    args.microbatches = parse_microbatches(str(args.microbatches))
     setup = training_setup(args)
-    stage_layers(setup.config.n_layers, world_size)  # every stage needs at least one block
-    microbatch_rows(setup.settings.batch_size, args.microbatches)
+    n_layers = setup.config.n_layers
+    if args.stage_layers is not None:
+        args.stage_layers = parse_list("--stage-layers", args.stage_layers, int,
+                                       require_positive_int)
+        if len(args.stage_layers) != world_size or sum(args.stage_layers) != n_layers:
+            raise ValueError(f"--stage-layers: expected {world_size} block counts (one per "
+                             f"stage) adding up to n_layers={n_layers}, got {args.stage_layers}")
+    if args.slowdown is not None:
+        args.slowdown = parse_list("--slowdown", args.slowdown, float,
+                                   lambda flag, v: require_real(flag, v, positive=True))
+        if len(args.slowdown) != world_size or min(args.slowdown) < 1.0:
+            raise ValueError(f"--slowdown: expected {world_size} factors >= 1 (one per rank), "
+                             f"got {args.slowdown}")
+    stage_layers(n_layers, world_size, args.stage_layers)  # every stage needs a block
+    if args.microbatches != "auto":
+        microbatch_rows(setup.settings.batch_size, args.microbatches)
     return setup
+
+
+class MicrobatchChooser:
+    """--microbatches auto: adaptive parallelism at run time. Step 0 warms up; the next steps
+    try each candidate micro-batch count once; every later step uses the one whose step was
+    fastest. The times are the slowest rank's (an allreduce MAX), so every rank sees the same
+    numbers and makes the same choice. Micro-batching does not change the gradient, so the
+    loss curve is the serial one whatever is chosen."""
+
+    def __init__(self, batch_size: int, fixed: int | str):
+        self.fixed = None if fixed == "auto" else fixed
+        self.candidates = [m for m in AUTO_MICROBATCHES if m <= batch_size]
+        self.measured: dict[int, list[float]] = {}
+        self.chosen = self.fixed
+
+    def for_step(self, step: int) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if 1 <= step <= len(self.candidates):
+            return self.candidates[step - 1]
+        return self.chosen or self.candidates[-1]
+
+    def record(self, step: int, m: int, slowest_seconds: float) -> None:
+        if self.fixed is None and 1 <= step <= len(self.candidates):
+            self.measured.setdefault(m, []).append(slowest_seconds)
+            self.chosen = choose_fastest(self.measured)
 
 
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     corpus, config, settings = setup.corpus, setup.config, setup.settings
-    p, m = comm.size, args.microbatches
-    layers = stage_layers(config.n_layers, p)
-    stage = start(config, settings, comm)
-    ops = schedule(args.schedule, p, comm.rank, m)
-    losses, step_seconds, peak, times = [], [], 0, StepTimes()
+    p = comm.size
+    layers = stage_layers(config.n_layers, p, args.stage_layers)
+    slowdown = args.slowdown[comm.rank] if args.slowdown else 1.0
+    stage = start(config, settings, comm, args.stage_layers, slowdown)
+    chooser = MicrobatchChooser(settings.batch_size, args.microbatches)
+    losses, step_seconds, used, times = [], [], [], StepTimes()
     for step in range(settings.steps):
         tokens, targets = lm_batch(corpus.ids, settings.batch_size, settings.seq_len,
                                    settings.seed, step)
+        m = chooser.for_step(step)
+        ops = schedule(args.schedule, p, comm.rank, m)
         comm.Barrier()  # time each step from a common start
         t0 = time.perf_counter()
         log = EventLog(t0)
-        loss, peak_step = train_step(stage, ops, tokens, targets, step, settings, config, comm,
-                                     log)
+        loss, peak = train_step(stage, ops, tokens, targets, step, settings, config, comm, log)
         step_seconds.append(time.perf_counter() - t0)
+        if chooser.fixed is None:
+            chooser.record(step, m, comm.allreduce(step_seconds[-1], op=MPI.MAX))
         times.add(step_seconds[-1], *communication_and_waiting(log.events))
         losses.append(loss)
-        peak = max(peak, peak_step)
+        used.append(m)
     # the last step: the pipeline ends when the last rank's last op has ended
     pipeline_end = max((e["end"] for e in log.events if e["kind"] in SCHEDULE_EVENTS),
                        default=0.0)
@@ -300,12 +372,16 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         return {}
     bubbles = [1.0 - r["busy"] / pipeline_seconds if pipeline_seconds > 0 else 0.0
                for r in per_rank]
+    m = used[-1]
     return {
         "losses": losses,
         "world_size": p,
         "schedule": args.schedule,
         "microbatches": m,
+        "microbatches_per_step": used,
+        "microbatch_trials": {str(k): v[0] for k, v in chooser.measured.items()},
         "stage_layers": [list(bounds) for bounds in layers],
+        "slowdown": args.slowdown or [1.0] * p,
         "step_seconds": step_seconds,
         "last_step_seconds": [r["step"] for r in per_rank],
         "pipeline_seconds": pipeline_seconds,
@@ -329,8 +405,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(parser, threads=True)
-    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
+    parser.add_argument("--microbatches", default="4",
+                        help="micro-batches per step, or 'auto': try 1, 2, 4, ... and keep "
+                             "the fastest")
     parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--stage-layers", default=None, metavar="N,N,...",
+                        help="blocks per stage (default: as even as possible)")
+    parser.add_argument("--slowdown", default=None, metavar="F,F,...",
+                        help="simulate slower devices: rank r's compute takes F_r times longer")
     add_json_argument(parser)
     return parser.parse_args(argv)
 
@@ -339,8 +421,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def summary(result: dict) -> str:
+        chosen = " (auto)" if args.microbatches == "auto" else ""
         return (f"pipeline {args.schedule} on {result['world_size']} stage(s), "
-                f"{args.microbatches} micro-batches: final loss {result['losses'][-1]:.4f} "
+                f"{result['microbatches']}{chosen} micro-batches: final loss "
+                f"{result['losses'][-1]:.4f} "
                 f"after {len(result['losses'])} steps, bubble {result['bubble_measured']:.2f} "
                 f"measured vs {result['bubble_formula']:.2f} formula")
 
