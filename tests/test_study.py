@@ -11,10 +11,14 @@ from tfcourse.model import init_params
 from tfcourse.parallel.partition import shard_axis
 from tfcourse.parallel.study import (
     Layout,
+    calibrated_mfu,
     default_layouts,
     format_table,
+    model_spec,
+    predict,
     run_study,
     summarise,
+    this_machine,
 )
 from tfcourse.train import TRAIN_PRESETS, load_corpus, preset, train_lm
 
@@ -139,3 +143,35 @@ def test_layouts_and_their_programs():
     assert Layout(dp=3).command(4)[0] == "tfcourse.parallel.data_parallel"
     with pytest.raises(ValueError, match="max_ranks: expected a positive integer, got 0"):
         default_layouts(0)
+
+
+# --------------------------------------------------------------------------- prediction
+
+def tiny_spec():
+    corpus = load_corpus()
+    config = preset("tiny", corpus.vocab.size)  # 2 blocks
+    result = {"config": config.to_dict(), "settings": {"seq_len": 32, "batch_size": 16}}
+    return model_spec(result)
+
+
+def test_predictions_by_hand():
+    spec = tiny_spec()
+    peak = 1e9
+    mfu = calibrated_mfu(spec, 0.1, peak)  # the 1-rank run took 0.1 s
+    assert mfu == pytest.approx(spec.flops_per_step / 1e8)
+
+    def step(layout, cores, alpha=0.0, beta=1e-30):
+        cluster = this_machine(layout.ranks, cores, peak, mfu, alpha, beta, 1e9)
+        return predict(layout, spec, cluster, microbatches=4).step_s
+
+    assert step(Layout(), 2) == pytest.approx(0.1)
+    assert step(Layout(dp=2), 2) == pytest.approx(0.05)  # half the rows each, free network
+    assert step(Layout(dp=2), 1) == pytest.approx(0.1)  # two ranks share one core
+    assert step(Layout(dp=4), 2) == pytest.approx(0.05)
+    # TP 2: half the FLOPs each + 4 all-reduces per block (2 blocks), each 2 (p - 1) = 2
+    # messages of 1 ms latency: 0.05 + 4 * 2 * 0.002 = 0.066
+    assert step(Layout(tp=2), 2, alpha=1e-3) == pytest.approx(0.066)
+    # PP 2, 4 micro-batches: one block per stage (0.05 s) + bubble (p - 1) / m of it
+    assert step(Layout(pp=2, schedule="1f1b"), 2) == pytest.approx(0.05 + 0.05 / 4)
+    with pytest.raises(ValueError, match="one_rank_step_seconds: expected a positive"):
+        calibrated_mfu(spec, 0.0, peak)

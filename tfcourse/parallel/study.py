@@ -24,8 +24,9 @@ import numpy as np
 
 from tfcourse.files import write_json_atomic
 from tfcourse.launch import run_mpi
-from tfcourse.model import PRESETS
-from tfcourse.validate import require_positive_int
+from tfcourse.model import PRESETS, TransformerConfig
+from tfcourse.planner import Cluster, ModelSpec, Plan, PlanEstimate, estimate
+from tfcourse.validate import require_positive_int, require_real
 
 PROGRAMS = {"dp": "tfcourse.parallel.data_parallel", "tp": "tfcourse.parallel.tensor_parallel",
             "pp": "tfcourse.parallel.pipeline_parallel", "hybrid": "tfcourse.parallel.hybrid"}
@@ -140,6 +141,44 @@ def summarise(results: dict[str, dict], baseline: str = "1 rank") -> list[dict]:
             "max_loss_rel_diff": float(np.max(np.abs(losses - base_losses) / base_losses)),
         })
     return rows
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def model_spec(result: dict) -> ModelSpec:
+    """The planner's description of the model and global batch a study result trained."""
+    settings = result["settings"]
+    return ModelSpec.from_config(TransformerConfig(**result["config"]), settings["seq_len"],
+                                 settings["batch_size"])
+
+
+def calibrated_mfu(spec: ModelSpec, one_rank_step_seconds: float, flops_per_s: float) -> float:
+    """The fraction of `flops_per_s` (one core's measured peak) that the 1-rank run reached:
+    the one number the prediction takes from a training measurement."""
+    require_real("one_rank_step_seconds", one_rank_step_seconds, positive=True)
+    require_real("flops_per_s", flops_per_s, positive=True)
+    return spec.flops_per_step / (one_rank_step_seconds * flops_per_s)
+
+
+def this_machine(ranks: int, cores: int, flops_per_s: float, mfu: float, alpha: float,
+                 beta: float, memory_bytes: float, share_cores: bool = True) -> Cluster:
+    """This machine as the planner sees a cluster: `ranks` devices in one node, linked by
+    shared memory (latency alpha s, beta s/byte, fitted in chapter 6), each a core running
+    one BLAS thread at flops_per_s x mfu. With `share_cores`, ranks beyond the cores split
+    them: each runs at cores/ranks of a core (the term a GPU cluster never needs)."""
+    require_positive_int("cores", cores)
+    speed = flops_per_s * (min(1.0, cores / ranks) if share_cores else 1.0)
+    return Cluster(n_devices=ranks, devices_per_node=ranks, memory_bytes=memory_bytes,
+                   flops_per_s=speed, intra_alpha=alpha, intra_bandwidth=1.0 / beta,
+                   inter_alpha=alpha, inter_bandwidth=1.0 / beta, mfu=mfu)
+
+
+def predict(layout: Layout, spec: ModelSpec, cluster: Cluster, microbatches: int = 4
+            ) -> PlanEstimate:
+    """The planner's estimate of one study layout (ZeRO-0; pipelines use `microbatches`)."""
+    m = microbatches if layout.pp > 1 else 1
+    return estimate(spec, cluster, Plan(layout.dp, layout.tp, layout.pp, m, 0))
 
 
 def format_table(rows: list[dict], mark: str = "") -> str:
