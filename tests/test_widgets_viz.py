@@ -1,6 +1,7 @@
 """What the explorers and plots show is computed by pure functions: check those."""
 
 import math
+import re
 
 import matplotlib
 
@@ -100,3 +101,24 @@ def test_step_parts_stack_to_each_rank_step_time():
         top = max(b.get_y() + b.get_height() for b in rank_bars)
         assert top == pytest.approx(expected_ms)
     matplotlib.pyplot.close("all")
+
+
+def test_plan_explorer_lists_fitting_layouts_once_each():
+    lines = widgets.explorer_plans("GPT-3 175B", 1024, 80.0, 25.0, top=4)
+    total, rejected = (int(n) for n in re.fullmatch(r"(\d+) plans, (\d+) do not fit in 80 GB",
+                                                     lines[0]).groups())
+    assert 0 < rejected < total
+    layouts = [line.split(" ZeRO")[0] for line in lines[1:]]
+    assert len(layouts) == 4 and len(set(layouts)) == 4
+    assert all("tp=" in line and "days for 300B tokens" in line for line in lines[1:])
+    # less memory per device can only remove plans
+    assert int(widgets.explorer_plans("GPT-3 175B", 1024, 40.0, 25.0)[0].split()[2]) >= rejected
+    with pytest.raises(ValueError, match=r"model_name: expected one of .*got 'GPT-4'"):
+        widgets.explorer_plans("GPT-4", 1024, 80.0, 25.0)
+
+
+def test_planner_explorer_builds():
+    import matplotlib.pyplot as plt
+
+    assert callable(widgets.planner_explorer())
+    plt.close("all")

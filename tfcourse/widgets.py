@@ -117,3 +117,64 @@ def bubble_explorer():
         p=widgets.IntSlider(value=4, min=1, max=8, description="stages p"),
         m=widgets.IntSlider(value=4, min=1, max=32, description="micro-batches m"),
     )
+
+
+def explorer_plans(model_name: str, n_devices: int, memory_gb: float, network_gbs: float,
+                   top: int = 5) -> list[str]:
+    """The planner's verdict for a model on an A100-like cluster with `n_devices` devices of
+    `memory_gb` and `network_gbs` GB/s between nodes: a summary line, then the `top`
+    fastest plans that fit (one per layout: the ZeRO stage with the least memory among the
+    fastest)."""
+    import dataclasses
+
+    from tfcourse import planner
+
+    if model_name not in PLANNER_MODELS:
+        raise ValueError(f"model_name: expected one of {sorted(PLANNER_MODELS)}, "
+                         f"got {model_name!r}")
+    cluster = dataclasses.replace(planner.A100_CLUSTER, n_devices=n_devices,
+                                  memory_bytes=memory_gb * 1e9,
+                                  inter_bandwidth=network_gbs * 1e9)
+    fitting, rejected = planner.rank_plans(PLANNER_MODELS[model_name], cluster)
+    lines = [f"{len(fitting) + len(rejected)} plans, {len(rejected)} do not fit in "
+             f"{memory_gb:g} GB"]
+    seen = set()
+    for estimate in fitting:
+        layout = (estimate.plan.dp, estimate.plan.tp, estimate.plan.pp, estimate.plan.microbatches)
+        if layout not in seen:
+            seen.add(layout)
+            lines.append(f"{estimate}; {estimate.days(300e9):.1f} days for 300B tokens")
+        if len(seen) == top:
+            break
+    return lines
+
+
+def _planner_models() -> dict:
+    from tfcourse.planner import GPT3_175B, ModelSpec
+
+    return {"GPT-3 175B": GPT3_175B,
+            # GPT-3 6.7B (Brown et al. 2020, table 2.1): 2M-token batches of 2048 tokens
+            "GPT-3 6.7B": ModelSpec(vocab_size=50257, d_model=4096, n_heads=32, n_layers=32,
+                                    d_ff=4 * 4096, seq_len=2048, global_batch=1024)}
+
+
+PLANNER_MODELS = _planner_models()
+
+
+def planner_explorer():
+    """Drop-downs for the model, the number of A100s, their memory and the network: the
+    planner's best layouts."""
+    import ipywidgets as widgets
+
+    def show(model_name="GPT-3 175B", n_devices=1024, memory_gb=80.0, network_gbs=25.0):
+        print("\n".join(explorer_plans(model_name, n_devices, memory_gb, network_gbs)))
+
+    return widgets.interact(
+        show,
+        model_name=widgets.Dropdown(options=list(PLANNER_MODELS), description="model"),
+        n_devices=widgets.Dropdown(options=[64, 128, 256, 512, 1024, 2048], value=1024,
+                                   description="A100s"),
+        memory_gb=widgets.Dropdown(options=[40.0, 80.0], value=80.0, description="GB each"),
+        network_gbs=widgets.FloatLogSlider(value=25.0, base=10, min=0, max=2.5, step=0.25,
+                                           description="network GB/s"),
+    )
