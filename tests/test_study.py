@@ -14,6 +14,7 @@ from tfcourse.parallel.study import (
     calibrated_mfu,
     default_layouts,
     format_table,
+    measure_links,
     model_spec,
     predict,
     run_study,
@@ -175,3 +176,9 @@ def test_predictions_by_hand():
     assert step(Layout(pp=2, schedule="1f1b"), 2) == pytest.approx(0.05 + 0.05 / 4)
     with pytest.raises(ValueError, match="one_rank_step_seconds: expected a positive"):
         calibrated_mfu(spec, 0.0, peak)
+
+
+def test_measured_links_are_plausible_for_shared_memory():
+    alpha, beta = measure_links(max_bytes=2**20)
+    assert 0.0 <= alpha < 1e-3  # under a millisecond per message
+    assert 1e8 < 1 / beta < 1e12  # between 0.1 and 1000 GB/s

@@ -89,10 +89,11 @@ def plot_gantt(rows, row_labels, ax=None, title="", xlabel="time", legend=None):
     ax.set_yticks(range(len(rows)), row_labels)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    if legend:
+    ax.set_title(title, loc="left", fontsize="medium")
+    if legend:  # above the bars, right of the title, so it never hides a bar
         ax.legend(handles=[Patch(color=c, label=k) for k, c in legend.items()],
-                  loc="upper right", fontsize="small", ncol=len(legend))
+                  loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="x-small",
+                  ncol=len(legend), frameon=False, borderaxespad=0.2)
     return ax
 
 

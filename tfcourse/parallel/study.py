@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from tfcourse.costmodel import allreduce_bytes, fit_alpha_beta
 from tfcourse.files import write_json_atomic
 from tfcourse.launch import run_mpi
 from tfcourse.model import PRESETS, TransformerConfig
@@ -159,6 +160,19 @@ def calibrated_mfu(spec: ModelSpec, one_rank_step_seconds: float, flops_per_s: f
     require_real("one_rank_step_seconds", one_rank_step_seconds, positive=True)
     require_real("flops_per_s", flops_per_s, positive=True)
     return spec.flops_per_step / (one_rank_step_seconds * flops_per_s)
+
+
+def measure_links(max_bytes: int = 16 * 2**20, timeout: float = 120.0) -> tuple[float, float]:
+    """(alpha seconds per message, beta seconds per byte) between two ranks of this machine:
+    chapter 6's fit of t = alpha + beta n to 2-rank ring all-reduces of 64 KiB and more (2
+    messages of n/2 bytes each, so alpha is halved). A noisy fit can give a negative
+    intercept: alpha is then reported as 0."""
+    bench = run_mpi("tfcourse.parallel.comm", ["--bench", "--max-bytes", str(max_bytes)],
+                    n_ranks=2, timeout=timeout).result
+    sizes, ring = np.array(bench["sizes_bytes"]), np.array(bench["seconds"]["ring"])
+    large = sizes >= 2**16
+    alpha, beta = fit_alpha_beta(allreduce_bytes(sizes[large], 2), ring[large])
+    return max(alpha / 2, 0.0), beta
 
 
 def this_machine(ranks: int, cores: int, flops_per_s: float, mfu: float, alpha: float,
