@@ -143,3 +143,18 @@ def test_hostfile_syntax_per_runtime_and_bad_input(tmp_path):
         launch.hostfile_lines({"node1": 0}, "mpich")
     with pytest.raises(ValueError, match=r"hostfile: no file at '.*nowhere'"):
         launch.hostfile_flags("mpich", str(tmp_path / "nowhere"))
+
+
+def test_failure_note_names_the_rank_that_died_first():
+    hydra_end = "YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)\n"
+    note = launch.failed_ranks_note(hydra_end, "", dead=[2])
+    assert note.startswith("rank 2 died while the others were running: killed by signal 9")
+    stopped = launch.failed_ranks_note("", "", dead=[1], stopped=True)
+    assert "rank 1 died" in stopped and "the launcher stopped the job" in stopped
+    # a rank that raised calls MPI_Abort; ranks hydra then stopped may exit before it
+    abort = "Abort(1) on node 2 (rank 2 in comm 0): application called MPI_Abort\n"
+    assert launch.failed_ranks_note("", abort, dead=[0, 1]).startswith("rank 2 called MPI_Abort")
+    # ...but an abort after a failed MPI call is the reaction to a rank that died first
+    reaction = "mpi4py.MPI.Exception: Other MPI error\n" + abort
+    assert launch.failed_ranks_note("", reaction, dead=[0]).startswith(
+        "rank 0 died while the others were running; rank 2 then called MPI_Abort")

@@ -1,12 +1,9 @@
 """Faults under real mpiexec: a rank killed by SIGKILL (from inside and from outside), a rank
 that raises, a rank that never reaches a collective. Each must end the whole job within a
-bounded time, with an error that says which rank failed when the MPI library can know it,
-and leave no process behind.
-
-MPICH's hydra reports a rank killed by a signal only as "BAD TERMINATION ... PID p ...
-EXIT CODE: 9" (on stdout), naming the first rank in rank order that did not exit cleanly -
-often one it killed itself while cleaning up - so for a SIGKILL the rank is named by the
-program's own last words (hello's --kill-on-rank) or by the test that killed it.
+bounded time, with an error that names the rank that failed, and leave no process behind.
+A killed rank cannot say anything and MPICH's hydra reports only a PID; run_mpi names it by
+watching every rank's process (tfcourse.launch._RankWatch) with hydra's automatic cleanup
+turned off, so that the dead rank is the only one gone.
 The longest time to a clean error is printed by `test_summary` (run with -s).
 """
 
@@ -16,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,10 +94,47 @@ def test_rank_killed_by_sigkill_ends_the_job_and_is_named():
                           ["--kill-on-rank", "2"], n_ranks=4, timeout=30)
     message = str(error)
     assert error.returncode != 0 and not isinstance(error, MPITimeoutError)
+    assert message.splitlines()[1].startswith(
+        "rank 2 died while the others were running: killed by signal 9 (SIGKILL")
     assert "rank 2: killing itself with SIGKILL" in message  # its last words, on stderr
-    assert "killed by signal 9 (SIGKILL" in message  # the launcher's reading of MPICH's report
-    assert "BAD TERMINATION" in message  # MPICH's report (printed on stdout) is included
     assert_no_survivors("tfcourse.hello --kill-on-rank 2")
+
+
+@pytest.mark.parametrize("n_ranks, victim", [(2, 1), (3, 0), (4, 3)])
+def test_run_mpi_names_the_rank_killed_from_outside(n_ranks, victim):
+    """SIGKILL from outside to one rank of a long data-parallel run started by run_mpi (as
+    the out-of-memory killer would): the error names that rank, whether the others notice
+    and exit or keep waiting for it in the all-reduce (then the launcher stops them)."""
+    marker = f"--seed {4300 + n_ranks * 10 + victim}"
+    outcome = {}
+
+    def job():
+        start = time.perf_counter()
+        try:
+            run_mpi("tfcourse.parallel.data_parallel",
+                    ["--steps", "100000", "--batch-size", "6", *marker.split()],
+                    n_ranks=n_ranks, timeout=60)
+        except MPIJobError as error:
+            outcome["error"] = error
+        outcome["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while len(ranks := rank_pids(marker)) < n_ranks and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(ranks) == list(range(n_ranks)), processes_matching(marker)
+    time.sleep(1.0)  # let it train: now every rank is in the middle of some step
+    killed = time.perf_counter()
+    os.kill(ranks[victim], signal.SIGKILL)
+    thread.join(timeout=BOUND)
+    TIMINGS[f"run_mpi: data_parallel rank {victim} of {n_ranks} killed from outside"] = (
+        time.perf_counter() - killed)
+    assert not thread.is_alive(), "run_mpi did not return"
+    line = str(outcome["error"]).splitlines()[1]
+    assert line.startswith(f"rank {victim} died while the others were running"), line
+    assert f"rank {victim} called" not in line, str(outcome["error"])
+    assert_no_survivors(marker)
 
 
 def test_data_parallel_rank_killed_from_outside_ends_the_job():

@@ -18,11 +18,13 @@ import dataclasses
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -133,8 +135,13 @@ def build_command(
     n_ranks: int = 4,
     python: str = sys.executable,
     hostfile: str | None = None,
+    supervised: bool = False,
 ) -> list[str]:
-    """The argv of `mpiexec -n N [-f hostfile] python -m mpi4py -m module args...`."""
+    """The argv of `mpiexec -n N [-f hostfile] python -m mpi4py -m module args...`.
+
+    `supervised` (run_mpi): MPICH's hydra is told not to kill the other ranks when one dies
+    (-disable-auto-cleanup), so that the launcher can still see which rank is gone; the
+    launcher then ends the job itself."""
     if not isinstance(n_ranks, int) or isinstance(n_ranks, bool) or n_ranks < 1:
         raise ValueError(f"n_ranks: expected a positive integer, got {n_ranks!r}")
     if not module or not all(part.isidentifier() for part in module.split(".")):
@@ -144,6 +151,8 @@ def build_command(
     mpiexec = find_mpiexec(python)
     flavour = mpi_flavour(mpiexec)
     flags = launcher_flags(flavour, is_root=os.geteuid() == 0) + hostfile_flags(flavour, hostfile)
+    if supervised and flavour == "mpich":
+        flags.append("-disable-auto-cleanup")
     return [mpiexec, "-n", str(n_ranks), *flags, python, "-m", "mpi4py", "-m", module, *args]
 
 
@@ -165,21 +174,30 @@ ABORT_PATTERNS = (
 )
 
 
-def failed_ranks_note(stdout: str, stderr: str) -> str:
+def failed_ranks_note(stdout: str, stderr: str, dead: list[int] | None = None,
+                      stopped: bool = False) -> str:
     """One line saying which rank brought a failed job down and how, or '' if unknown.
 
     Bad arguments: the programs print "error: ..." and exit (see agree_on_arguments in
     tfcourse.parallel.comm); that line is repeated here. A rank that raised calls
     MPI_Abort, and the MPI library names it in stderr. A rank killed by a signal (SIGKILL
-    from outside, or the kernel's out-of-memory killer) cannot say anything: MPICH's hydra
-    then reports "BAD TERMINATION ... EXIT CODE: 9" on stdout with a PID that may be any
-    rank it stopped while cleaning up; Open MPI names the rank.
+    from outside, or the kernel's out-of-memory killer) cannot say anything: Open MPI names
+    it; MPICH's hydra reports "BAD TERMINATION ... EXIT CODE: 9" with a PID only - run_mpi
+    then looks which ranks are gone while the others still run (`dead`). Without that, the
+    PID may be any rank hydra stopped while cleaning up. `stopped`: the launcher ended the
+    job because the other ranks were still waiting for the dead one.
     """
     # the programs' own message ("error: ..."), or argparse's ("prog: error: argument ...")
     rejected = re.search(r"(?:^|: )error: (.*)$", stderr, re.MULTILINE)
     if rejected:
         return f"the program stopped on bad input: {rejected.group(1)}"
     aborted = sorted({int(m) for pattern in ABORT_PATTERNS for m in re.findall(pattern, stderr)})
+    # An MPI call that failed (mpi4py.MPI.Exception) means its rank lost a partner: if some
+    # rank died first, the abort was the reaction. Otherwise the aborting rank is the cause
+    # (and the ranks hydra then stopped may well have exited before it).
+    if aborted and dead and set(dead) - set(aborted) and "mpi4py.MPI.Exception" in stderr:
+        return (f"{_ranks(dead)} died while the others were running; "
+                f"{_ranks(aborted)} then called MPI_Abort (see stderr below)")
     if aborted:
         return f"{_ranks(aborted)} called MPI_Abort (an uncaught error: see stderr below)"
     openmpi = re.search(r"process rank (\d+) with PID (\d+) .*?exited on signal (\d+)", stdout
@@ -188,9 +206,19 @@ def failed_ranks_note(stdout: str, stderr: str) -> str:
         rank, pid, sig = (int(g) for g in openmpi.groups())
         return f"rank {rank} (PID {pid}) was {_signal_description(sig)}"
     hydra = re.search(r"BAD TERMINATION.*?EXIT CODE: (\d+)", stdout, re.DOTALL)
+    # without auto-cleanup, hydra only says how the job ended
+    killed = re.search(r"EXIT STRING: .*\(signal (\d+)\)", stdout)
+    how = _signal_description(int((hydra or killed).group(1))) if hydra or killed else "gone"
+    if dead and stopped:
+        return (f"{_ranks(dead)} died while the others were running, without an error message "
+                f"(killed by a signal, e.g. SIGKILL from outside or the out-of-memory killer); "
+                f"the others were still waiting for it {GRACE_SECONDS:g} s later, so the "
+                f"launcher stopped the job")
+    if dead:
+        return f"{_ranks(dead)} died while the others were running: {how}"
     if hydra:
-        return (f"a rank was {_signal_description(int(hydra.group(1)))}; MPICH names it only "
-                f"by a PID (in its report below), which may be a rank it stopped afterwards")
+        return (f"a rank was {how}; MPICH names it only by a PID (in its report below), "
+                f"which may be a rank it stopped afterwards")
     return ""
 
 
@@ -228,6 +256,122 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+RANK_VARIABLES = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")
+POLL_SECONDS = 0.02
+# A rank gone while others still run for this long died: MPI_Finalize holds finished ranks
+# until every rank has finalised, so ranks of a healthy job exit within moments of each other.
+GRACE_SECONDS = 1.5
+
+
+def rank_pids(pid: int) -> dict[int, int]:
+    """{rank: PID} of the ranks below process `pid` (an mpiexec): the rank is read from the
+    PMI_RANK (MPICH) or OMPI_COMM_WORLD_RANK (Open MPI) variable mpiexec put in each rank's
+    environment."""
+    ranks = {}
+    for child in _descendants(pid):
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for variable in environ:
+            if variable.startswith(RANK_VARIABLES):
+                ranks[int(variable.split(b"=", 1)[1])] = child
+    return ranks
+
+
+class _Output:
+    """A child's stdout or stderr, read on a thread while the launcher watches the job."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self.lines.extend, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def text(self) -> str:
+        self.thread.join()
+        return "".join(self.lines)
+
+
+class _RankWatch:
+    """Which ranks died first. Once every rank's process is known, holds a pidfd for each
+    (Linux): it becomes readable the moment that process has exited. `first_dead` holds the
+    ranks found exited at the first moment any was, if some other rank was still running
+    then - they died first, not in the general shutdown. Elsewhere it learns nothing."""
+
+    def __init__(self, mpiexec_pid: int, n_ranks: int):
+        self.mpiexec_pid, self.n_ranks = mpiexec_pid, n_ranks
+        self.pidfds: dict[int, int] = {}  # rank -> pidfd
+        self.first_dead: list[int] = []
+        self.since: float | None = None
+        self.next_scan = 0.0
+        self.enabled = hasattr(os, "pidfd_open") and Path("/proc").is_dir()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, waking as soon as a watched rank exits."""
+        if not self.enabled or self.first_dead:
+            time.sleep(seconds)
+            return
+        if len(self.pidfds) < self.n_ranks:
+            self._discover()
+            time.sleep(seconds)
+            return
+        exited, _, _ = select.select(list(self.pidfds.values()), [], [], seconds)
+        if exited:
+            self._record([r for r, fd in self.pidfds.items() if fd in exited])
+
+    def _discover(self) -> None:
+        now = time.monotonic()
+        if now < self.next_scan:  # `ps` is not free: look for new ranks every 0.1 s
+            return
+        self.next_scan = now + 0.1
+        found = rank_pids(self.mpiexec_pid)
+        if len(found) < self.n_ranks:
+            return
+        gone = []
+        for rank, pid in found.items():
+            try:
+                self.pidfds[rank] = os.pidfd_open(pid)
+            except OSError:  # exited between the scan and now
+                gone.append(rank)
+        if gone:
+            self._record(gone)
+
+    def _record(self, exited: list[int]) -> None:
+        if len(exited) < self.n_ranks:
+            self.first_dead, self.since = sorted(exited), time.monotonic()
+
+    def overdue(self) -> bool:
+        """True if a rank died more than GRACE_SECONDS ago and the job still runs."""
+        return self.since is not None and time.monotonic() - self.since > GRACE_SECONDS
+
+    def close(self) -> None:
+        for fd in self.pidfds.values():
+            os.close(fd)
+
+
+def _supervise(process: subprocess.Popen, n_ranks: int, timeout: float
+               ) -> tuple[list[int], bool]:
+    """Wait for the job; returns (the ranks that died while others still ran, [] if none;
+    whether the launcher stopped the job). If the others still run GRACE_SECONDS after a
+    rank died (waiting for it in some collective), the job is ended here. Raises
+    subprocess.TimeoutExpired after `timeout`."""
+    deadline = time.monotonic() + timeout
+    watch = _RankWatch(process.pid, n_ranks)
+    stopped = False
+    try:
+        while process.poll() is None:
+            if watch.overdue():
+                _kill_job(process)
+                stopped = True
+                break
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(process.args, timeout)
+            watch.wait(POLL_SECONDS)
+    finally:
+        watch.close()
+    return watch.first_dead, stopped
+
+
 def _kill_job(process: subprocess.Popen) -> None:
     """Terminate mpiexec and every rank it started.
 
@@ -261,9 +405,10 @@ def _tail(text: str, chars: int = STDERR_TAIL_CHARS) -> str:
     return text if len(text) <= chars else "...\n" + text[-chars:]
 
 
-def _failure_message(returncode: int, command: list[str], stdout: str, stderr: str) -> str:
+def _failure_message(returncode: int, command: list[str], stdout: str, stderr: str,
+                     dead: list[int] | None = None, stopped: bool = False) -> str:
     """MPIJobError's text: exit code, which rank failed if known, stderr, hydra's report."""
-    culprits = failed_ranks_note(stdout, stderr)
+    culprits = failed_ranks_note(stdout, stderr, dead, stopped)
     message = (f"MPI job failed with exit code {returncode}: {' '.join(command)}\n"
                + (f"{culprits}\n" if culprits else "")
                + f"--- ranks' stderr ---\n{_tail(stderr)}")
@@ -295,7 +440,7 @@ def run_mpi(
     with tempfile.TemporaryDirectory(prefix="tfcourse-mpi-") as tmp:
         json_path = Path(tmp) / "result.json"
         full_args = [*args, "--json", str(json_path)] if json_result else list(args)
-        command = build_command(module, full_args, n_ranks, python, hostfile)
+        command = build_command(module, full_args, n_ranks, python, hostfile, supervised=True)
         start = time.perf_counter()
         process = subprocess.Popen(
             command,
@@ -306,11 +451,13 @@ def run_mpi(
             env=rank_environment(threads_per_rank, python),
             start_new_session=True,  # own process group: a timeout can kill every rank
         )
+        outputs = [_Output(process.stdout), _Output(process.stderr)]
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
+            dead, stopped = _supervise(process, n_ranks, timeout)
+            stdout, stderr = (out.text() for out in outputs)
         except subprocess.TimeoutExpired:
             _kill_job(process)
-            stdout, stderr = process.communicate()
+            stdout, stderr = (out.text() for out in outputs)
             raise MPITimeoutError(
                 f"MPI job timed out after {timeout:g} s and was killed: {' '.join(command)}\n"
                 "A rank probably waits in a collective or a receive that another rank never "
@@ -325,7 +472,7 @@ def run_mpi(
         seconds = time.perf_counter() - start
         if process.returncode != 0:
             raise MPIJobError(
-                _failure_message(process.returncode, command, stdout, stderr),
+                _failure_message(process.returncode, command, stdout, stderr, dead, stopped),
                 process.returncode,
                 stdout,
                 stderr,
