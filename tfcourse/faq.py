@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from unittest import mock
 
 import numpy as np
 
 from tfcourse import costmodel, model
 from tfcourse.attention import causal_mask, init_mha_params, mha_forward
+from tfcourse.hardware import call_times
 from tfcourse.parallel.partition import batch_rows
 from tfcourse.validate import (
     as_float_array,
@@ -99,14 +99,7 @@ def sequential_steps(kind: str, seq_len: int) -> int:
 def time_layer(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Median seconds (time.perf_counter) of `repeats` calls of fn() after `warmup` calls."""
     repeats = require_positive_int("repeats", repeats)
-    for _ in range(require_nonnegative_int("warmup", warmup)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, repeats, require_nonnegative_int("warmup", warmup)))
 
 
 def _lengths(lengths) -> list[int]:

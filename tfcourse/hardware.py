@@ -44,13 +44,13 @@ def ridge_intensity(peak_gflops: float, bandwidth_gbs: float) -> float:
     return peak_gflops / bandwidth_gbs
 
 
-def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Fastest of `repeats` timed calls after `warmup` untimed ones, in seconds.
-
-    The minimum is the least noisy estimate on a shared machine: noise only adds time.
-    """
+def call_times(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Seconds (time.perf_counter) of each of `repeats` calls of fn(), after `warmup`
+    untimed calls (first-call costs: page faults, caches, lazy imports)."""
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup: expected >= 0, got {warmup}")
     for _ in range(warmup):
         fn()
     times = []
@@ -58,7 +58,15 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Fastest of `repeats` timed calls after `warmup` untimed ones, in seconds.
+
+    The minimum is the least noisy estimate on a shared machine: noise only adds time.
+    """
+    return min(call_times(fn, repeats, warmup))
 
 
 def blas_threads_available() -> int:
