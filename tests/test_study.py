@@ -12,7 +12,9 @@ from tfcourse.parallel.partition import shard_axis
 from tfcourse.parallel.study import (
     Layout,
     calibrated_mfu,
+    compare_with_planner,
     default_layouts,
+    format_comparison,
     format_table,
     measure_links,
     model_spec,
@@ -182,3 +184,18 @@ def test_measured_links_are_plausible_for_shared_memory():
     alpha, beta = measure_links(max_bytes=2**20)
     assert 0.0 <= alpha < 1e-3  # under a millisecond per message
     assert 1e8 < 1 / beta < 1e12  # between 0.1 and 1000 GB/s
+
+
+def test_comparison_is_calibrated_on_the_one_rank_run():
+    spec_result = {"config": preset("tiny", load_corpus().vocab.size).to_dict(),
+                   "settings": {"seq_len": 32, "batch_size": 16}}
+    results = {"1 rank": {**spec_result, "layout": {"dp": 1, "tp": 1, "pp": 1, "schedule": None},
+                          "step_seconds": [1.0, 0.10, 0.10]},
+               "DP 2": {**spec_result, "layout": {"dp": 2, "tp": 1, "pp": 1, "schedule": None},
+                        "step_seconds": [1.0, 0.06, 0.06]}}
+    rows = compare_with_planner(results, 1e9, 0.0, 1e-30, cores=1, memory_bytes=1e9)
+    assert rows[0]["predicted"] == pytest.approx(0.10)  # the calibration point
+    assert rows[1]["predicted"] == pytest.approx(0.10)  # 2 ranks on 1 core: no faster
+    assert rows[1]["predicted_ignoring_cores"] == pytest.approx(0.05)
+    lines = format_comparison(rows, mark="~").splitlines()
+    assert lines[2].split() == ["DP", "2", "~60.0", "~100.0", "~67%", "~50.0"]

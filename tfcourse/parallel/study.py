@@ -195,6 +195,38 @@ def predict(layout: Layout, spec: ModelSpec, cluster: Cluster, microbatches: int
     return estimate(spec, cluster, Plan(layout.dp, layout.tp, layout.pp, m, 0))
 
 
+def compare_with_planner(results: dict[str, dict], flops_per_s: float, alpha: float,
+                         beta: float, cores: int, memory_bytes: float,
+                         microbatches: int = 4, baseline: str = "1 rank") -> list[dict]:
+    """Per layout: measured median step seconds, the planner's prediction for this machine
+    (utilisation calibrated on `baseline`; ranks share `cores`), and the prediction that
+    ignores the shared cores."""
+    spec = model_spec(results[baseline])
+    mfu = calibrated_mfu(spec, median_step_seconds(results[baseline]), flops_per_s)
+    rows = []
+    for name, result in results.items():
+        layout = Layout(**result["layout"])
+        shared, naive = (predict(layout, spec, this_machine(
+            layout.ranks, cores, flops_per_s, mfu, alpha, beta, memory_bytes, share_cores),
+            microbatches) for share_cores in (True, False))
+        rows.append({"layout": name, "measured": median_step_seconds(result),
+                     "predicted": shared.step_s, "predicted_ignoring_cores": naive.step_s})
+    return rows
+
+
+def format_comparison(rows: list[dict], mark: str = "") -> str:
+    """compare_with_planner's rows as text, in milliseconds (measured values after `mark`)."""
+    lines = [f"{'layout':17s} {'measured':>9s} {'predicted':>10s} {'error':>7s} "
+             f"{'ignoring cores':>15s}"]
+    for r in rows:
+        cells = [(r["measured"] * 1e3, ".1f", 9), (r["predicted"] * 1e3, ".1f", 10),
+                 (100 * (r["predicted"] / r["measured"] - 1), ".0f", 6),
+                 (r["predicted_ignoring_cores"] * 1e3, ".1f", 15)]
+        text = [f"{mark}{value:{spec}}".rjust(width) for value, spec, width in cells]
+        lines.append(f"{r['layout']:17s} {text[0]} {text[1]} {text[2]}% {text[3]}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], mark: str = "") -> str:
     """The summary as aligned text. Measured values (times and what is computed from them)
     are prefixed with `mark` - the notebooks use "~", which their tests mask."""
