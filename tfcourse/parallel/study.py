@@ -228,8 +228,9 @@ def format_comparison(rows: list[dict], mark: str = "") -> str:
 
 
 def format_table(rows: list[dict], mark: str = "") -> str:
-    """The summary as aligned text. Measured values (times and what is computed from them)
-    are prefixed with `mark` - the notebooks use "~", which their tests mask."""
+    """The summary as aligned text. Measured values (times and what is computed from them,
+    and rounding-level loss differences, which vary with the CPU's BLAS kernels) are prefixed
+    with `mark` - the notebooks use "~", which their tests mask."""
     def measured(value: float, spec: str, width: int) -> str:
         return f"{mark}{value:{spec}}".rjust(width)
 
@@ -243,7 +244,7 @@ def format_table(rows: list[dict], mark: str = "") -> str:
                      f"{measured(r['speedup'], '.2f', 8)} {measured(r['efficiency'], '.2f', 6)} "
                      f"{measured(r['comm_share'] * 100, '.0f', 8)}% "
                      f"{r['max_state_bytes'] / 1024:8.1f} {r['final_loss']:7.4f} "
-                     f"{r['max_loss_rel_diff']:9.1e}")
+                     f"{measured(r['max_loss_rel_diff'], '.1e', 9)}")
     return "\n".join(lines)
 
 
