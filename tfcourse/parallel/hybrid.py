@@ -134,12 +134,11 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     corpus, config, settings = setup.corpus, setup.config, setup.settings
     dp, per_replica = grid_shape(comm.size, args.dp, args.pp, args.tp)
     replica, model, data = split(comm, per_replica)
-    full = init_params(config, settings.seed)
     if args.pp > 1:
         stage = pipeline.start(config, settings, model)
         ops = schedule(args.schedule, args.pp, model.rank, args.microbatches)
     else:
-        local = shard_params(full, model.rank, model.size)
+        local = shard_params(init_params(config, settings.seed), model.rank, model.size)
         opt_state = adamw_init(local)
     model_log = CommLog(split_waiting=True)
     data_log = CommLog(split_waiting=True)

@@ -286,7 +286,9 @@ def parse_microbatches(text: str) -> int | str:
 
 def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     """Check every argument against `world_size` without any communication; ValueError
-    naming the argument on bad input (see comm.agree_on_arguments)."""
+    naming the argument on bad input (see comm.agree_on_arguments). Converts the text flags
+    in `args` to values: --microbatches to an int or "auto", --stage-layers and --slowdown
+    to lists."""
     require_positive_int("--threads", args.threads)
     args.microbatches = parse_microbatches(str(args.microbatches))
     setup = training_setup(args)
