@@ -151,6 +151,11 @@ def test_failure_note_names_the_rank_that_died_first():
     assert note.startswith("rank 2 died while the others were running: killed by signal 9")
     stopped = launch.failed_ranks_note("", "", dead=[1], stopped=True)
     assert "rank 1 died" in stopped and "the launcher stopped the job" in stopped
+    together = launch.failed_ranks_note("", "", together=[0, 2])
+    assert together.startswith("one of ranks 0, 2 died first")
+    silent = launch.failed_ranks_note("", "", dead=[3])
+    assert silent.startswith("rank 3 died while the others were running: it ended without "
+                             "an error message")
     # a rank that raised calls MPI_Abort; ranks hydra then stopped may exit before it
     abort = "Abort(1) on node 2 (rank 2 in comm 0): application called MPI_Abort\n"
     assert launch.failed_ranks_note("", abort, dead=[0, 1]).startswith("rank 2 called MPI_Abort")

@@ -94,8 +94,8 @@ def test_rank_killed_by_sigkill_ends_the_job_and_is_named():
                           ["--kill-on-rank", "2"], n_ranks=4, timeout=30)
     message = str(error)
     assert error.returncode != 0 and not isinstance(error, MPITimeoutError)
-    assert message.splitlines()[1].startswith(
-        "rank 2 died while the others were running: killed by signal 9 (SIGKILL")
+    # MPICH usually adds how it ended ("killed by signal 9 (SIGKILL"); not always
+    assert message.splitlines()[1].startswith("rank 2 died while the others were running: ")
     assert "rank 2: killing itself with SIGKILL" in message  # its last words, on stderr
     assert_no_survivors("tfcourse.hello --kill-on-rank 2")
 

@@ -175,7 +175,7 @@ ABORT_PATTERNS = (
 
 
 def failed_ranks_note(stdout: str, stderr: str, dead: list[int] | None = None,
-                      stopped: bool = False) -> str:
+                      stopped: bool = False, together: list[int] | None = None) -> str:
     """One line saying which rank brought a failed job down and how, or '' if unknown.
 
     Bad arguments: the programs print "error: ..." and exit (see agree_on_arguments in
@@ -185,7 +185,8 @@ def failed_ranks_note(stdout: str, stderr: str, dead: list[int] | None = None,
     it; MPICH's hydra reports "BAD TERMINATION ... EXIT CODE: 9" with a PID only - run_mpi
     then looks which ranks are gone while the others still run (`dead`). Without that, the
     PID may be any rank hydra stopped while cleaning up. `stopped`: the launcher ended the
-    job because the other ranks were still waiting for the dead one.
+    job because the other ranks were still waiting for the dead one. `together`: ranks
+    that had all exited when the launcher first looked (one of them first).
     """
     # the programs' own message ("error: ..."), or argparse's ("prog: error: argument ...")
     rejected = re.search(r"(?:^|: )error: (.*)$", stderr, re.MULTILINE)
@@ -208,14 +209,18 @@ def failed_ranks_note(stdout: str, stderr: str, dead: list[int] | None = None,
     hydra = re.search(r"BAD TERMINATION.*?EXIT CODE: (\d+)", stdout, re.DOTALL)
     # without auto-cleanup, hydra only says how the job ended
     killed = re.search(r"EXIT STRING: .*\(signal (\d+)\)", stdout)
-    how = _signal_description(int((hydra or killed).group(1))) if hydra or killed else "gone"
+    silent = ("it ended without an error message (killed by a signal, e.g. SIGKILL from "
+              "outside or the out-of-memory killer, or crashed)")
+    how = _signal_description(int((hydra or killed).group(1))) if hydra or killed else silent
     if dead and stopped:
-        return (f"{_ranks(dead)} died while the others were running, without an error message "
-                f"(killed by a signal, e.g. SIGKILL from outside or the out-of-memory killer); "
-                f"the others were still waiting for it {GRACE_SECONDS:g} s later, so the "
-                f"launcher stopped the job")
+        return (f"{_ranks(dead)} died while the others were running: {silent}; the others "
+                f"were still waiting for it {GRACE_SECONDS:g} s later, so the launcher "
+                f"stopped the job")
     if dead:
         return f"{_ranks(dead)} died while the others were running: {how}"
+    if together:
+        return (f"one of {_ranks(together)} died first ({how}) and the others then stopped; "
+                f"they had all exited when the launcher looked (a busy machine?)")
     if hydra:
         return (f"a rank was {how}; MPICH names it only by a PID (in its report below), "
                 f"which may be a rank it stopped afterwards")
@@ -237,16 +242,31 @@ def _ranks(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
 
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below `pid` (mpiexec's proxies and ranks), from `ps`."""
+def _parent_pids() -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process: from /proc where there is one (fast enough to
+    poll), else from `ps`."""
+    if Path("/proc/self/stat").is_file():
+        pairs = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:  # "pid (command) state ppid ...": the command may contain spaces
+                    stat = Path(entry.path, "stat").read_text()
+                    pairs.append((int(entry.name), int(stat.rsplit(")", 1)[1].split()[1])))
+                except (OSError, IndexError, ValueError):
+                    continue  # exited meanwhile
+        return pairs
     try:
         table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True,
                                text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return []
+    return [tuple(int(field) for field in line.split()) for line in table.splitlines()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (mpiexec's proxies and ranks)."""
     children: dict[int, list[int]] = {}
-    for line in table.splitlines():
-        child, parent = (int(field) for field in line.split())
+    for child, parent in _parent_pids():
         children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
@@ -293,26 +313,28 @@ class _Output:
 
 
 class _RankWatch:
-    """Which ranks died first. Once every rank's process is known, holds a pidfd for each
-    (Linux): it becomes readable the moment that process has exited. `first_dead` holds the
-    ranks found exited at the first moment any was, if some other rank was still running
-    then - they died first, not in the general shutdown. Elsewhere it learns nothing."""
+    """Which ranks died first. Holds a pidfd (Linux) for every rank as soon as its process
+    appears; a pidfd becomes readable the moment its process has exited. At the first exit,
+    `first_dead` gets the exited ranks if some other rank was still running - they died
+    first, not in the general shutdown; if none was (the launcher looked too late, e.g. on a
+    busy machine), `together` gets them instead. Elsewhere it learns nothing."""
 
     def __init__(self, mpiexec_pid: int, n_ranks: int):
         self.mpiexec_pid, self.n_ranks = mpiexec_pid, n_ranks
         self.pidfds: dict[int, int] = {}  # rank -> pidfd
         self.first_dead: list[int] = []
+        self.together: list[int] = []
         self.since: float | None = None
-        self.next_scan = 0.0
-        self.enabled = hasattr(os, "pidfd_open") and Path("/proc").is_dir()
+        self.enabled = hasattr(os, "pidfd_open") and Path("/proc/self/environ").is_file()
 
     def wait(self, seconds: float) -> None:
         """Sleep up to `seconds`, waking as soon as a watched rank exits."""
-        if not self.enabled or self.first_dead:
+        if not self.enabled or self.since is not None:
             time.sleep(seconds)
             return
         if len(self.pidfds) < self.n_ranks:
             self._discover()
+        if not self.pidfds:
             time.sleep(seconds)
             return
         exited, _, _ = select.select(list(self.pidfds.values()), [], [], seconds)
@@ -320,29 +342,23 @@ class _RankWatch:
             self._record([r for r, fd in self.pidfds.items() if fd in exited])
 
     def _discover(self) -> None:
-        now = time.monotonic()
-        if now < self.next_scan:  # `ps` is not free: look for new ranks every 0.1 s
-            return
-        self.next_scan = now + 0.1
-        found = rank_pids(self.mpiexec_pid)
-        if len(found) < self.n_ranks:
-            return
-        gone = []
-        for rank, pid in found.items():
-            try:
-                self.pidfds[rank] = os.pidfd_open(pid)
-            except OSError:  # exited between the scan and now
-                gone.append(rank)
-        if gone:
-            self._record(gone)
+        for rank, pid in rank_pids(self.mpiexec_pid).items():
+            if rank not in self.pidfds:
+                try:
+                    self.pidfds[rank] = os.pidfd_open(pid)
+                except OSError:  # exited between the scan and now
+                    continue
 
     def _record(self, exited: list[int]) -> None:
-        if len(exited) < self.n_ranks:
-            self.first_dead, self.since = sorted(exited), time.monotonic()
+        self.since = time.monotonic()
+        if len(exited) < len(self.pidfds):
+            self.first_dead = sorted(exited)
+        else:
+            self.together = sorted(exited)
 
     def overdue(self) -> bool:
         """True if a rank died more than GRACE_SECONDS ago and the job still runs."""
-        return self.since is not None and time.monotonic() - self.since > GRACE_SECONDS
+        return bool(self.first_dead) and time.monotonic() - self.since > GRACE_SECONDS
 
     def close(self) -> None:
         for fd in self.pidfds.values():
@@ -350,9 +366,10 @@ class _RankWatch:
 
 
 def _supervise(process: subprocess.Popen, n_ranks: int, timeout: float
-               ) -> tuple[list[int], bool]:
+               ) -> tuple[list[int], list[int], bool]:
     """Wait for the job; returns (the ranks that died while others still ran, [] if none;
-    whether the launcher stopped the job). If the others still run GRACE_SECONDS after a
+    the ranks found exited together at the first look; whether the launcher stopped the
+    job). If the others still run GRACE_SECONDS after a
     rank died (waiting for it in some collective), the job is ended here. Raises
     subprocess.TimeoutExpired after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -369,7 +386,7 @@ def _supervise(process: subprocess.Popen, n_ranks: int, timeout: float
             watch.wait(POLL_SECONDS)
     finally:
         watch.close()
-    return watch.first_dead, stopped
+    return watch.first_dead, watch.together, stopped
 
 
 def _kill_job(process: subprocess.Popen) -> None:
@@ -406,9 +423,10 @@ def _tail(text: str, chars: int = STDERR_TAIL_CHARS) -> str:
 
 
 def _failure_message(returncode: int, command: list[str], stdout: str, stderr: str,
-                     dead: list[int] | None = None, stopped: bool = False) -> str:
-    """MPIJobError's text: exit code, which rank failed if known, stderr, hydra's report."""
-    culprits = failed_ranks_note(stdout, stderr, dead, stopped)
+                     watched: dict | None = None) -> str:
+    """MPIJobError's text: exit code, which rank failed if known, stderr, hydra's report.
+    `watched`: what run_mpi saw of the ranks (failed_ranks_note's keyword arguments)."""
+    culprits = failed_ranks_note(stdout, stderr, **(watched or {}))
     message = (f"MPI job failed with exit code {returncode}: {' '.join(command)}\n"
                + (f"{culprits}\n" if culprits else "")
                + f"--- ranks' stderr ---\n{_tail(stderr)}")
@@ -453,7 +471,7 @@ def run_mpi(
         )
         outputs = [_Output(process.stdout), _Output(process.stderr)]
         try:
-            dead, stopped = _supervise(process, n_ranks, timeout)
+            dead, together, stopped = _supervise(process, n_ranks, timeout)
             stdout, stderr = (out.text() for out in outputs)
         except subprocess.TimeoutExpired:
             _kill_job(process)
@@ -472,7 +490,8 @@ def run_mpi(
         seconds = time.perf_counter() - start
         if process.returncode != 0:
             raise MPIJobError(
-                _failure_message(process.returncode, command, stdout, stderr, dead, stopped),
+                _failure_message(process.returncode, command, stdout, stderr,
+                                 {"dead": dead, "together": together, "stopped": stopped}),
                 process.returncode,
                 stdout,
                 stderr,
