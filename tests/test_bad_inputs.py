@@ -362,15 +362,21 @@ def assert_nothing_written(json_path: Path, before: list[str]) -> None:
     assert entries(json_path.parent) == before, "a temporary or partial file was left"
 
 
-@pytest.mark.parametrize("args, match, json", TRAIN_CASES)
-def test_train_cli_bad_input_is_a_clean_error(args, match, json, tmp_path, request):
+def command_line_case(kind: str, request, args, json, tmp_path):
+    """(case id, arguments, --json path, what its folder held before) of a command-line
+    case; the case is counted as tried."""
     case_id = request.node.callspec.id
-    TRIED.add(f"train/{case_id}")
+    TRIED.add(f"{kind}/{case_id}")
     (tmp_path / "out").mkdir()
     args = args(tmp_path) if callable(args) else args
     json_path = json_target(tmp_path, json, tmp_path)
     target_folder = json_path if json_path.is_dir() else json_path.parent
-    before = entries(target_folder)
+    return case_id, args, json_path, entries(target_folder)
+
+
+@pytest.mark.parametrize("args, match, json", TRAIN_CASES)
+def test_train_cli_bad_input_is_a_clean_error(args, match, json, tmp_path, request):
+    case_id, args, json_path, before = command_line_case("train", request, args, json, tmp_path)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "tfcourse.train", "--progress", "none", *args,
@@ -517,13 +523,7 @@ MPI_CASES = [
 @pytest.mark.parametrize("module, n_ranks, args, match, json", MPI_CASES)
 def test_mpi_program_bad_input_is_a_clean_error(module, n_ranks, args, match, json, tmp_path,
                                                 request):
-    case_id = request.node.callspec.id
-    TRIED.add(f"mpi/{case_id}")
-    (tmp_path / "out").mkdir()
-    args = args(tmp_path) if callable(args) else args
-    json_path = json_target(tmp_path, json, tmp_path)
-    target_folder = json_path if json_path.is_dir() else json_path.parent
-    before = entries(target_folder)
+    case_id, args, json_path, before = command_line_case("mpi", request, args, json, tmp_path)
     start = time.perf_counter()
     with pytest.raises(MPIJobError) as info:
         run_mpi(module, [*args, "--json", str(json_path)], n_ranks=n_ranks,

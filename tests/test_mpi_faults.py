@@ -46,21 +46,13 @@ def assert_no_survivors(marker: str, grace: float = 3.0) -> None:
 
 
 def rank_pids(marker: str) -> dict[int, int]:
-    """{rank: pid} of a running job's ranks, found with `ps` (mpiexec's own line excluded);
-    the rank is read from the PMI_RANK that MPICH's mpiexec put in each rank's environment."""
-    ranks = {}
+    """{rank: pid} of a running job's ranks: the ranks below the mpiexec whose command
+    contains `marker` (launch.rank_pids reads each rank's PMI_RANK)."""
     for line in processes_matching(marker):
         pid, _, command = line.split(None, 2)
         if "mpiexec" in command.split()[0]:
-            continue
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for variable in environ:
-            if variable.startswith((b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")):
-                ranks[int(variable.split(b"=")[1])] = int(pid)
-    return ranks
+            return launch.rank_pids(int(pid))
+    return {}
 
 
 def timed_failure(case: str, expected: type[Exception], *args, **kwargs) -> Exception:

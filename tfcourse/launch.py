@@ -369,9 +369,8 @@ def _supervise(process: subprocess.Popen, n_ranks: int, timeout: float
                ) -> tuple[list[int], list[int], bool]:
     """Wait for the job; returns (the ranks that died while others still ran, [] if none;
     the ranks found exited together at the first look; whether the launcher stopped the
-    job). If the others still run GRACE_SECONDS after a
-    rank died (waiting for it in some collective), the job is ended here. Raises
-    subprocess.TimeoutExpired after `timeout`."""
+    job). If the others still run GRACE_SECONDS after a rank died (waiting for it in some
+    collective), the job is ended here. Raises subprocess.TimeoutExpired after `timeout`."""
     deadline = time.monotonic() + timeout
     watch = _RankWatch(process.pid, n_ranks)
     stopped = False

@@ -306,7 +306,7 @@ def training_setup(args: argparse.Namespace, **config_overrides) -> TrainingSetu
     Shared by the serial and the parallel programs; `config_overrides` such as n_layers
     change the preset. Touches no output file and needs no MPI."""
     settings = settings_from_args(args)
-    if getattr(args, "layers", None) is not None:
+    if args.layers is not None:
         config_overrides["n_layers"] = require_positive_int("--layers", args.layers)
     corpus = load_corpus(args.text)
     config = preset(args.config, corpus.vocab.size, dtype=args.dtype, **config_overrides)

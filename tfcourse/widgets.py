@@ -7,10 +7,12 @@ widget output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
+from tfcourse import planner
 from tfcourse.attention import causal_mask, softmax
 from tfcourse.positional import sinusoidal_encoding
 
@@ -119,16 +121,20 @@ def bubble_explorer():
     )
 
 
+# GPT-3 6.7B (Brown et al. 2020, table 2.1): 2M-token batches of 2048 tokens
+PLANNER_MODELS = {
+    "GPT-3 175B": planner.GPT3_175B,
+    "GPT-3 6.7B": planner.ModelSpec(vocab_size=50257, d_model=4096, n_heads=32, n_layers=32,
+                                    d_ff=4 * 4096, seq_len=2048, global_batch=1024),
+}
+
+
 def explorer_plans(model_name: str, n_devices: int, memory_gb: float, network_gbs: float,
                    top: int = 5) -> list[str]:
     """The planner's verdict for a model on an A100-like cluster with `n_devices` devices of
     `memory_gb` and `network_gbs` GB/s between nodes: a summary line, then the `top`
     fastest plans that fit (one per layout: the ZeRO stage with the least memory among the
     fastest)."""
-    import dataclasses
-
-    from tfcourse import planner
-
     if model_name not in PLANNER_MODELS:
         raise ValueError(f"model_name: expected one of {sorted(PLANNER_MODELS)}, "
                          f"got {model_name!r}")
@@ -147,18 +153,6 @@ def explorer_plans(model_name: str, n_devices: int, memory_gb: float, network_gb
         if len(seen) == top:
             break
     return lines
-
-
-def _planner_models() -> dict:
-    from tfcourse.planner import GPT3_175B, ModelSpec
-
-    return {"GPT-3 175B": GPT3_175B,
-            # GPT-3 6.7B (Brown et al. 2020, table 2.1): 2M-token batches of 2048 tokens
-            "GPT-3 6.7B": ModelSpec(vocab_size=50257, d_model=4096, n_heads=32, n_layers=32,
-                                    d_ff=4 * 4096, seq_len=2048, global_batch=1024)}
-
-
-PLANNER_MODELS = _planner_models()
 
 
 def planner_explorer():

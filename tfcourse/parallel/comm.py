@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.parallel.partition import chunk_bounds
+from tfcourse.train import add_training_arguments
 from tfcourse.validate import require_positive_int
 
 T = TypeVar("T")
@@ -38,6 +39,17 @@ def print_in_rank_order(comm: MPI.Comm, line: str) -> list[str] | None:
     if comm.rank == 0:
         print("\n".join(lines), flush=True)
     return lines
+
+
+def program_parser(module: str, description: str, training: bool = True
+                   ) -> argparse.ArgumentParser:
+    """The command line of `python -m <module>`: its docstring as help, and (`training`) the
+    options every training program shares, with --threads."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if training:
+        add_training_arguments(parser, threads=True)
+    return parser
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
@@ -218,8 +230,12 @@ class CommLog:
         """Seconds in communication calls, waiting included."""
         return sum(seconds for _, _, seconds in self.records)
 
-    def waiting_seconds(self) -> float:
-        return sum(seconds for name, _, seconds in self.records if name == WAITING)
+    def communication_and_waiting(self, first: int = 0) -> tuple[float, float]:
+        """(seconds moving data, seconds waiting) of records[first:] - e.g. one step's, with
+        `first` = len(records) before the step."""
+        records = self.records[first:]
+        waiting = sum(seconds for name, _, seconds in records if name == WAITING)
+        return sum(seconds for _, _, seconds in records) - waiting, waiting
 
     def total_bytes(self) -> int:
         return sum(nbytes for _, nbytes, _ in self.records)
@@ -239,6 +255,14 @@ class StepTimes:
 
     def add(self, step_seconds: float, communication: float, waiting: float) -> None:
         self.rows.append((step_seconds, communication, waiting))
+
+    def total(self) -> dict[str, float]:
+        """Seconds of each part, summed over every step."""
+        if not self.rows:
+            raise ValueError("StepTimes.total: no steps were recorded")
+        step, communication, waiting = np.sum(np.array(self.rows), axis=0).tolist()
+        return {"compute": step - communication - waiting, "communication": communication,
+                "waiting": waiting}
 
     def mean(self, skip_first: bool = True) -> dict[str, float]:
         """Mean seconds per step of each part; the first step (warm-up: page faults, BLAS

@@ -44,6 +44,7 @@ from tfcourse.parallel.comm import (
     StepTimes,
     add_json_argument,
     add_split_waiting_argument,
+    program_parser,
     run_program,
 )
 from tfcourse.parallel.partition import (
@@ -56,7 +57,6 @@ from tfcourse.parallel.partition import (
 from tfcourse.train import (
     TrainingSetup,
     TrainSettings,
-    add_training_arguments,
     optimizer_update,
     training_setup,
 )
@@ -219,19 +219,16 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     replica = start(config, settings, comm, args.zero)
     sizes = {n: p.size for n, p in replica.params.items()}
     buckets = make_buckets(list(replica.params), sizes, int(args.bucket_mb * 2**20 // 8))
-    losses, step_seconds, compute_seconds = [], [], 0.0
-    log, kept_grads, times = CommLog(split_waiting=args.split_waiting), {}, StepTimes()
+    losses, step_seconds, kept_grads = [], [], {}
+    log, times = CommLog(split_waiting=args.split_waiting), StepTimes()
     for step in range(settings.steps):
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
         comm.Barrier()  # time each step from a common start
-        started, comm_before = time.perf_counter(), log.total_seconds()
-        waiting_before = log.waiting_seconds()
+        started, first_record = time.perf_counter(), len(log.records)
         loss, kept_grads = train_step(replica, x, y, step, config, settings, comm,
                                       args.allreduce, args.zero, buckets, log)
         step_seconds.append(time.perf_counter() - started)
-        waiting = log.waiting_seconds() - waiting_before
-        times.add(step_seconds[-1], log.total_seconds() - comm_before - waiting, waiting)
-        compute_seconds += step_seconds[-1] - (log.total_seconds() - comm_before)
+        times.add(step_seconds[-1], *log.communication_and_waiting(first_record))
         losses.append(loss)
     memory = state_nbytes(replica.params, kept_grads, replica.opt_state)
     n_params = sum(sizes.values())
@@ -244,7 +241,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         "config": config.to_dict(),
         "settings": dataclasses.asdict(settings),
         "step_seconds": step_seconds,
-        "compute_seconds": compute_seconds,
+        "compute_seconds": times.total()["compute"],
         "comm_seconds": log.total_seconds(),
         "comm_bytes": log.total_bytes(),
         "memory_bytes": comm.gather(memory, root=0),
@@ -256,10 +253,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.data_parallel",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, threads=True)
+    parser = program_parser("tfcourse.parallel.data_parallel", __doc__)
     parser.add_argument("--allreduce", default="mpi", choices=sorted([*ALLREDUCES, "overlap"]),
                         help="overlap: per-layer Iallreduce during the backward pass")
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])

@@ -41,6 +41,7 @@ from tfcourse.parallel.comm import (
     CommLog,
     StepTimes,
     add_json_argument,
+    program_parser,
     run_program,
 )
 from tfcourse.parallel.data_parallel import average_gradients
@@ -55,7 +56,6 @@ from tfcourse.parallel.partition import (
 )
 from tfcourse.train import (
     TrainingSetup,
-    add_training_arguments,
     optimizer_update,
     training_setup,
 )
@@ -140,34 +140,27 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     else:
         local = shard_params(init_params(config, settings.seed), model.rank, model.size)
         opt_state = adamw_init(local)
-    model_log = CommLog(split_waiting=True)
-    data_log = CommLog(split_waiting=True)
+    log = CommLog(split_waiting=True)  # this rank's collectives, in both communicators
     losses, step_seconds, times = [], [], StepTimes()
     for step in range(settings.steps):
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
         lo, hi = batch_rows(len(x), replica, dp)
         weight = (hi - lo) / len(x)
         comm.Barrier()  # time each step from a common start
-        started = time.perf_counter()
-        before = [model_log.total_seconds(), model_log.waiting_seconds(),
-                  data_log.total_seconds(), data_log.waiting_seconds()]
-        if args.pp > 1:
+        started, first_record = time.perf_counter(), len(log.records)
+        if args.pp > 1:  # the pipeline's own messages are in its event log
             events = pipeline.EventLog(started)
             loss = pipeline_step(stage, ops, x[lo:hi], y[lo:hi], weight, step, settings,
-                                 config, model, data, events, data_log)
+                                 config, model, data, events, log)
             communication, waiting = pipeline.communication_and_waiting(events.events)
         else:
             loss, local, opt_state, grads = tensor_step(local, opt_state, x[lo:hi], y[lo:hi],
                                                         weight, step, settings, config, model,
-                                                        data, model_log)
+                                                        data, log)
             communication = waiting = 0.0
         step_seconds.append(time.perf_counter() - started)
-        after = [model_log.total_seconds(), model_log.waiting_seconds(),
-                 data_log.total_seconds(), data_log.waiting_seconds()]
-        logged_total = after[0] - before[0] + after[2] - before[2]
-        logged_waiting = after[1] - before[1] + after[3] - before[3]
-        times.add(step_seconds[-1], communication + logged_total - logged_waiting,
-                  waiting + logged_waiting)
+        logged, logged_waiting = log.communication_and_waiting(first_record)
+        times.add(step_seconds[-1], communication + logged, waiting + logged_waiting)
         losses.append(loss)
     if args.pp > 1:  # a gradient per parameter, of the same size
         memory = state_nbytes(stage.params, stage.params, stage.opt_state)
@@ -196,10 +189,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.hybrid",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, threads=True)
+    parser = program_parser("tfcourse.parallel.hybrid", __doc__)
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")

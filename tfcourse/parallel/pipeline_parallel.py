@@ -55,7 +55,7 @@ from tfcourse.model import (
     init_params,
 )
 from tfcourse.optim import adamw_init, state_nbytes, sum_of_squares
-from tfcourse.parallel.comm import StepTimes, add_json_argument, run_program
+from tfcourse.parallel.comm import StepTimes, add_json_argument, program_parser, run_program
 from tfcourse.parallel.partition import (
     SCHEDULES,
     busy_seconds,
@@ -69,7 +69,6 @@ from tfcourse.planner import choose_fastest
 from tfcourse.train import (
     TrainingSetup,
     TrainSettings,
-    add_training_arguments,
     optimizer_update,
     training_setup,
 )
@@ -403,10 +402,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.pipeline_parallel",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, threads=True)
+    parser = program_parser("tfcourse.parallel.pipeline_parallel", __doc__)
     parser.add_argument("--microbatches", default="4",
                         help="micro-batches per step, or 'auto': try 1, 2, 4, ... and keep "
                              "the fastest")
@@ -431,6 +427,7 @@ def main(argv=None) -> int:
                 f"measured vs {result['bubble_formula']:.2f} formula")
 
     return run_program(args, prepare, run, summary)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,7 +42,7 @@ import numpy as np
 
 from tfcourse import costmodel
 from tfcourse.attention import causal_mask, sdpa_backward, sdpa_forward
-from tfcourse.parallel.comm import add_json_argument, run_program
+from tfcourse.parallel.comm import add_json_argument, program_parser, run_program
 from tfcourse.parallel.partition import (
     block_attention_grads,
     block_scores,
@@ -254,9 +254,7 @@ def run(args: argparse.Namespace, chunks: list[list[tuple]], comm) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.sequence_parallel",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("tfcourse.parallel.sequence_parallel", __doc__, training=False)
     parser.add_argument("--seq-len", type=int, required=True, help="length of the sequence")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=1)
@@ -290,6 +288,7 @@ def main(argv=None) -> int:
                 f"per rank (max); work imbalance {result['load_imbalance']:.2f}")
 
     return run_program(args, prepare, run, summary)
+
 
 if __name__ == "__main__":
     sys.exit(main())

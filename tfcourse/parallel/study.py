@@ -26,7 +26,7 @@ from tfcourse.costmodel import allreduce_bytes, fit_alpha_beta
 from tfcourse.files import write_json_atomic
 from tfcourse.launch import run_mpi
 from tfcourse.model import PRESETS, TransformerConfig
-from tfcourse.planner import Cluster, ModelSpec, Plan, PlanEstimate, estimate
+from tfcourse.planner import Cluster, ModelSpec, Plan, PlanEstimate, estimate, validate_against
 from tfcourse.validate import require_positive_int, require_real
 
 PROGRAMS = {"dp": "tfcourse.parallel.data_parallel", "tp": "tfcourse.parallel.tensor_parallel",
@@ -199,8 +199,8 @@ def compare_with_planner(results: dict[str, dict], flops_per_s: float, alpha: fl
                          beta: float, cores: int, memory_bytes: float,
                          microbatches: int = 4, baseline: str = "1 rank") -> list[dict]:
     """Per layout: measured median step seconds, the planner's prediction for this machine
-    (utilisation calibrated on `baseline`; ranks share `cores`), and the prediction that
-    ignores the shared cores."""
+    (utilisation calibrated on `baseline`; ranks share `cores`), its relative error, and the
+    prediction that ignores the shared cores."""
     spec = model_spec(results[baseline])
     mfu = calibrated_mfu(spec, median_step_seconds(results[baseline]), flops_per_s)
     rows = []
@@ -211,7 +211,9 @@ def compare_with_planner(results: dict[str, dict], flops_per_s: float, alpha: fl
             microbatches) for share_cores in (True, False))
         rows.append({"layout": name, "measured": median_step_seconds(result),
                      "predicted": shared.step_s, "predicted_ignoring_cores": naive.step_s})
-    return rows
+    errors = validate_against({r["layout"]: r["measured"] for r in rows},
+                              {r["layout"]: r["predicted"] for r in rows})
+    return [{**r, "error": errors[r["layout"]]} for r in rows]
 
 
 def format_comparison(rows: list[dict], mark: str = "") -> str:
@@ -220,7 +222,7 @@ def format_comparison(rows: list[dict], mark: str = "") -> str:
              f"{'ignoring cores':>15s}"]
     for r in rows:
         cells = [(r["measured"] * 1e3, ".1f", 9), (r["predicted"] * 1e3, ".1f", 10),
-                 (100 * (r["predicted"] / r["measured"] - 1), ".0f", 6),
+                 (100 * r["error"], ".0f", 6),
                  (r["predicted_ignoring_cores"] * 1e3, ".1f", 15)]
         text = [f"{mark}{value:{spec}}".rjust(width) for value, spec, width in cells]
         lines.append(f"{r['layout']:17s} {text[0]} {text[1]} {text[2]}% {text[3]}")

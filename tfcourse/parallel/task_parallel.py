@@ -26,7 +26,12 @@ from mpi4py import MPI
 from mpi4py.futures import MPICommExecutor
 
 from tfcourse.files import write_json_atomic
-from tfcourse.parallel.comm import add_json_argument, agree_on_arguments, limit_blas_threads
+from tfcourse.parallel.comm import (
+    add_json_argument,
+    agree_on_arguments,
+    limit_blas_threads,
+    program_parser,
+)
 from tfcourse.tasks import (
     dependency_inputs,
     graph_tasks,
@@ -166,9 +171,7 @@ def prepare(args: argparse.Namespace) -> list[dict]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.task_parallel",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = program_parser("tfcourse.parallel.task_parallel", __doc__, training=False)
     parser.add_argument("--mode", default="sweep", choices=["sweep", "graph", "imbalance"])
     parser.add_argument("--scheduler", default="dynamic", choices=sorted(SCHEDULERS))
     parser.add_argument("--lrs", default="0.003,0.01,0.03", help="learning rates to sweep")

@@ -52,12 +52,12 @@ from tfcourse.parallel.comm import (
     add_json_argument,
     add_split_waiting_argument,
     mpi_allreduce,
+    program_parser,
     run_program,
 )
 from tfcourse.parallel.partition import check_world_size, shard_axis, shard_params
 from tfcourse.train import (
     TrainingSetup,
-    add_training_arguments,
     optimizer_update,
     training_setup,
 )
@@ -200,13 +200,12 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     full = init_params(config, settings.seed)
     local = shard_params(full, comm.rank, comm.size)
     opt_state = adamw_init(local)
-    log, losses, step_seconds, grad_error = CommLog(split_waiting=args.split_waiting), [], [], None
-    times = StepTimes()
+    losses, step_seconds, grad_error = [], [], None
+    log, times = CommLog(split_waiting=args.split_waiting), StepTimes()
     for step in range(settings.steps):
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
         comm.Barrier()
-        started, comm_before, waiting_before = (time.perf_counter(), log.total_seconds(),
-                                                log.waiting_seconds())
+        started, first_record = time.perf_counter(), len(log.records)
         loss, grads = tp_loss_and_grads(local, x, y, config, comm, log)
         if step == 0 and args.check_grads:  # gathered shards == the serial model's gradients
             gathered = gather_params(grads, comm)
@@ -214,8 +213,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         norm = global_grad_norm(grads, comm)
         local, opt_state, _ = optimizer_update(local, grads, opt_state, settings, step, norm)
         step_seconds.append(time.perf_counter() - started)
-        waiting = log.waiting_seconds() - waiting_before
-        times.add(step_seconds[-1], log.total_seconds() - comm_before - waiting, waiting)
+        times.add(step_seconds[-1], *log.communication_and_waiting(first_record))
         losses.append(loss)
     itemsize = np.dtype(config.dtype).itemsize
     return {
@@ -237,10 +235,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.parallel.tensor_parallel",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, threads=True)
+    parser = program_parser("tfcourse.parallel.tensor_parallel", __doc__)
     parser.add_argument("--check-grads", action="store_true",
                         help="at step 0, compare gathered gradients with the serial model's")
     add_split_waiting_argument(parser)
