@@ -50,10 +50,10 @@ demo: $(STAMP)
 		--config tiny --steps 100 --allreduce ring
 
 notebooks: $(STAMP)
-	$(BIN)/python -m tfcourse.nbtools execute notebooks/*.ipynb solutions/*.ipynb
+	$(BIN)/python -m tfcourse.course.nbtools execute notebooks/*.ipynb solutions/*.ipynb
 
 exercises: $(STAMP)
-	$(BIN)/python -m tfcourse.nbtools exercises
+	$(BIN)/python -m tfcourse.course.nbtools exercises
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

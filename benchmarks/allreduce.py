@@ -10,8 +10,8 @@ cores and MPICH's waiting ranks busy-poll: read the 4-rank figures with that in 
 
 import argparse
 
-from tfcourse.costmodel import allreduce_bytes
-from tfcourse.launch import run_mpi
+from tfcourse.course.launch import run_mpi
+from tfcourse.perf.costmodel import allreduce_bytes
 
 
 def main() -> None:

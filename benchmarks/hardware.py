@@ -8,7 +8,7 @@ Ratios (float32/float64, all threads/1 thread) are measured in the same run.
 
 import argparse
 
-from tfcourse.hardware import measure_hardware, save_hardware
+from tfcourse.perf.hardware import measure_hardware, save_hardware
 
 
 def main() -> None:

@@ -14,8 +14,7 @@ import os
 
 import numpy as np
 
-from tfcourse.hardware import measure_matmul_gflops
-from tfcourse.model import PRESETS
+from tfcourse.nn.model import PRESETS
 from tfcourse.parallel.study import (
     compare_with_planner,
     default_layouts,
@@ -25,6 +24,7 @@ from tfcourse.parallel.study import (
     run_study,
     summarise,
 )
+from tfcourse.perf.hardware import measure_matmul_gflops
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The course's decoder-only model written in PyTorch, for benchmarks only.
 
-Same architecture, shapes, dtype and initial weights as `tfcourse.model` (it is built from a
+Same architecture, shapes, dtype and initial weights as `tfcourse.nn.model` (it is built from a
 tfcourse parameter dict), plain attention (matmul, mask, softmax) like the NumPy model, and
 AdamW with the same gradient clipping. Used by benchmarks/train_step.py in its own process.
 """

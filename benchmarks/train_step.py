@@ -24,7 +24,7 @@ import numpy as np
 
 
 def time_numpy(config_name: str, threads: int, steps: int, warmup: int) -> dict:
-    from tfcourse.measure import time_train_step
+    from tfcourse.perf.measure import time_train_step
 
     return time_train_step(config_name, threads, steps, warmup)
 
@@ -35,7 +35,7 @@ def time_torch(config_name: str, threads: int, steps: int, warmup: int) -> dict:
     from benchmarks.torch_model import TorchLM, make_step
 
     torch.set_num_threads(threads)
-    from tfcourse.measure import lm_setup
+    from tfcourse.perf.measure import lm_setup
 
     config, settings, params, batches = lm_setup(config_name)
     step = make_step(TorchLM(params, config), settings.lr, settings.clip)
@@ -86,8 +86,8 @@ def main() -> None:
         print(json.dumps(time_torch(args.config, args.threads, args.steps, args.warmup)))
         return
 
-    from tfcourse import costmodel
-    from tfcourse.hardware import measure_matmul_gflops
+    from tfcourse.perf import costmodel
+    from tfcourse.perf.hardware import measure_matmul_gflops
 
     peak = measure_matmul_gflops(2048, np.float32, args.threads, repeats=5)
     result = time_numpy(args.config, args.threads, args.steps, args.warmup)

@@ -1,4 +1,4 @@
-"""Tests for tfcourse.attention against hand-written loops, hand-computed cases and finite
+"""Tests for tfcourse.nn.attention against hand-written loops, hand-computed cases and finite
 differences."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gradcheck import numerical_gradient, rel_error
 
-from tfcourse.attention import (
+from tfcourse.nn.attention import (
     causal_mask,
     init_mha_params,
     merge_heads,

@@ -4,7 +4,7 @@ hang, never a half-written output file.
 
 Three tables: in-process calls (the ValueError's text, raised from tfcourse's own code),
 `python -m tfcourse.train` (exit status 2, "error: ..." on stderr, no traceback), and every
-MPI program under real mpiexec through tfcourse.launch.run_mpi (MPIJobError carrying the
+MPI program under real mpiexec through tfcourse.course.launch.run_mpi (MPIJobError carrying the
 ranks' stderr). Every command-line case writes --json into a folder of its own and checks
 that nothing - not even a temporary file - is left there. The time to each clean error is
 recorded; `test_summary` (last) prints how many inputs were tried and the longest time.
@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfcourse import attention, checkpoint, data, files, launch, model, optim, train
-from tfcourse.launch import MPIJobError, MPITimeoutError, run_mpi
+from tfcourse import checkpoint, data, files, train
+from tfcourse.course import launch
+from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
+from tfcourse.nn import attention, model, optim
 from tfcourse.parallel import partition
 
 CORPUS = train.load_corpus()

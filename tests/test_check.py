@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tfcourse import check
+from tfcourse.course import check
 
 
 def test_check_close_passes_and_prints(capsys):

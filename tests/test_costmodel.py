@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tfcourse import costmodel as cm
-from tfcourse import model
+from tfcourse.nn import model
+from tfcourse.perf import costmodel as cm
 
 CONFIGS = [
     model.TransformerConfig(vocab_size=13, d_model=16, n_heads=4, n_layers=2, d_ff=24,

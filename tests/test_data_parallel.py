@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tfcourse import train
-from tfcourse.launch import MPIJobError, run_mpi
-from tfcourse.model import preset
+from tfcourse.course.launch import MPIJobError, run_mpi
+from tfcourse.nn.model import preset
 from tfcourse.parallel.partition import (
     batch_rows,
     flatten,

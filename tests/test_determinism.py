@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import REPO_ROOT
 
-from tfcourse.nbtools import execute_notebook
+from tfcourse.course.nbtools import execute_notebook
 
 MEASURED = re.compile(r"~-?\d+(\.\d+)?(e[-+]?\d+)?")  # same convention as nbval_sanitize.cfg
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import REPO_ROOT
 from nbclient import NotebookClient
 
-from tfcourse.nbtools import CHECK_TAG, generate_exercises
+from tfcourse.course.nbtools import CHECK_TAG, generate_exercises
 
 SOLUTIONS = sorted((REPO_ROOT / "solutions").glob("*.ipynb"))
 EXERCISES = sorted((REPO_ROOT / "exercises").glob("*.ipynb"))

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from tfcourse import costmodel, faq, model
-from tfcourse.attention import causal_mask, init_mha_params, mha_forward
+from tfcourse.nn import model
+from tfcourse.nn.attention import causal_mask, init_mha_params, mha_forward
+from tfcourse.perf import costmodel, faq
 
 
 def rnn_case(batch=2, length=5, d=4, seed=0):

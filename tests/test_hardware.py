@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tfcourse import hardware
+from tfcourse.perf import hardware
 
 
 def count_matmul_flops_by_loop(m, k, n):

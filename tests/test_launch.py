@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tfcourse import launch
-from tfcourse.launch import MPIJobError, MPINotFoundError, MPITimeoutError, run_mpi
+from tfcourse.course import launch
+from tfcourse.course.launch import MPIJobError, MPINotFoundError, MPITimeoutError, run_mpi
 
 pytestmark = pytest.mark.mpi
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gradcheck import numerical_gradient, rel_error
 
-from tfcourse import layers
+from tfcourse.nn import layers
 
 rng = np.random.default_rng(0)
 

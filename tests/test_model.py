@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gradcheck import rel_error
 
-from tfcourse import model, seq2seq
+from tfcourse.nn import model, seq2seq
 
 LM_CONFIG = model.TransformerConfig(vocab_size=11, d_model=8, n_heads=2, n_layers=2, d_ff=12,
                                     max_len=6)

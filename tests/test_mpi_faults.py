@@ -2,7 +2,7 @@
 that raises, a rank that never reaches a collective. Each must end the whole job within a
 bounded time, with an error that names the rank that failed, and leave no process behind.
 A killed rank cannot say anything and MPICH's hydra reports only a PID; run_mpi names it by
-watching every rank's process (tfcourse.launch._RankWatch) with hydra's automatic cleanup
+watching every rank's process (tfcourse.course.launch._RankWatch) with hydra's automatic cleanup
 turned off, so that the dead rank is the only one gone.
 The longest time to a clean error is printed by `test_summary` (run with -s).
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tfcourse import launch
-from tfcourse.launch import MPIJobError, MPITimeoutError, run_mpi
+from tfcourse.course import launch
+from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 
 pytestmark = pytest.mark.mpi
 

@@ -3,7 +3,12 @@
 import nbformat
 import pytest
 
-from tfcourse.nbtools import exercise_source, generate_exercises, make_exercise, notebook_text
+from tfcourse.course.nbtools import (
+    exercise_source,
+    generate_exercises,
+    make_exercise,
+    notebook_text,
+)
 
 
 def test_solution_block_becomes_indented_stub():

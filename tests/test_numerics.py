@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from tfcourse import train
-from tfcourse.attention import sdpa_backward, sdpa_forward, softmax, softmax_backward
-from tfcourse.layers import (
+from tfcourse.nn.attention import sdpa_backward, sdpa_forward, softmax, softmax_backward
+from tfcourse.nn.layers import (
     cross_entropy_backward,
     cross_entropy_forward,
     layernorm_backward,
     layernorm_forward,
     log_softmax,
 )
-from tfcourse.model import preset
+from tfcourse.nn.model import preset
 
 DTYPES = [np.float32, np.float64]
 STEPS = 30

@@ -1,4 +1,4 @@
-"""Tests for tfcourse.optim against scalar re-implementations written with plain floats."""
+"""Tests for tfcourse.nn.optim against scalar re-implementations written with plain floats."""
 
 import copy
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tfcourse.optim import (
+from tfcourse.nn.optim import (
     adamw_init,
     adamw_step,
     clip_grad_norm,

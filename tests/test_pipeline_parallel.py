@@ -9,9 +9,9 @@ from functools import cache
 import numpy as np
 import pytest
 
-from tfcourse import costmodel, train
-from tfcourse.launch import MPIJobError, run_mpi
-from tfcourse.model import param_shapes, preset
+from tfcourse import train
+from tfcourse.course.launch import MPIJobError, run_mpi
+from tfcourse.nn.model import param_shapes, preset
 from tfcourse.parallel import pipeline_parallel
 from tfcourse.parallel.partition import (
     SCHEDULES,
@@ -23,6 +23,7 @@ from tfcourse.parallel.partition import (
     stage_layers,
     stage_param_names,
 )
+from tfcourse.perf import costmodel
 
 STEPS, BATCH, LAYERS = 3, 8, 4
 MODULE = "tfcourse.parallel.pipeline_parallel"

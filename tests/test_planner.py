@@ -7,10 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
-from tfcourse import costmodel as cm
-from tfcourse import model, planner
+from tfcourse.nn import model
 from tfcourse.parallel.partition import stage_layers
-from tfcourse.planner import Cluster, ModelSpec, Plan
+from tfcourse.perf import costmodel as cm
+from tfcourse.perf import planner
+from tfcourse.perf.planner import Cluster, ModelSpec, Plan
 
 # vocab 10, d 8, 2 heads, 2 layers, d_ff 16, 4 tokens, 2 sequences per step, 4-byte values.
 TINY = ModelSpec(vocab_size=10, d_model=8, n_heads=2, n_layers=2, d_ff=16, seq_len=4,

@@ -1,4 +1,4 @@
-"""Tests for tfcourse.positional against the closed-form formulas evaluated with math.sin/cos,
+"""Tests for tfcourse.nn.positional against the closed-form formulas evaluated with math.sin/cos,
 hand-written loops and finite differences."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gradcheck import numerical_gradient, rel_error
 
-from tfcourse.positional import (
+from tfcourse.nn.positional import (
     apply_rope,
     apply_rope_backward,
     init_learned_positions,

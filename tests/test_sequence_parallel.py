@@ -5,9 +5,8 @@ ranks whose output and gradients equal full single-process causal attention."""
 import numpy as np
 import pytest
 
-from tfcourse import costmodel
-from tfcourse.attention import causal_mask, sdpa_backward, sdpa_forward, softmax
-from tfcourse.launch import MPIJobError, run_mpi
+from tfcourse.course.launch import MPIJobError, run_mpi
+from tfcourse.nn.attention import causal_mask, sdpa_backward, sdpa_forward, softmax
 from tfcourse.parallel.partition import (
     block_attention_grads,
     block_scores,
@@ -25,6 +24,7 @@ from tfcourse.parallel.partition import (
     score_blocks,
     sequence_chunks,
 )
+from tfcourse.perf import costmodel
 
 MODULE = "tfcourse.parallel.sequence_parallel"
 

@@ -7,7 +7,7 @@ MPI run; memory per rank is checked against parameter counts taken from init_par
 import numpy as np
 import pytest
 
-from tfcourse.model import init_params
+from tfcourse.nn.model import init_params
 from tfcourse.parallel.partition import shard_axis
 from tfcourse.parallel.study import (
     Layout,

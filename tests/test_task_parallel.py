@@ -3,8 +3,8 @@ and the number of ranks; a failing task is reported and the others still come ba
 
 import pytest
 
-from tfcourse import tasks as T
-from tfcourse.launch import MPIJobError, run_mpi
+from tfcourse.course.launch import MPIJobError, run_mpi
+from tfcourse.parallel.plans import tasks as T
 
 MODULE = "tfcourse.parallel.task_parallel"
 SWEEP = ["--mode", "sweep", "--lrs", "0.003,0.03", "--seeds", "0,1", "--steps", "5"]
@@ -113,7 +113,7 @@ def test_task_timeline_plot_has_a_bar_per_task():
     import matplotlib
 
     matplotlib.use("Agg")
-    from tfcourse.viz import plot_task_timeline
+    from tfcourse.course.viz import plot_task_timeline
 
     ax = plot_task_timeline(T.simulate_dynamic([3, 1, 2], 2), workers=[0, 1])
     assert sorted(p.get_width() for p in ax.patches) == [1, 2, 3]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tfcourse import train
-from tfcourse.launch import MPIJobError, run_mpi
-from tfcourse.model import init_params, preset
+from tfcourse.course.launch import MPIJobError, run_mpi
+from tfcourse.nn.model import init_params, preset
 from tfcourse.parallel.partition import shard_axis, shard_params
 
 STEPS = 5

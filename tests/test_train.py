@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from tfcourse import data, seq2seq, train
-from tfcourse.model import preset
+from tfcourse import data, train
+from tfcourse.nn import seq2seq
+from tfcourse.nn.model import preset
 
 CORPUS = train.load_corpus()
 TINY = preset("tiny", CORPUS.vocab.size)

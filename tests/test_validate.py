@@ -1,11 +1,11 @@
-"""Tests for tfcourse.validate: each helper accepts good input and names the argument otherwise."""
+"""tfcourse.nn.validate: each helper accepts good input and names the argument otherwise."""
 
 import re
 
 import numpy as np
 import pytest
 
-from tfcourse.validate import (
+from tfcourse.nn.validate import (
     as_bool_array,
     as_float_array,
     as_float_dtype,

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tfcourse import viz, widgets  # noqa: E402
+from tfcourse.course import viz, widgets  # noqa: E402
 
 
 def test_explorer_weights_match_hand_computed_softmax():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tfcourse.files import write_atomic
-from tfcourse.validate import require_same_keys
+from tfcourse.nn.validate import require_same_keys
 
 FORMAT_KEY = "__tfcourse_checkpoint__"
 FORMAT_VERSION = 1

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfcourse.validate import (
+from tfcourse.nn.validate import (
     as_int_array,
     require_ndim,
     require_nonnegative_int,

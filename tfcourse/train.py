@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-from tfcourse import seq2seq
 from tfcourse.checkpoint import check_matches, load_checkpoint, save_checkpoint
 from tfcourse.data import (
     CharCorpus,
@@ -30,10 +29,11 @@ from tfcourse.data import (
     zen_of_python,
 )
 from tfcourse.files import check_writable, write_json_atomic
-from tfcourse.model import PRESETS, TransformerConfig, init_params, loss_and_grads, preset
-from tfcourse.optim import adamw_init, adamw_step, clip_grad_norm
-from tfcourse.seq2seq import Seq2SeqConfig
-from tfcourse.validate import require_nonnegative_int, require_positive_int, require_real
+from tfcourse.nn import seq2seq
+from tfcourse.nn.model import PRESETS, TransformerConfig, init_params, loss_and_grads, preset
+from tfcourse.nn.optim import adamw_init, adamw_step, clip_grad_norm
+from tfcourse.nn.seq2seq import Seq2SeqConfig
+from tfcourse.nn.validate import require_nonnegative_int, require_positive_int, require_real
 
 
 def _require_nonnegative_real(name: str, value) -> float:

@@ -1,7 +1,7 @@
 """Rank-side communication helpers shared by every MPI program of the course (chapters 6-9).
 
 Only programs started by `mpiexec` import this module (it initialises MPI); notebooks use
-`tfcourse.launch` instead. Collectives use mpi4py's buffer (uppercase) API on NumPy arrays,
+`tfcourse.course.launch` instead. Collectives use mpi4py's buffer (uppercase) API on NumPy arrays,
 which sends the raw memory without pickling.
 
     python -m mpi4py -m tfcourse.parallel.comm --check      # ring/naive vs MPI Allreduce
@@ -22,9 +22,9 @@ from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
 from tfcourse.files import check_writable, write_json_atomic
+from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.partition import chunk_bounds
 from tfcourse.train import add_training_arguments
-from tfcourse.validate import require_positive_int
 
 T = TypeVar("T")
 

@@ -26,10 +26,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from tfcourse.costmodel import zero_state_bytes_per_rank
 from tfcourse.data import lm_batch
-from tfcourse.layers import cross_entropy_backward, cross_entropy_forward
-from tfcourse.model import (
+from tfcourse.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tfcourse.nn.model import (
     block_backward,
     embed_backward,
     forward_with_caches,
@@ -37,7 +36,8 @@ from tfcourse.model import (
     init_params,
     loss_and_grads,
 )
-from tfcourse.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.validate import require_positive_int, require_real
 from tfcourse.parallel.comm import (
     ALLREDUCES,
     CommLog,
@@ -54,13 +54,13 @@ from tfcourse.parallel.partition import (
     partition_params,
     unflatten,
 )
+from tfcourse.perf.costmodel import zero_state_bytes_per_rank
 from tfcourse.train import (
     TrainingSetup,
     TrainSettings,
     optimizer_update,
     training_setup,
 )
-from tfcourse.validate import require_positive_int, require_real
 
 # --------------------------------------------------------------------------- helpers
 

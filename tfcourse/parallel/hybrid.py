@@ -33,8 +33,9 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.data import lm_batch
-from tfcourse.model import init_params
-from tfcourse.optim import adamw_init, state_nbytes
+from tfcourse.nn.model import init_params
+from tfcourse.nn.optim import adamw_init, state_nbytes
+from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel import pipeline_parallel as pipeline
 from tfcourse.parallel import tensor_parallel as tensor
 from tfcourse.parallel.comm import (
@@ -59,7 +60,6 @@ from tfcourse.train import (
     optimizer_update,
     training_setup,
 )
-from tfcourse.validate import require_positive_int
 
 # --------------------------------------------------------------------------- the grid
 

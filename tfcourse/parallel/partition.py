@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from tfcourse.model import param_shapes
+from tfcourse.nn.model import param_shapes
 
 # --------------------------------------------------------------------------- batches (chapter 6)
 

@@ -42,10 +42,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from tfcourse.costmodel import pipeline_bubble_fraction, pipeline_peak_microbatches
 from tfcourse.data import lm_batch
-from tfcourse.layers import cross_entropy_backward, cross_entropy_forward
-from tfcourse.model import (
+from tfcourse.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tfcourse.nn.model import (
     block_backward,
     block_forward,
     embed_backward,
@@ -54,7 +53,8 @@ from tfcourse.model import (
     head_forward,
     init_params,
 )
-from tfcourse.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.validate import parse_list, require_positive_int, require_real
 from tfcourse.parallel.comm import StepTimes, add_json_argument, program_parser, run_program
 from tfcourse.parallel.partition import (
     SCHEDULES,
@@ -65,14 +65,14 @@ from tfcourse.parallel.partition import (
     stage_layers,
     stage_param_names,
 )
-from tfcourse.planner import choose_fastest
+from tfcourse.perf.costmodel import pipeline_bubble_fraction, pipeline_peak_microbatches
+from tfcourse.perf.planner import choose_fastest
 from tfcourse.train import (
     TrainingSetup,
     TrainSettings,
     optimizer_update,
     training_setup,
 )
-from tfcourse.validate import parse_list, require_positive_int, require_real
 
 # --------------------------------------------------------------------------- helpers
 

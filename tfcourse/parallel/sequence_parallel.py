@@ -28,7 +28,7 @@ rank needs another rank's queries. Each rank sends O(n) bytes while the scores s
 --zigzag cuts the sequence into 2p chunks and gives rank r chunks r and 2p - 1 - r: with the
 contiguous layout the last rank attends to the whole past and does about p times the first
 rank's work; zig-zag balances it. The pure parts (chunks, ring schedule, online softmax,
-block gradients) are in tfcourse.parallel.partition, the predictions in tfcourse.costmodel.
+block gradients) are in tfcourse.parallel.partition, the predictions in tfcourse.perf.costmodel.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import time
 
 import numpy as np
 
-from tfcourse import costmodel
-from tfcourse.attention import causal_mask, sdpa_backward, sdpa_forward
+from tfcourse.nn.attention import causal_mask, sdpa_backward, sdpa_forward
+from tfcourse.nn.validate import require_nonnegative_int, require_positive_int
 from tfcourse.parallel.comm import add_json_argument, program_parser, run_program
 from tfcourse.parallel.partition import (
     block_attention_grads,
@@ -55,7 +55,7 @@ from tfcourse.parallel.partition import (
     score_blocks,
     sequence_chunks,
 )
-from tfcourse.validate import require_nonnegative_int, require_positive_int
+from tfcourse.perf import costmodel
 
 # --------------------------------------------------------------------------- the ring
 

@@ -4,7 +4,7 @@ and measures them the same way.
     python -m tfcourse.parallel.study --config tiny --layers 4 --steps 10 [--json out.json]
 
 It runs no MPI itself: each layout is a real `mpiexec -n N` job started through
-`tfcourse.launch.run_mpi` (with a timeout), of chapter 6's and 7's programs or of the hybrid
+`tfcourse.course.launch.run_mpi` (with a timeout), of chapter 6's and 7's programs or of the hybrid
 program (data parallelism over pipelines or tensor-parallel groups). Every program reports,
 per rank, its training-state bytes and its seconds per step split into compute,
 communication and waiting (see comm.StepTimes); this module turns those into one table:
@@ -22,12 +22,12 @@ import sys
 
 import numpy as np
 
-from tfcourse.costmodel import allreduce_bytes, fit_alpha_beta
+from tfcourse.course.launch import run_mpi
 from tfcourse.files import write_json_atomic
-from tfcourse.launch import run_mpi
-from tfcourse.model import PRESETS, TransformerConfig
-from tfcourse.planner import Cluster, ModelSpec, Plan, PlanEstimate, estimate, validate_against
-from tfcourse.validate import require_positive_int, require_real
+from tfcourse.nn.model import PRESETS, TransformerConfig
+from tfcourse.nn.validate import require_positive_int, require_real
+from tfcourse.perf.costmodel import allreduce_bytes, fit_alpha_beta
+from tfcourse.perf.planner import Cluster, ModelSpec, Plan, PlanEstimate, estimate, validate_against
 
 PROGRAMS = {"dp": "tfcourse.parallel.data_parallel", "tp": "tfcourse.parallel.tensor_parallel",
             "pp": "tfcourse.parallel.pipeline_parallel", "hybrid": "tfcourse.parallel.hybrid"}

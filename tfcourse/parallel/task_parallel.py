@@ -3,7 +3,7 @@
     mpiexec -n 4 python -m mpi4py -m tfcourse.parallel.task_parallel --mode sweep \\
         --scheduler dynamic --json out.json
 
-Three ways to hand out the tasks of `tfcourse.tasks`:
+Three ways to hand out the tasks of `tfcourse.parallel.plans.tasks`:
 - `dynamic`: a hand-written master/worker. Rank 0 sends one task to each worker (tag WORK);
   whenever a result (tag RESULT) comes back it sends that worker the next ready task, until
   none is left (tag STOP). Fast workers simply do more tasks. A task that raises is reported
@@ -26,13 +26,19 @@ from mpi4py import MPI
 from mpi4py.futures import MPICommExecutor
 
 from tfcourse.files import write_json_atomic
+from tfcourse.nn.validate import (
+    parse_list,
+    require_nonnegative_int,
+    require_positive_int,
+    require_real,
+)
 from tfcourse.parallel.comm import (
     add_json_argument,
     agree_on_arguments,
     limit_blas_threads,
     program_parser,
 )
-from tfcourse.tasks import (
+from tfcourse.parallel.plans.tasks import (
     dependency_inputs,
     graph_tasks,
     imbalanced_tasks,
@@ -41,12 +47,6 @@ from tfcourse.tasks import (
     skipped,
     sweep_tasks,
     timed_task,
-)
-from tfcourse.validate import (
-    parse_list,
-    require_nonnegative_int,
-    require_positive_int,
-    require_real,
 )
 
 WORK, RESULT, STOP = 1, 2, 3

@@ -25,10 +25,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from tfcourse.attention import causal_mask, mha_backward, mha_forward
-from tfcourse.costmodel import tensor_parallel_allreduce_bytes
 from tfcourse.data import lm_batch
-from tfcourse.layers import (
+from tfcourse.nn.attention import causal_mask, mha_backward, mha_forward
+from tfcourse.nn.layers import (
     cross_entropy_backward,
     cross_entropy_forward,
     ffn_backward,
@@ -36,7 +35,7 @@ from tfcourse.layers import (
     layernorm_backward,
     layernorm_forward,
 )
-from tfcourse.model import (
+from tfcourse.nn.model import (
     embed_backward,
     embed_forward,
     head_backward,
@@ -45,7 +44,8 @@ from tfcourse.model import (
     loss_and_grads,
     subdict,
 )
-from tfcourse.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.comm import (
     CommLog,
     StepTimes,
@@ -56,12 +56,12 @@ from tfcourse.parallel.comm import (
     run_program,
 )
 from tfcourse.parallel.partition import check_world_size, shard_axis, shard_params
+from tfcourse.perf.costmodel import tensor_parallel_allreduce_bytes
 from tfcourse.train import (
     TrainingSetup,
     optimizer_update,
     training_setup,
 )
-from tfcourse.validate import require_positive_int
 
 
 def gather_params(local: dict, comm) -> dict:

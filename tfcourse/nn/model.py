@@ -17,8 +17,8 @@ import dataclasses
 
 import numpy as np
 
-from tfcourse.attention import causal_mask, mha_backward, mha_forward
-from tfcourse.layers import (
+from tfcourse.nn.attention import causal_mask, mha_backward, mha_forward
+from tfcourse.nn.layers import (
     ACTIVATIONS,
     cross_entropy_backward,
     cross_entropy_forward,
@@ -33,7 +33,7 @@ from tfcourse.layers import (
     linear_backward,
     linear_forward,
 )
-from tfcourse.validate import (
+from tfcourse.nn.validate import (
     require_divisible,
     require_nonnegative_int,
     require_positive_int,

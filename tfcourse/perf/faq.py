@@ -14,17 +14,18 @@ from unittest import mock
 
 import numpy as np
 
-from tfcourse import costmodel, model
-from tfcourse.attention import causal_mask, init_mha_params, mha_forward
-from tfcourse.hardware import call_times
-from tfcourse.parallel.partition import batch_rows
-from tfcourse.validate import (
+from tfcourse.nn import model
+from tfcourse.nn.attention import causal_mask, init_mha_params, mha_forward
+from tfcourse.nn.validate import (
     as_float_array,
     require_ndim,
     require_nonnegative_int,
     require_positive_int,
     require_shape,
 )
+from tfcourse.parallel.partition import batch_rows
+from tfcourse.perf import costmodel
+from tfcourse.perf.hardware import call_times
 
 KINDS = ("rnn", "attention", "conv")
 # Matmul rounds on an attention layer's critical path, whatever T: the Q/K/V projections (run
@@ -165,7 +166,7 @@ def model_size_table(sizes: dict | None = None, batch: int = 1,
                      bytes_per_value: int = 4) -> list[dict]:
     """Per model (default MODEL_SIZES, sequences of its max_len): parameters, training FLOPs
     per token, training state (weights, gradients, AdamW m and v) and activation bytes for
-    `batch` sequences, from tfcourse.costmodel."""
+    `batch` sequences, from tfcourse.perf.costmodel."""
     sizes = MODEL_SIZES if sizes is None else sizes
     if not sizes:
         raise ValueError("sizes: expected at least one model, got none")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfcourse.hardware import attainable_gflops, ridge_intensity
+from tfcourse.perf.hardware import attainable_gflops, ridge_intensity
 
 
 def plot_roofline(peak_gflops: float, bandwidth_gbs: float, points=(), ax=None, title=None):

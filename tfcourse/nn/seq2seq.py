@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from tfcourse.attention import causal_mask
-from tfcourse.layers import (
+from tfcourse.nn.attention import causal_mask
+from tfcourse.nn.layers import (
     cross_entropy_backward,
     cross_entropy_forward,
     embedding_backward,
@@ -26,7 +26,7 @@ from tfcourse.layers import (
     linear_backward,
     linear_forward,
 )
-from tfcourse.model import (
+from tfcourse.nn.model import (
     attention_sublayer_backward,
     attention_sublayer_forward,
     block_param_shapes,
@@ -37,7 +37,7 @@ from tfcourse.model import (
     ffn_sublayer_forward,
     init_value,
 )
-from tfcourse.positional import sinusoidal_encoding
+from tfcourse.nn.positional import sinusoidal_encoding
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 

@@ -1,6 +1,6 @@
 """Chapter 10: a 3D-parallelism planner - which split of a cluster trains a model fastest, and
 does it fit in memory? Pure functions (no MPI) of a `ModelSpec` and a `Cluster`, built on the
-formulas of `tfcourse.costmodel` (chapter 5) and the splits of `tfcourse.parallel.partition`.
+formulas of `tfcourse.perf.costmodel` (chapter 5) and the splits of `tfcourse.parallel.partition`.
 
 n_devices = dp x tp x pp devices train one step of B sequences of T tokens:
 
@@ -37,16 +37,16 @@ import statistics
 
 import numpy as np
 
-from tfcourse import costmodel as cm
+from tfcourse.nn.validate import require_positive_int, require_real
 from tfcourse.parallel.partition import check_world_size, stage_layers
-from tfcourse.validate import require_positive_int, require_real
+from tfcourse.perf import costmodel as cm
 
 # --------------------------------------------------------------------------- descriptions
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only LM and its batch: sizes as in `tfcourse.model.TransformerConfig`,
+    """A decoder-only LM and its batch: sizes as in `tfcourse.nn.model.TransformerConfig`,
     seq_len T tokens per sequence, global_batch B sequences per optimizer step.
 
     bytes_per_value: size of an activation, a gradient or a message value (2 for bf16).

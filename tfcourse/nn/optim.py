@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from tfcourse.validate import (
+from tfcourse.nn.validate import (
     as_float_array,
     require_dtype,
     require_real,

@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from tfcourse import planner
-from tfcourse.attention import causal_mask, softmax
-from tfcourse.positional import sinusoidal_encoding
+from tfcourse.nn.attention import causal_mask, softmax
+from tfcourse.nn.positional import sinusoidal_encoding
+from tfcourse.perf import planner
 
 
 def explorer_attention_weights(d_k: int, temperature: float, scaled: bool, causal: bool,
@@ -37,7 +37,7 @@ def attention_explorer():
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    from tfcourse.viz import plot_attention
+    from tfcourse.course.viz import plot_attention
 
     def draw(d_k=16, temperature=1.0, scaled=True, causal=False):
         weights = explorer_attention_weights(d_k, temperature, scaled, causal)
@@ -66,7 +66,7 @@ def positional_explorer():
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    from tfcourse.viz import plot_heatmap
+    from tfcourse.course.viz import plot_heatmap
 
     def draw(d_model=32, position=10):
         table = explorer_positional_rows(d_model)
@@ -90,8 +90,8 @@ def positional_explorer():
 def explorer_pipeline(schedule_name: str, p: int, m: int, backward_cost: float = 2.0):
     """Simulated timeline and bubble of a schedule: (events per stage, simulated bubble,
     formula (p-1)/(m+p-1))."""
-    from tfcourse.costmodel import pipeline_bubble_fraction
     from tfcourse.parallel.partition import bubble_fraction, schedule, simulate_pipeline
+    from tfcourse.perf.costmodel import pipeline_bubble_fraction
 
     events = simulate_pipeline([schedule(schedule_name, p, s, m) for s in range(p)],
                                t_forward=1.0, t_backward=backward_cost)
@@ -103,7 +103,7 @@ def bubble_explorer():
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    from tfcourse.viz import plot_pipeline_timeline
+    from tfcourse.course.viz import plot_pipeline_timeline
 
     def draw(schedule_name="gpipe", p=4, m=4):
         events, simulated, formula = explorer_pipeline(schedule_name, p, m)

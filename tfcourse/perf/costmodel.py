@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfcourse.hardware import matmul_flops
+from tfcourse.perf.hardware import matmul_flops
 
 # --------------------------------------------------------------------------- parameters
 
@@ -21,7 +21,7 @@ def block_params(d_model: int, d_ff: int) -> int:
 
 
 def lm_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int, max_len: int) -> int:
-    """All parameters of `tfcourse.model` (untied head, learned positions)."""
+    """All parameters of `tfcourse.nn.model` (untied head, learned positions)."""
     d = d_model
     embeddings = vocab_size * d + max_len * d
     return embeddings + n_layers * block_params(d, d_ff) + 2 * d + d * vocab_size + vocab_size
@@ -155,7 +155,7 @@ def zero_state_bytes_per_rank(n_params: int, p: int, stage: int,
 
 def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: int,
                                d_ff: int, bytes_per_value: int = 4) -> int:
-    """Activations one decoder block keeps for its backward pass, as `tfcourse.model` stores
+    """Activations one decoder block keeps for its backward pass, as `tfcourse.nn.model` stores
     them: 8 (B, T, d) arrays (two LayerNorms' normalised x_hat and outputs, q, k, v, the
     merged heads), 3 (B, T, d_ff) arrays (FFN pre-activation, its tanh, the activation), the
     (B, heads, T, T) attention weights and two LayerNorm 1/std vectors (B, T)."""
@@ -311,8 +311,8 @@ def ring_attention_bytes_sent(seq_len: int, p: int, batch: int, heads: int, d_he
 
 def plan(model, cluster, **options):
     """The fastest 3D-parallel plans (dp, tp, pp, micro-batches, ZeRO stage) of `model` (a
-    `tfcourse.planner.ModelSpec`) that fit on `cluster` (a `tfcourse.planner.Cluster`),
-    fastest first; see tfcourse.planner.plan for the options and the formulas."""
-    from tfcourse.planner import plan as _plan  # planner builds on this module
+    `tfcourse.perf.planner.ModelSpec`) that fit on `cluster` (a `tfcourse.perf.planner.Cluster`),
+    fastest first; see tfcourse.perf.planner.plan for the options and the formulas."""
+    from tfcourse.perf.planner import plan as _plan  # planner builds on this module
 
     return _plan(model, cluster, **options)

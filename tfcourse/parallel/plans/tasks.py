@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from tfcourse.data import CharCorpus, lm_batch
-from tfcourse.model import generate, init_params, loss_and_grads, preset
-from tfcourse.optim import adamw_init
+from tfcourse.nn.model import generate, init_params, loss_and_grads, preset
+from tfcourse.nn.optim import adamw_init
 from tfcourse.train import TRAIN_PRESETS, load_corpus, optimizer_update
 
 

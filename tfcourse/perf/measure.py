@@ -13,8 +13,9 @@ import time
 
 from threadpoolctl import threadpool_limits
 
-from tfcourse import data, model, train
-from tfcourse.optim import adamw_init
+from tfcourse import data, train
+from tfcourse.nn import model
+from tfcourse.nn.optim import adamw_init
 
 
 def lm_setup(config_name: str, dtype: str = "float32", n_batches: int = 4):

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from tfcourse.layers import linear_backward, linear_forward
-from tfcourse.validate import (
+from tfcourse.nn.layers import linear_backward, linear_forward
+from tfcourse.nn.validate import (
     as_bool_array,
     as_float_array,
     as_float_dtype,

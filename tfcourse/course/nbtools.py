@@ -1,8 +1,8 @@
 """Notebook tooling: generate exercises from solutions, and re-execute notebooks.
 
-    python -m tfcourse.nbtools exercises            # solutions/*.ipynb -> exercises/*.ipynb
-    python -m tfcourse.nbtools exercises --check    # exit 1 if exercises/ is out of date
-    python -m tfcourse.nbtools execute notebooks/*.ipynb solutions/*.ipynb
+    python -m tfcourse.course.nbtools exercises            # solutions/*.ipynb -> exercises/*.ipynb
+    python -m tfcourse.course.nbtools exercises --check    # exit 1 if exercises/ is out of date
+    python -m tfcourse.course.nbtools execute notebooks/*.ipynb solutions/*.ipynb
 
 Solution notebooks are the single source. Code between `### BEGIN SOLUTION` and
 `### END SOLUTION` (nbgrader's markers) becomes `# YOUR CODE HERE` and
@@ -133,7 +133,7 @@ def execute_notebook(path: Path, timeout: int = 300) -> nbformat.NotebookNode:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.nbtools", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tfcourse.course.nbtools", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("exercises", help="generate exercises/ from solutions/")

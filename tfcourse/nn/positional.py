@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfcourse.validate import (
+from tfcourse.nn.validate import (
     as_float_array,
     as_float_dtype,
     require_divisible,
