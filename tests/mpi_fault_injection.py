@@ -20,13 +20,14 @@ from tfcourse.parallel import data_parallel
 real_train_step = data_parallel.train_step
 
 
-def faulty_train_step(replica, x, y, step, config, settings, comm, *args):
+def faulty_train_step(state, x, y, step, log, dp):
+    comm = dp.comm
     if comm.rank == int(os.environ["FAULT_RANK"]) and step == int(os.environ["FAULT_STEP"]):
         if os.environ["FAULT_KIND"] == "hang":
             while True:  # never reaches the all-reduce: the other ranks wait for it forever
                 time.sleep(1.0)
         raise FloatingPointError(f"rank {comm.rank}: injected failure at step {step}")
-    return real_train_step(replica, x, y, step, config, settings, comm, *args)
+    return real_train_step(state, x, y, step, log, dp)
 
 
 data_parallel.train_step = faulty_train_step

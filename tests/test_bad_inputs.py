@@ -27,7 +27,7 @@ from tfcourse import checkpoint, data, files, train
 from tfcourse.course import launch
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 from tfcourse.nn import attention, model, optim
-from tfcourse.parallel import partition
+from tfcourse.parallel.plans import batches, pipeline, sequence, tensor
 
 CORPUS = train.load_corpus()
 TINY = model.preset("tiny", CORPUS.vocab.size)
@@ -276,15 +276,15 @@ IN_PROCESS = [
          lambda tmp: run_mpi("tfcourse.hello", n_ranks=1, timeout=0)),
     # partitioning for the parallel chapters (world sizes that do not divide)
     case("tp-heads-not-divisible", r"world_size: 3 ranks cannot split n_heads=4 evenly",
-         lambda tmp: partition.check_world_size(TINY, 3)),
+         lambda tmp: tensor.check_world_size(TINY, 3)),
     case("pp-fewer-layers-than-ranks", r"n_layers: expected at least world_size=3 blocks",
-         lambda tmp: partition.stage_layers(2, 3)),
+         lambda tmp: pipeline.stage_layers(2, 3)),
     case("pp-zero-microbatches", r"microbatches: expected a positive integer, got 0",
-         lambda tmp: partition.microbatch_rows(16, 0)),
+         lambda tmp: pipeline.microbatch_rows(16, 0)),
     case("sp-sequence-shorter-than-ranks", r"seq_len: expected at least world_size=4",
-         lambda tmp: partition.sequence_chunks(3, 4)),
+         lambda tmp: sequence.sequence_chunks(3, 4)),
     case("dp-batch-smaller-than-ranks", r"batch_size: expected at least world_size=4 rows",
-         lambda tmp: partition.batch_rows(3, 0, 4)),
+         lambda tmp: batches.batch_rows(3, 0, 4)),
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 from tfcourse import train
 from tfcourse.course.launch import MPIJobError, run_mpi
 from tfcourse.nn.model import preset
-from tfcourse.parallel.partition import (
+from tfcourse.parallel.plans.batches import (
     batch_rows,
     flatten,
     make_buckets,

@@ -60,7 +60,7 @@ MPI_MODULES = ("mpi4py", "tfcourse.hello", "tfcourse.parallel.comm",
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_no_mpi_inside_the_notebook_kernel(path):
     """Importing mpi4py.MPI initialises MPI in the kernel; notebooks start real jobs with
-    tfcourse.course.launch instead, and use the MPI-free tfcourse.parallel.partition helpers."""
+    tfcourse.course.launch instead, and use the MPI-free tfcourse.parallel.plans helpers."""
     for cell in code_cells(path):
         for line in cell.source.splitlines():
             words = line.replace(",", " ").split()

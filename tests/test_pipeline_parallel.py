@@ -13,7 +13,8 @@ from tfcourse import train
 from tfcourse.course.launch import MPIJobError, run_mpi
 from tfcourse.nn.model import param_shapes, preset
 from tfcourse.parallel import pipeline_parallel
-from tfcourse.parallel.partition import (
+from tfcourse.parallel.plans.pipeline import (
+    AUTO_MICROBATCHES,
     SCHEDULES,
     busy_seconds,
     message_tag,
@@ -316,7 +317,7 @@ def test_auto_microbatches_tries_each_then_keeps_the_fastest_and_equals_serial(n
     result = run_mpi(MODULE, ["--steps", str(steps), "--batch-size", str(BATCH),
                               "--layers", str(LAYERS), "--microbatches", "auto"],
                      n_ranks=n_ranks, timeout=60).result
-    candidates = [m for m in pipeline_parallel.AUTO_MICROBATCHES if m <= BATCH]
+    candidates = [m for m in AUTO_MICROBATCHES if m <= BATCH]
     trials = {int(m): t for m, t in result["microbatch_trials"].items()}
     assert sorted(trials) == candidates
     fastest = min(trials, key=trials.get)  # one trial each: the median is the value
@@ -342,8 +343,8 @@ def test_chosen_stage_sizes_and_a_slow_rank_still_train_the_serial_model(n_ranks
 
 
 def test_a_slower_device_takes_slowdown_times_as_long():
-    stage = pipeline_parallel.Stage(0, 1, (0, 1), {}, {}, slowdown=3.0)
+    stage = pipeline_parallel.Stage(0, 1, (0, 1), slowdown=3.0)
     started = time.perf_counter()
-    time.sleep(0.02)  # "compute"
-    pipeline_parallel.simulate_slower_device(stage, started)
+    with pipeline_parallel.slower_device(stage):
+        time.sleep(0.02)  # "compute"
     assert time.perf_counter() - started >= 3 * 0.02

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tfcourse.nn import model
-from tfcourse.parallel.partition import stage_layers
+from tfcourse.parallel.plans.pipeline import choose_fastest, stage_layers
 from tfcourse.perf import costmodel as cm
 from tfcourse.perf import planner
 from tfcourse.perf.planner import Cluster, ModelSpec, Plan
@@ -158,7 +158,7 @@ def test_gpt3_on_1024_a100s():
     assert best.compute_s == pytest.approx(ideal)
     assert best.step_s > ideal > 0
     assert planner.plan(gpt3, a100, top=3) == fitting[:3]
-    assert cm.plan(gpt3, a100, top=1) == fitting[:1]
+    assert planner.plan(gpt3, a100, top=1) == fitting[:1]
 
 
 # --------------------------------------------------------------------------- enumeration
@@ -192,8 +192,8 @@ def test_enumerated_plans_are_exactly_the_valid_ones():
     (lambda: planner.stage_times([(0, 1)], [1.0, 2.0]), "stage_speeds"),
     (lambda: planner.estimate(TINY, cluster(2, 2), Plan(1, 1, 1, 1)), "plan"),
     (lambda: planner.estimate(SMALL, cluster(4, 2), Plan(1, 4, 1, 1)), "plan.tp"),
-    (lambda: planner.choose_fastest({}), "measured"),
-    (lambda: planner.choose_fastest({1: [0.1], 2: []}), "measured"),
+    (lambda: choose_fastest({}), "measured"),
+    (lambda: choose_fastest({1: [0.1], 2: []}), "measured"),
 ])
 def test_bad_input_names_the_argument(make, name):
     with pytest.raises(ValueError, match=f"^{name}"):
@@ -237,7 +237,7 @@ def test_equal_speeds_give_the_even_split():
 
 def test_choose_fastest_takes_the_lowest_median():
     # means: 3.67, 35.3, 4.0; minima: 1, 3, 4; medians: 5, 3, 4
-    assert planner.choose_fastest({1: [5.0, 1.0, 5.0], 2: [3.0, 3.0, 100.0], 4: [4.0]}) == 2
+    assert choose_fastest({1: [5.0, 1.0, 5.0], 2: [3.0, 3.0, 100.0], 4: [4.0]}) == 2
 
 
 def test_validate_against_gives_relative_errors():

@@ -6,17 +6,22 @@ import numpy as np
 import pytest
 
 from tfcourse.course.launch import MPIJobError, run_mpi
-from tfcourse.nn.attention import causal_mask, sdpa_backward, sdpa_forward, softmax
-from tfcourse.parallel.partition import (
+from tfcourse.nn.attention import (
     block_attention_grads,
     block_scores,
     causal_block_kind,
     causal_block_mask,
-    chunk_positions,
+    causal_mask,
     empty_partial,
     finish_partial,
     merge_partials,
     partial_softmax,
+    sdpa_backward,
+    sdpa_forward,
+    softmax,
+)
+from tfcourse.parallel.plans.sequence import (
+    chunk_positions,
     rank_score_blocks,
     ring_block_owner,
     ring_schedule,
@@ -195,7 +200,7 @@ def test_sequence_cost_model_hand_computed():
     assert costmodel.ring_attention_bytes_sent(13, 2, 1, 1, 1, 1) == [2 * 7 + 4 * 7 + 2 * 6,
                                                                        2 * 6 + 4 * 6 + 2 * 7]
     assert costmodel.ring_attention_bytes_sent(8, 1, 1, 1, 1, 1) == [0]
-    with pytest.raises(ValueError, match="seq_len: expected at least 8.*seq_len=5"):
+    with pytest.raises(ValueError, match=r"at least 2 \* world_size=8.*seq_len=5"):
         costmodel.ring_attention_score_entries(5, 4, zigzag=True)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tfcourse.nn.model import init_params
-from tfcourse.parallel.partition import shard_axis
+from tfcourse.parallel.plans.tensor import shard_axis
 from tfcourse.parallel.study import (
     Layout,
     calibrated_mfu,

@@ -1,14 +1,16 @@
 """Tensor parallelism under real mpiexec: same loss curve and gradients as the serial model."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
+from conftest import TESTS_DIR
 
 from tfcourse import train
 from tfcourse.course.launch import MPIJobError, run_mpi
 from tfcourse.nn.model import init_params, preset
-from tfcourse.parallel.partition import shard_axis, shard_params
+from tfcourse.parallel.plans.tensor import shard_axis, shard_params
 
 STEPS = 5
 
@@ -69,3 +71,16 @@ def test_which_parameters_are_split():
     assert shard_axis("blocks.1.ffn.w1") == 1 and shard_axis("blocks.1.ffn.w2") == 0
     assert shard_axis("blocks.1.attn.b_o") is None and shard_axis("blocks.1.ffn.b2") is None
     assert shard_axis("tok_emb") is None and shard_axis("blocks.0.ln1.gamma") is None
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n_ranks", [1, 2, 4])
+def test_tp_with_dropout_equals_the_serial_model_with_the_same_generator(n_ranks, monkeypatch):
+    """TP runs the serial sublayers, dropout included (it was silently dropped when TP kept
+    its own copy of them)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    result = run_mpi("mpi_tp_dropout", n_ranks=n_ranks, timeout=60).result
+    assert result["dropout_effect"] > 1e-3  # dropout changes the gradients...
+    assert result["loss_error"] < 1e-12  # ...and TP reproduces them exactly
+    assert result["grad_error"] < 1e-12

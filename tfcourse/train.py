@@ -112,9 +112,10 @@ def optimizer_update(params: dict, grads: dict, opt_state: dict, settings: Train
     Data-parallel training calls this on every rank with the same averaged grads, which keeps
     the replicas identical.
     """
-    grads, norm = clip_grad_norm(grads, settings.clip, norm)
+    # TrainSettings checked clip and weight decay once; the gradients come from the model
+    grads, norm = clip_grad_norm(grads, settings.clip, norm, check=False)
     params, opt_state = adamw_step(params, grads, opt_state, learning_rate(step, settings),
-                                   weight_decay=settings.weight_decay)
+                                   weight_decay=settings.weight_decay, check=False)
     return params, opt_state, norm
 
 

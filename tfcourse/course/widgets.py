@@ -90,7 +90,7 @@ def positional_explorer():
 def explorer_pipeline(schedule_name: str, p: int, m: int, backward_cost: float = 2.0):
     """Simulated timeline and bubble of a schedule: (events per stage, simulated bubble,
     formula (p-1)/(m+p-1))."""
-    from tfcourse.parallel.partition import bubble_fraction, schedule, simulate_pipeline
+    from tfcourse.parallel.plans.pipeline import bubble_fraction, schedule, simulate_pipeline
     from tfcourse.perf.costmodel import pipeline_bubble_fraction
 
     events = simulate_pipeline([schedule(schedule_name, p, s, m) for s in range(p)],

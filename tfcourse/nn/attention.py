@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from tfcourse.nn.layers import linear_backward, linear_forward
+from tfcourse.nn.layers import exp_shift, linear_backward, linear_forward
 from tfcourse.nn.validate import (
     as_bool_array,
     as_float_array,
@@ -40,10 +40,7 @@ MHA_PARAM_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    x_max = np.max(x, axis=axis, keepdims=True)
-    # A row of all -inf has max -inf, and -inf - (-inf) is NaN: shift such rows by 0 instead.
-    x_max[~np.isfinite(x_max)] = 0
-    e = np.exp(x - x_max)
+    e = np.exp(x - exp_shift(np.max(x, axis=axis, keepdims=True)))
     total = np.sum(e, axis=axis, keepdims=True)
     return np.divide(e, total, out=e, where=total > 0)  # an all -inf row stays all zeros
 
@@ -113,20 +110,24 @@ def _check_qkv(q, k, v):
     return q, k, v
 
 
-def sdpa_forward(q, k, v, mask=None):
+def sdpa_forward(q, k, v, mask=None, check: bool = True):
     """Scaled dot-product attention softmax(q k^T / sqrt(d_k)) v, returning (out, cache).
 
     q: (..., n_q, d_k), k: (..., n_k, d_k), v: (..., n_k, d_v), with identical leading
     (batch/head) dims. mask: bool, broadcastable to (..., n_q, n_k), True = may attend.
     out: (..., n_q, d_v). A query row whose mask is all False gets zero output and zero
     weights. cache["weights"] holds the attention weights (..., n_q, n_k).
+    check=False skips the input checks: for callers that validated once at their own door
+    (the model does, for every layer of every step).
     """
-    q, k, v = _check_qkv(q, k, v)
+    if check:
+        q, k, v = _check_qkv(q, k, v)
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     scores = (q * scale) @ np.swapaxes(k, -1, -2)  # scaling q is cheaper than the scores
     if mask is not None:
-        mask = as_bool_array("mask", mask)
-        require_broadcastable("mask", mask, scores.shape, "scores (..., n_q, n_k)")
+        if check:
+            mask = as_bool_array("mask", mask)
+            require_broadcastable("mask", mask, scores.shape, "scores (..., n_q, n_k)")
         np.copyto(scores, -np.inf, where=~mask)
     weights = _softmax(scores, axis=-1)
     out = weights @ v
@@ -134,16 +135,17 @@ def sdpa_forward(q, k, v, mask=None):
     return out, cache
 
 
-def sdpa_backward(dout, cache):
+def sdpa_backward(dout, cache, check: bool = True):
     """Gradients (dq, dk, dv) of scaled dot-product attention, given dout (..., n_q, d_v).
 
     Masked entries have weight 0, so softmax_backward already gives them zero gradient and the
     mask itself is not needed here.
     """
     q, k, v, weights = cache["q"], cache["k"], cache["v"], cache["weights"]
-    dout = as_float_array("dout", dout)
-    require_shape("dout", dout, weights.shape[:-1] + v.shape[-1:], "shape of out")
-    require_dtype("dout", dout, q.dtype, "dtype of out")
+    if check:
+        dout = as_float_array("dout", dout)
+        require_shape("dout", dout, weights.shape[:-1] + v.shape[-1:], "shape of out")
+        require_dtype("dout", dout, q.dtype, "dtype of out")
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     dv = np.swapaxes(weights, -1, -2) @ dout
     dweights = dout @ np.swapaxes(v, -1, -2)
@@ -284,7 +286,7 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
     return x_q, x_kv, params, mask
 
 
-def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None):
+def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = True):
     """Multi-head attention, returning (out (B, n_q, d_model), cache).
 
     x_q: (B, n_q, d_model) queries; x_kv: (B, n_k, d_kv_in) keys/values. For self-attention
@@ -294,14 +296,22 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None):
       (B, n_q, n_k)           per sequence, e.g. padding_mask(lengths, n) of shape (B, 1, n_k);
       (B, n_heads, n_q, n_k)  per sequence and head.
     A 3-dim mask gets a head axis inserted, so it is shared by all heads.
+
+    check=False (the model's inner loop) trusts the caller: no input checks, and params may
+    leave out "b_o" (no output bias: a tensor-parallel rank adds it after
+    summing the ranks' partial outputs, chapter 7). n_heads then counts the heads of this
+    params' columns.
     """
-    x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
+    if check:
+        x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
+    elif mask is not None and mask.ndim == 3:
+        mask = mask[:, None]  # the same mask for every head
     q, cache_q = linear_forward(x_q, params["w_q"], params["b_q"])
     k, cache_k = linear_forward(x_kv, params["w_k"], params["b_k"])
     v, cache_v = linear_forward(x_kv, params["w_v"], params["b_v"])
     q, k, v = (split_heads(a, n_heads) for a in (q, k, v))
-    heads, attn_cache = sdpa_forward(q, k, v, mask)  # (B, n_heads, n_q, d_head)
-    out, cache_o = linear_forward(merge_heads(heads), params["w_o"], params["b_o"])
+    heads, attn_cache = sdpa_forward(q, k, v, mask, check=False)  # (B, n_heads, n_q, d_head)
+    out, cache_o = linear_forward(merge_heads(heads), params["w_o"], params.get("b_o"))
     cache = {
         "x_q": x_q,
         "params": params,
@@ -312,7 +322,7 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None):
     return out, cache
 
 
-def mha_backward(dout, cache):
+def mha_backward(dout, cache, check: bool = True):
     """Gradients of multi-head attention: returns (dx_q, dx_kv, grads).
 
     dout: (B, n_q, d_model). grads has the same keys and shapes as params. For
@@ -320,16 +330,17 @@ def mha_backward(dout, cache):
     """
     x_q, params, n_heads = cache["x_q"], cache["params"], cache["n_heads"]
     cache_q, cache_k, cache_v, cache_o = cache["linear"]
-    dout = as_float_array("dout", dout)
-    require_shape("dout", dout, x_q.shape[:2] + (params["w_o"].shape[1],), "shape of out")
-    require_dtype("dout", dout, x_q.dtype, "dtype of out")
+    if check:
+        dout = as_float_array("dout", dout)
+        require_shape("dout", dout, x_q.shape[:2] + (params["w_o"].shape[1],), "shape of out")
+        require_dtype("dout", dout, x_q.dtype, "dtype of out")
     grads = {}
     dconcat, grads["w_o"], grads["b_o"] = linear_backward(dout, cache_o)
-    dq, dk, dv = sdpa_backward(split_heads(dconcat, n_heads), cache["attn"])
+    dq, dk, dv = sdpa_backward(split_heads(dconcat, n_heads), cache["attn"], check=False)
     dx_q, grads["w_q"], grads["b_q"] = linear_backward(merge_heads(dq), cache_q)
     dx_k, grads["w_k"], grads["b_k"] = linear_backward(merge_heads(dk), cache_k)
     dx_v, grads["w_v"], grads["b_v"] = linear_backward(merge_heads(dv), cache_v)
-    return dx_q, dx_k + dx_v, {name: grads[name] for name in MHA_PARAM_NAMES}
+    return dx_q, dx_k + dx_v, {name: grads[name] for name in MHA_PARAM_NAMES if name in params}
 
 
 def mha_forward_loop(x_q, x_kv, params: dict, n_heads: int, mask=None) -> np.ndarray:
@@ -353,3 +364,105 @@ def mha_forward_loop(x_q, x_kv, params: dict, n_heads: int, mask=None) -> np.nda
         out_h, _ = scaled_dot_product_attention(q, k, v, mask_h)
         head_outputs.append(out_h)
     return np.concatenate(head_outputs, axis=-1) @ params["w_o"] + params["b_o"]
+
+
+# --------------------------------------------------------------------------- blocks of keys
+#
+# Causal attention between two ranges of global positions, and the online softmax (Milakov and
+# Gimelshein 2018; the heart of FlashAttention and of ring attention, chapter 8). A partial
+# result over some of the keys is (m, l, acc): per query the largest score m,
+# l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j (un-normalised). Partials over
+# disjoint key sets merge exactly, so attention can be computed one key block at a time.
+
+
+def causal_block_kind(q_range: tuple[int, int], k_range: tuple[int, int]) -> str:
+    """How causal attention treats queries at positions [q_lo, q_hi) against keys [k_lo, k_hi):
+    "skip" (every key is in every query's future: no compute), "full" (every key is at or
+    before every query: no mask needed) or "masked" (the block crosses the diagonal)."""
+    (q_lo, q_hi), (k_lo, k_hi) = q_range, k_range
+    if k_lo > q_hi - 1:
+        return "skip"
+    if k_hi - 1 <= q_lo:
+        return "full"
+    return "masked"
+
+
+def causal_block_mask(q_range: tuple[int, int], k_range: tuple[int, int]) -> np.ndarray:
+    """Bool (n_q, n_k) causal mask between two position ranges: True where k <= q (global
+    positions, so a block away from the diagonal is all True or all False)."""
+    return np.arange(*k_range)[None, :] <= np.arange(*q_range)[:, None]
+
+
+def block_scores(q: np.ndarray, k: np.ndarray, q_range: tuple[int, int] | None = None,
+                 k_range: tuple[int, int] | None = None) -> np.ndarray:
+    """Scaled scores (q / sqrt(d)) k^T of one block, (..., n_q, n_k), with -inf where the
+    causal mask (from the global ranges, if given) forbids attending.
+
+    q: (..., n_q, d), k: (..., n_k, d)."""
+    scale = q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
+    scores = (q * scale) @ np.swapaxes(k, -1, -2)
+    if q_range is not None and causal_block_kind(q_range, k_range) != "full":
+        np.copyto(scores, -np.inf, where=~causal_block_mask(q_range, k_range))
+    return scores
+
+
+def partial_softmax(scores: np.ndarray, v: np.ndarray) -> tuple:
+    """The partial result (m, l, acc) of one key block: m, l (..., n_q, 1), acc (..., n_q, d_v).
+
+    scores: (..., n_q, n_k), -inf where masked; v: (..., n_k, d_v). A query whose scores are
+    all -inf gets m = -inf, l = 0 and acc = 0 (it contributes nothing when merged)."""
+    m = np.max(scores, axis=-1, keepdims=True)
+    e = np.exp(scores - exp_shift(m))
+    return m, np.sum(e, axis=-1, keepdims=True), e @ v
+
+
+def empty_partial(q_shape: tuple, d_v: int, dtype) -> tuple:
+    """The partial result over no keys at all (the identity of `merge_partials`), for queries
+    of shape q_shape = (..., n_q, d_k)."""
+    rows = tuple(q_shape[:-1]) + (1,)
+    return (np.full(rows, -np.inf, dtype=dtype), np.zeros(rows, dtype=dtype),
+            np.zeros(tuple(q_shape[:-1]) + (d_v,), dtype=dtype))
+
+
+def merge_partials(a: tuple, b: tuple) -> tuple:
+    """Merge two partial results (m, l, acc) over disjoint key sets into the one over their
+    union: rescale both to the larger max, m = max(m_a, m_b), by exp(m_a - m) and exp(m_b - m)."""
+    (m_a, l_a, acc_a), (m_b, l_b, acc_b) = a, b
+    m = np.maximum(m_a, m_b)
+    shift = exp_shift(m)  # both -inf: no keys yet, keep the weights at 0
+    w_a, w_b = np.exp(m_a - shift), np.exp(m_b - shift)
+    return m, l_a * w_a + l_b * w_b, acc_a * w_a + acc_b * w_b
+
+
+def finish_partial(partial: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Attention output and log-sum-exp from a partial over all keys: out = acc / l
+    (..., n_q, d_v) and lse = m + log l (..., n_q, 1); a query with no keys gets out 0 and
+    lse -inf."""
+    m, total, acc = partial
+    has_keys = total > 0
+    out = np.divide(acc, total, out=np.zeros_like(acc), where=has_keys)
+    lse = np.full_like(m, -np.inf)
+    np.add(m, np.log(total, out=np.zeros_like(total), where=has_keys), out=lse, where=has_keys)
+    return out, lse
+
+
+def block_attention_grads(scores, q, k, v, dout, lse, delta) -> tuple:
+    """One block's share of the attention gradients (dq, dk, dv), FlashAttention-2 style.
+
+    scores: (..., n_q, n_k) from `block_scores`; q (..., n_q, d), k, v (..., n_k, d),
+    dout (..., n_q, d_v); lse (..., n_q, 1) over ALL keys (from the forward pass) and
+    delta = rowsum(dout * out) (..., n_q, 1). The probabilities are recomputed exactly as
+    P = exp(S - lse), and the softmax backward P * (dP - rowsum(dP * P)) uses
+    rowsum(dP * P) = rowsum(dout * out) = delta, which needs no other key block.
+    """
+    scale = q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
+    probs = np.exp(scores - exp_shift(lse))  # a query with no keys: all scores -inf, P = 0
+    dv = np.swapaxes(probs, -1, -2) @ dout
+    dscores = dout @ np.swapaxes(v, -1, -2)
+    dscores -= delta
+    dscores *= probs
+    dq = dscores @ k
+    dq *= scale
+    dk = np.swapaxes(dscores, -1, -2) @ q
+    dk *= scale
+    return dq, dk, dv

@@ -18,11 +18,15 @@ import numpy as np
 # --------------------------------------------------------------------------- linear
 
 
-def linear_forward(x, w, b):
-    """y = x @ w + b for x (..., d_in), w (d_in, d_out), b (d_out,) -> y (..., d_out)."""
+def linear_forward(x, w, b=None):
+    """y = x @ w + b for x (..., d_in), w (d_in, d_out), b (d_out,) -> y (..., d_out).
+
+    b=None leaves the bias out: a tensor-parallel rank adds it once, after summing the ranks'
+    partial products (chapter 7)."""
     y = _matmul_2d(x, w)
-    y += b  # in place: saves allocating and filling a second (..., d_out) array
-    return y, (x, w)
+    if b is not None:
+        y += b  # in place: saves allocating and filling a second (..., d_out) array
+    return y, (x, w, b is not None)
 
 
 def _matmul_2d(x, w):
@@ -32,12 +36,13 @@ def _matmul_2d(x, w):
 
 
 def linear_backward(dout, cache):
-    """(dx, dw, db) of y = x @ w + b; dw and db sum over every leading (batch, time) axis."""
-    x, w = cache
+    """(dx, dw, db) of y = x @ w + b; dw and db sum over every leading (batch, time) axis
+    (db is None for a layer without bias)."""
+    x, w, has_bias = cache
     dx = _matmul_2d(dout, w.T)
     dout_2d = dout.reshape(-1, dout.shape[-1])
     dw = x.reshape(-1, x.shape[-1]).T @ dout_2d
-    db = dout_2d.sum(axis=0)
+    db = dout_2d.sum(axis=0) if has_bias else None
     return dx, dw, db
 
 
@@ -142,10 +147,11 @@ ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward), "relu": (relu_forward, rel
 # --------------------------------------------------------------------------- feed-forward
 
 
-def ffn_forward(x, w1, b1, w2, b2, activation: str = "gelu"):
+def ffn_forward(x, w1, b1, w2, b2=None, activation: str = "gelu"):
     """Position-wise feed-forward network act(x @ w1 + b1) @ w2 + b2.
 
-    x: (..., d), w1: (d, d_ff), b1: (d_ff,), w2: (d_ff, d), b2: (d,). Returns (out, cache).
+    x: (..., d), w1: (d, d_ff), b1: (d_ff,), w2: (d_ff, d), b2: (d,) or None (no output bias:
+    see linear_forward). Returns (out, cache).
     """
     act_forward, _ = ACTIVATIONS[activation]
     hidden, cache1 = linear_forward(x, w1, b1)
@@ -155,13 +161,15 @@ def ffn_forward(x, w1, b1, w2, b2, activation: str = "gelu"):
 
 
 def ffn_backward(dout, cache):
-    """Returns (dx, {"w1", "b1", "w2", "b2"}) for the feed-forward network."""
+    """Returns (dx, {"w1", "b1", "w2", "b2"}) for the feed-forward network ("b2" only if the
+    forward pass had one)."""
     cache1, cache_act, cache2, activation = cache
     _, act_backward = ACTIVATIONS[activation]
     dactivated, dw2, db2 = linear_backward(dout, cache2)
     dhidden = act_backward(dactivated, cache_act)
     dx, dw1, db1 = linear_backward(dhidden, cache1)
-    return dx, {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+    grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+    return dx, grads if db2 is not None else {k: v for k, v in grads.items() if k != "b2"}
 
 
 # --------------------------------------------------------------------------- dropout
@@ -191,14 +199,23 @@ def dropout_backward(dout, cache):
 # --------------------------------------------------------------------------- loss
 
 
+def exp_shift(m):
+    """What to subtract before exponentiating scores whose maximum is `m`: m itself, or 0
+    where m is -inf. A row with nothing possible (all -inf, e.g. a fully masked query) has
+    max -inf, and -inf - (-inf) is NaN; shifting it by 0 gives exp(-inf) = 0 instead.
+
+    The one home of this rule: softmax, log_softmax, the online softmax of ring attention and
+    its merge all use it."""
+    return np.where(np.isfinite(m), m, 0)
+
+
 def log_softmax(logits):
     """log softmax over the last axis, computed as x - max - log(sum(exp(x - max))).
 
     Entries equal to -inf get -inf; a row that is entirely -inf (nothing possible, e.g. a
     fully masked padding position) gives all -inf rather than NaN, like `softmax`'s zeros.
     """
-    x_max = logits.max(axis=-1, keepdims=True)
-    shifted = logits - np.where(np.isfinite(x_max), x_max, 0)  # -inf - (-inf) would be NaN
+    shifted = logits - exp_shift(logits.max(axis=-1, keepdims=True))
     total = np.exp(shifted).sum(axis=-1, keepdims=True)
     possible = total > 0
     log_total = np.log(total, out=np.zeros_like(total), where=possible)

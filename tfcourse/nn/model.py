@@ -14,10 +14,11 @@ tensor parallelism shards the dict's matrices; data parallelism averages `grads`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
-from tfcourse.nn.attention import causal_mask, mha_backward, mha_forward
+from tfcourse.nn.attention import MHA_PARAM_NAMES, causal_mask, mha_backward, mha_forward, softmax
 from tfcourse.nn.layers import (
     ACTIVATIONS,
     cross_entropy_backward,
@@ -33,6 +34,7 @@ from tfcourse.nn.layers import (
     linear_backward,
     linear_forward,
 )
+from tfcourse.nn.positional import learned_positions_backward, learned_positions_forward
 from tfcourse.nn.validate import (
     require_divisible,
     require_nonnegative_int,
@@ -212,47 +214,89 @@ def check_tokens(name: str, tokens, vocab_size: int, max_len: int,
     return tokens
 
 
+# --------------------------------------------------------------------------- entry and exit
+
+
+def _identity(x):
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """A map applied to activations in the forward pass, and the map the backward pass applies
+    to their gradient. The identity both ways by default."""
+
+    forward: Callable = _identity
+    backward: Callable = _identity
+
+
+@dataclasses.dataclass(frozen=True)
+class SublayerOps:
+    """Where a parallel layout communicates inside every sublayer.
+
+    `enter` maps the normalised input LN(x) before it meets the attention or MLP weights;
+    `exit` maps their output before the output bias, dropout and the residual add. The serial
+    model uses the identity for both. Megatron's tensor parallelism (chapter 7) passes
+    enter = f (identity; all-reduce of the gradient) and exit = g (all-reduce; identity).
+    """
+
+    enter: Operator = Operator()
+    exit: Operator = Operator()
+
+
+SERIAL = SublayerOps()
+
 # --------------------------------------------------------------------------- pieces
 
 
 def embed_forward(params: dict, tokens: np.ndarray, config: TransformerConfig):
-    """Token embedding + learned position embedding: (B, T) ids -> (B, T, d_model)."""
-    T = tokens.shape[1]
+    """Token embedding + learned position embedding (chapter 3): (B, T) ids -> (B, T, d)."""
     tok, tok_cache = embedding_forward(tokens, params["tok_emb"])
-    return tok + params["pos_emb"][:T], (tok_cache, T, params["pos_emb"].shape)
+    pos, pos_cache = learned_positions_forward(params["pos_emb"], tokens.shape[1], check=False)
+    tok += pos
+    return tok, (tok_cache, pos_cache)
 
 
-def embed_backward(dx: np.ndarray, cache) -> dict:
-    tok_cache, T, pos_shape = cache
-    dpos = np.zeros(pos_shape, dtype=dx.dtype)
-    dpos[:T] = dx.sum(axis=0)
-    return {"tok_emb": embedding_backward(dx, tok_cache), "pos_emb": dpos}
+def embed_backward(dx: np.ndarray, cache):
+    """(None, grads): token ids have no gradient; the two tables do."""
+    tok_cache, pos_cache = cache
+    return None, {"tok_emb": embedding_backward(dx, tok_cache),
+                  "pos_emb": learned_positions_backward(dx, pos_cache, check=False)}
 
 
 def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
-                               dropout: float = 0.0, rng=None, memory=None):
-    """x + Dropout(MultiHeadAttention(LN(x), kv)) with kv = LN(x) (self) or `memory` (cross).
+                               dropout: float = 0.0, rng=None, memory=None, ops=SERIAL):
+    """x + Dropout(exit(MultiHeadAttention(enter(LN(x)), kv)) + b_o), kv = enter(LN(x)) (self)
+    or `memory` (cross-attention).
 
-    Uses params[prefix + "ln.gamma" / "ln.beta" / "attn.*"]-style names via `prefix`,
-    e.g. prefix="blocks.0." reads "blocks.0.ln1.*" and "blocks.0.attn.*" (see `_names`).
+    Reads params[prefix + "ln1.*"] and [prefix + "attn.*"] (cross: "ln_x.*", "xattn.*").
+    n_heads: the heads whose columns this params dict holds (all of them, unless it is a
+    tensor-parallel shard). The output bias is added after `exit`, so that a layout whose exit
+    sums partial outputs over ranks adds it once.
     """
     ln_name, attn_name = _names(prefix, memory is not None)
     normed, ln_cache = layernorm_forward(x, params[ln_name + "gamma"], params[ln_name + "beta"])
-    kv = normed if memory is None else memory
-    attended, attn_cache = mha_forward(normed, kv, subdict(params, attn_name), n_heads, mask)
-    dropped, drop_cache = dropout_forward(attended, dropout, rng)
-    return x + dropped, (prefix, memory is not None, ln_cache, attn_cache, drop_cache)
+    entered = ops.enter.forward(normed)
+    kv = entered if memory is None else memory
+    weights = {name: params[attn_name + name] for name in MHA_PARAM_NAMES if name != "b_o"}
+    partial, attn_cache = mha_forward(entered, kv, weights, n_heads, mask, check=False)
+    out = ops.exit.forward(partial)
+    out += params[attn_name + "b_o"]
+    dropped, drop_cache = dropout_forward(out, dropout, rng)
+    return x + dropped, (prefix, memory is not None, ops, ln_cache, attn_cache, drop_cache)
 
 
 def attention_sublayer_backward(dy, cache):
     """Returns (dx, dmemory or None, grads with full names)."""
-    prefix, is_cross, ln_cache, attn_cache, drop_cache = cache
+    prefix, is_cross, ops, ln_cache, attn_cache, drop_cache = cache
     ln_name, attn_name = _names(prefix, is_cross)
-    dnormed_q, dkv, attn_grads = mha_backward(dropout_backward(dy, drop_cache), attn_cache)
-    dnormed = dnormed_q if is_cross else dnormed_q + dkv
+    dout = dropout_backward(dy, drop_cache)
+    db_o = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
+    dentered, dkv, attn_grads = mha_backward(ops.exit.backward(dout), attn_cache, check=False)
+    dnormed = ops.enter.backward(dentered if is_cross else dentered + dkv)
     dx_ln, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
-    grads = {**add_prefix(attn_grads, attn_name), ln_name + "gamma": dgamma,
-             ln_name + "beta": dbeta}
+    grads = {**add_prefix(attn_grads, attn_name), attn_name + "b_o": db_o,
+             ln_name + "gamma": dgamma, ln_name + "beta": dbeta}
     return dy + dx_ln, (dkv if is_cross else None), grads
 
 
@@ -264,32 +308,39 @@ def _names(prefix: str, is_cross: bool) -> tuple[str, str]:
 
 
 def ffn_sublayer_forward(params: dict, prefix: str, x, activation: str = "gelu",
-                         dropout: float = 0.0, rng=None):
-    """x + Dropout(FFN(LN(x))) with params prefix + "ln2.*" and prefix + "ffn.*"."""
+                         dropout: float = 0.0, rng=None, ops=SERIAL):
+    """x + Dropout(exit(FFN(enter(LN(x)))) + b2) with params prefix + "ln2.*" and "ffn.*"."""
     normed, ln_cache = layernorm_forward(x, params[prefix + "ln2.gamma"],
                                          params[prefix + "ln2.beta"])
     p = subdict(params, prefix + "ffn.")
-    hidden, ffn_cache = ffn_forward(normed, p["w1"], p["b1"], p["w2"], p["b2"], activation)
-    dropped, drop_cache = dropout_forward(hidden, dropout, rng)
-    return x + dropped, (prefix, ln_cache, ffn_cache, drop_cache)
+    partial, ffn_cache = ffn_forward(ops.enter.forward(normed), p["w1"], p["b1"], p["w2"], None,
+                                     activation)
+    out = ops.exit.forward(partial)
+    out += p["b2"]
+    dropped, drop_cache = dropout_forward(out, dropout, rng)
+    return x + dropped, (prefix, ops, ln_cache, ffn_cache, drop_cache)
 
 
 def ffn_sublayer_backward(dy, cache):
-    prefix, ln_cache, ffn_cache, drop_cache = cache
-    dnormed, ffn_grads = ffn_backward(dropout_backward(dy, drop_cache), ffn_cache)
-    dx_ln, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
-    grads = {**add_prefix(ffn_grads, prefix + "ffn."), prefix + "ln2.gamma": dgamma,
-             prefix + "ln2.beta": dbeta}
+    prefix, ops, ln_cache, ffn_cache, drop_cache = cache
+    dout = dropout_backward(dy, drop_cache)
+    db2 = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
+    dentered, ffn_grads = ffn_backward(ops.exit.backward(dout), ffn_cache)
+    dx_ln, dgamma, dbeta = layernorm_backward(ops.enter.backward(dentered), ln_cache)
+    grads = {**add_prefix(ffn_grads, prefix + "ffn."), prefix + "ffn.b2": db2,
+             prefix + "ln2.gamma": dgamma, prefix + "ln2.beta": dbeta}
     return dy + dx_ln, grads
 
 
-def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None):
+def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, ops=SERIAL):
     """Decoder block i: causal self-attention sublayer, then feed-forward sublayer."""
     prefix = f"blocks.{i}."
+    n_heads = params[prefix + "attn.w_q"].shape[1] // config.d_head  # fewer on a TP shard
     mask = causal_mask(x.shape[1])
-    h, attn_cache = attention_sublayer_forward(params, prefix, x, mask, config.n_heads,
-                                               config.dropout, rng)
-    y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation, config.dropout, rng)
+    h, attn_cache = attention_sublayer_forward(params, prefix, x, mask, n_heads,
+                                               config.dropout, rng, ops=ops)
+    y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation, config.dropout, rng,
+                                        ops)
     return y, (attn_cache, ffn_cache)
 
 
@@ -315,50 +366,79 @@ def head_backward(dlogits, cache):
     return dx, {"head.w": dw, "head.b": db, "ln_f.gamma": dgamma, "ln_f.beta": dbeta}
 
 
-# --------------------------------------------------------------------------- the model
+# --------------------------------------------------------------------------- the walk
 
 
-def forward_with_caches(params, tokens, config, rng=None):
-    """Logits and the caches of (embedding, every block, head) for a backward pass that a
-    caller runs piece by piece (data parallelism overlaps it with communication)."""
-    x, embed_cache = embed_forward(params, tokens, config)
-    block_caches = []
-    for i in range(config.n_layers):
-        x, cache = block_forward(params, i, x, config, rng)
-        block_caches.append(cache)
-    logits, head_cache = head_forward(params, x)
-    return logits, (embed_cache, block_caches, head_cache)
+def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=SERIAL,
+                 layers: tuple[int, int] | None = None, embed: bool = True, head: bool = True):
+    """The model's forward walk - embedding, blocks, head - or a contiguous part of it.
+
+    inputs: token ids (B, T) if `embed`, else activations (B, T, d_model). layers: the blocks
+    [lo, hi) to run (default all); `head`: finish with the final LayerNorm and the head.
+    Returns (logits or activations, caches) with caches a list of (backward, cache) pairs in
+    forward order, which `backward_pass` walks in reverse. A pipeline stage runs the part it
+    holds; tensor parallelism passes its `ops`. No input checks (see `forward`).
+    """
+    caches = []
+    x = inputs
+    if embed:
+        x, cache = embed_forward(params, x, config)
+        caches.append((embed_backward, cache))
+    lo, hi = (0, config.n_layers) if layers is None else layers
+    for i in range(lo, hi):
+        x, cache = block_forward(params, i, x, config, rng, ops)
+        caches.append((block_backward, cache))
+    if head:
+        x, cache = head_forward(params, x)
+        caches.append((head_backward, cache))
+    return x, caches
+
+
+def backward_pass(dout, caches: list, on_grads: Callable[[dict], None] | None = None):
+    """The backward walk over `forward_pass`'s caches, last piece first.
+
+    Returns (gradient of the walk's inputs - None if it began at the embedding, grads of
+    every parameter it used). `on_grads(piece_grads)` is called as soon as each piece (head,
+    block, embedding) has produced its gradients: data parallelism starts sending them from
+    there while the backward pass goes on (chapter 6).
+    """
+    grads = {}
+    for backward, cache in reversed(caches):
+        dout, piece_grads = backward(dout, cache)
+        if on_grads is not None:
+            on_grads(piece_grads)
+        grads.update(piece_grads)
+    return dout, grads
 
 
 def forward(params: dict, tokens, config: TransformerConfig) -> np.ndarray:
     """Logits (B, T, vocab_size) for integer tokens (B, T); dropout is off at inference."""
     check_params(params, param_shapes(config), config.dtype)
     tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
-    return forward_with_caches(params, tokens, dataclasses.replace(config, dropout=0.0),
-                                None)[0]
+    return forward_pass(params, tokens, dataclasses.replace(config, dropout=0.0))[0]
 
 
 def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
-                   ignore_index: int | None = None, rng: np.random.Generator | None = None):
+                   ignore_index: int | None = None, rng: np.random.Generator | None = None,
+                   *, ops: SublayerOps = SERIAL, on_grads=None, check: bool = True):
     """Mean cross-entropy of next-token `targets` (B, T) and its gradient for every parameter.
 
     Returns (loss: float, grads: dict with exactly the keys of params). `rng` is needed only
-    when config.dropout > 0.
+    when config.dropout > 0. The parallel modes call it too, having checked their inputs once
+    (check=False): tensor parallelism with its `ops` on a shard of the dict, data parallelism
+    with `on_grads` (see `backward_pass`).
     """
-    check_params(params, param_shapes(config), config.dtype)
-    tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
-    targets = check_tokens("targets", targets, config.vocab_size, config.max_len, ignore_index)
-    if targets.shape != tokens.shape:
-        raise ValueError(f"targets: expected shape {tokens.shape} (of tokens), "
-                         f"got {targets.shape}")
-    logits, (embed_cache, block_caches, head_cache) = forward_with_caches(
-        params, tokens, config, rng)
+    if check:
+        check_params(params, param_shapes(config), config.dtype)
+        tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
+        targets = check_tokens("targets", targets, config.vocab_size, config.max_len,
+                               ignore_index)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets: expected shape {tokens.shape} (of tokens), "
+                             f"got {targets.shape}")
+    logits, caches = forward_pass(params, tokens, config, rng, ops)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
-    dx, grads = head_backward(cross_entropy_backward(loss_cache), head_cache)
-    for cache in reversed(block_caches):
-        dx, block_grads = block_backward(dx, cache)
-        grads.update(block_grads)
-    grads.update(embed_backward(dx, embed_cache))
+    _, grads = backward_pass(cross_entropy_backward(loss_cache), caches, on_grads)
     return loss, {name: grads[name] for name in params}
 
 
@@ -373,14 +453,15 @@ def generate(params: dict, prompt, n_new: int, config: TransformerConfig,
     rng = np.random.default_rng(require_nonnegative_int("seed", seed))
     prompt = check_tokens("prompt", np.asarray(prompt).reshape(1, -1), config.vocab_size,
                           np.iinfo(np.int64).max)  # longer prompts are cut to max_len below
+    check_params(params, param_shapes(config), config.dtype)  # once, not once per token
+    config = dataclasses.replace(config, dropout=0.0)
     ids = list(prompt[0])
     for _ in range(n_new):
         context = np.array(ids[-config.max_len:], dtype=np.int64)[None, :]
-        logits = forward(params, context, config)[0, -1].astype(np.float64)
+        logits = forward_pass(params, context, config)[0][0, -1].astype(np.float64)
         if temperature == 0:
             ids.append(int(np.argmax(logits)))
         else:
-            z = logits / temperature
-            p = np.exp(z - z.max())
-            ids.append(int(rng.choice(len(p), p=p / p.sum())))
+            p = softmax(logits / temperature)
+            ids.append(int(rng.choice(len(p), p=p)))
     return np.array(ids, dtype=np.int64)

@@ -124,18 +124,22 @@ def global_norm(grads) -> float:
     return _global_norm(_check_arrays("grads", grads))
 
 
-def clip_grad_norm(grads, max_norm, norm: float | None = None) -> tuple[dict, float]:
+def clip_grad_norm(grads, max_norm, norm: float | None = None,
+                   check: bool = True) -> tuple[dict, float]:
     """Scale all gradients by one common factor so that their global norm is at most max_norm.
 
     Returns (clipped_grads, norm_before). When norm_before > max_norm every array is multiplied
     by max_norm / norm_before, which keeps the direction of the full gradient vector and makes
     its norm exactly max_norm; otherwise the gradients are returned unchanged (as copies).
     `norm` may be given when it is already known - a ZeRO rank holds only a shard of the
-    gradients, so the global norm comes from all ranks' sums of squares.
+    gradients, so the global norm comes from all ranks' sums of squares. check=False skips
+    the input checks (a training loop whose gradients come from the model itself).
     """
-    grads = _check_arrays("grads", grads)
-    max_norm = require_real("max_norm", max_norm, positive=True)
-    norm = _global_norm(grads) if norm is None else require_real("norm", norm)
+    if check:
+        grads = _check_arrays("grads", grads)
+        max_norm = require_real("max_norm", max_norm, positive=True)
+        norm = None if norm is None else require_real("norm", norm)
+    norm = _global_norm(grads) if norm is None else norm
     scale = clip_scale(norm, max_norm)
     return {name: g * g.dtype.type(scale) for name, g in grads.items()}, norm
 
@@ -200,7 +204,7 @@ def adamw_init(params) -> dict:
 
 
 def adamw_step(
-    params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, check: bool = True
 ) -> tuple[dict, dict]:
     """One AdamW step (Loshchilov & Hutter, 2019); returns (new_params, new_state).
 
@@ -216,14 +220,19 @@ def adamw_step(
     is not rescaled by 1 / sqrt(v_hat) (that is what distinguishes AdamW from Adam with L2).
     As in PyTorch, it is multiplied by lr. It applies only where decays(name, p) is True,
     i.e. to matrices (ndim >= 2), not to biases or LayerNorm parameters.
-    lr > 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0.
+    lr > 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0. check=False skips the input
+    checks, which rescan every array (a training loop that checked its settings once).
     """
-    params, grads = _check_grads(params, grads)
-    step, state = _check_state(state, params, ADAMW_SLOTS, "adamw_init")
-    lr = require_real("lr", lr, positive=True)
-    beta1, beta2 = _check_betas(betas)
-    eps = require_real("eps", eps, positive=True)
-    weight_decay = _require_in_range("weight_decay", weight_decay, 0, math.inf)
+    if check:
+        params, grads = _check_grads(params, grads)
+        step, state = _check_state(state, params, ADAMW_SLOTS, "adamw_init")
+        lr = require_real("lr", lr, positive=True)
+        betas = _check_betas(betas)
+        eps = require_real("eps", eps, positive=True)
+        weight_decay = _require_in_range("weight_decay", weight_decay, 0, math.inf)
+    else:
+        step = int(state["step"])
+    beta1, beta2 = betas
 
     t = step + 1
     new_params, new_state = {}, {"step": np.array(t, dtype=np.int64)}

@@ -117,34 +117,38 @@ def init_learned_positions(max_len: int, d_model: int, rng, dtype=np.float64) ->
     return (0.02 * rng.standard_normal((max_len, d_model))).astype(dtype)
 
 
-def learned_positions_forward(table, seq_len: int):
+def learned_positions_forward(table, seq_len: int, check: bool = True):
     """Position vectors for positions 0 .. seq_len-1: returns (out (seq_len, d_model), cache).
 
     `out` broadcasts against token embeddings of shape (B, seq_len, d_model): x + out.
-    It is a copy, so editing it in place cannot change the table.
+    It is a copy, so editing it in place cannot change the table. check=False skips the input
+    checks (the GPT model's embedding, whose inputs were checked at its door).
     """
-    table = as_float_array("table", table)
-    require_ndim("table", table, 2, 2)
-    seq_len = require_positive_int("seq_len", seq_len)
-    max_len = table.shape[0]
-    if seq_len > max_len:
-        raise ValueError(
-            f"seq_len: expected at most max_len={max_len} (rows of table), got {seq_len}"
-        )
+    if check:
+        table = as_float_array("table", table)
+        require_ndim("table", table, 2, 2)
+        seq_len = require_positive_int("seq_len", seq_len)
+        max_len = table.shape[0]
+        if seq_len > max_len:
+            raise ValueError(
+                f"seq_len: expected at most max_len={max_len} (rows of table), got {seq_len}"
+            )
     cache = {"table_shape": table.shape, "dtype": table.dtype, "seq_len": seq_len}
     return table[:seq_len].copy(), cache
 
 
-def learned_positions_backward(dout, cache) -> np.ndarray:
+def learned_positions_backward(dout, cache, check: bool = True) -> np.ndarray:
     """Gradient of the table, given dout (B, seq_len, d_model) (or (seq_len, d_model)).
 
     Row t < seq_len gets dout[:, t] summed over the batch; rows >= seq_len get zero.
     """
     seq_len, (_, d_model) = cache["seq_len"], cache["table_shape"]
-    dout = as_float_array("dout", dout)
-    require_ndim("dout", dout, 2, 3)
-    require_shape("dout", dout, dout.shape[:-2] + (seq_len, d_model), "(B, seq_len, d_model)")
-    require_dtype("dout", dout, cache["dtype"], "dtype of the table")
+    if check:
+        dout = as_float_array("dout", dout)
+        require_ndim("dout", dout, 2, 3)
+        require_shape("dout", dout, dout.shape[:-2] + (seq_len, d_model),
+                      "(B, seq_len, d_model)")
+        require_dtype("dout", dout, cache["dtype"], "dtype of the table")
     dtable = np.zeros(cache["table_shape"], dtype=cache["dtype"])
     dtable[:seq_len] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
     return dtable

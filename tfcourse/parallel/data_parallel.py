@@ -13,189 +13,163 @@ the replicas stay identical. The loss curve equals serial training's to rounding
 ZeRO (Rajbhandari et al. 2020) removes the replication of the training state: each parameter
 tensor gets an owner rank, which alone keeps its AdamW moments and updates it (stage 1); with
 stage 2 its gradient is reduced only to the owner. Owners then broadcast the updated tensors.
+
+--allreduce overlap (PyTorch DDP's idea, Li et al. 2020): the model's backward pass calls back
+after each layer, and that layer's gradients start a non-blocking all-reduce at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
-import time
 
 import numpy as np
 from mpi4py import MPI
 
-from tfcourse.data import lm_batch
-from tfcourse.nn.layers import cross_entropy_backward, cross_entropy_forward
-from tfcourse.nn.model import (
-    block_backward,
-    embed_backward,
-    forward_with_caches,
-    head_backward,
-    init_params,
-    loss_and_grads,
-)
+from tfcourse.nn.model import init_params, loss_and_grads
 from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
 from tfcourse.nn.validate import require_positive_int, require_real
-from tfcourse.parallel.comm import (
-    ALLREDUCES,
-    CommLog,
-    StepTimes,
-    add_json_argument,
-    add_split_waiting_argument,
-    program_parser,
-    run_program,
-)
-from tfcourse.parallel.partition import (
+from tfcourse.parallel.comm import ALLREDUCES
+from tfcourse.parallel.plans.batches import (
     batch_rows,
     flatten,
     make_buckets,
     partition_params,
     unflatten,
 )
-from tfcourse.perf.costmodel import zero_state_bytes_per_rank
-from tfcourse.train import (
-    TrainingSetup,
-    TrainSettings,
-    optimizer_update,
-    training_setup,
+from tfcourse.parallel.program import (
+    State,
+    add_split_waiting_argument,
+    program_parser,
+    result_record,
+    run_program,
+    train,
 )
+from tfcourse.perf.costmodel import zero_state_bytes_per_rank
+from tfcourse.train import TrainingSetup, TrainSettings, optimizer_update, training_setup
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- communication
 
 
-# --------------------------------------------------------------------------- one step
+def weighted_flat(grads: dict, names: list[str], weight: float):
+    """One contiguous copy of weight * grads[names] (what a collective sends)."""
+    flat = flatten(grads, names)
+    flat *= flat.dtype.type(weight)
+    return flat
 
 
 def average_gradients(grads: dict, weight: float, buckets: list[list[str]], comm, algorithm: str,
-                      log: CommLog) -> dict:
+                      log) -> dict:
     """Sum weight * grads over all ranks, one all-reduce per bucket (weights add up to 1)."""
     averaged = {}
     for bucket in buckets:
-        flat = flatten(grads, bucket)
-        flat *= flat.dtype.type(weight)
-        log.timed(f"allreduce:{algorithm}", ALLREDUCES[algorithm], flat, comm)
+        flat = weighted_flat(grads, bucket, weight)
+        log.collective(f"allreduce:{algorithm}", ALLREDUCES[algorithm], flat, comm)
         averaged.update(unflatten(flat, grads, bucket))
     return averaged
 
 
-def reduce_gradients_to_owners(grads: dict, weight: float, owners: dict, comm,
-                               log: CommLog) -> dict:
+def reduce_gradients_to_owners(grads: dict, weight: float, owners: dict, comm, log) -> dict:
     """ZeRO-2: sum weight * grads over ranks, each tensor delivered only to its owner."""
     mine = {}
     for owner in range(comm.size):
         names = [n for n in grads if owners[n] == owner]
-        if not names:
-            continue
-        flat = flatten(grads, names)
-        flat *= flat.dtype.type(weight)
-        result = np.empty_like(flat) if comm.rank == owner else None
-        start = time.perf_counter()
-        comm.Reduce(flat, result, op=MPI.SUM, root=owner)
-        log.records.append(("reduce", int(flat.nbytes), time.perf_counter() - start))
-        if comm.rank == owner:
-            mine.update(unflatten(result, grads, names))
+        if names:
+            flat = weighted_flat(grads, names, weight)
+            total = np.empty_like(flat) if comm.rank == owner else None
+            log.collective("reduce", lambda buf, c, total=total, owner=owner:
+                           c.Reduce(buf, total, op=MPI.SUM, root=owner), flat, comm)
+            if comm.rank == owner:
+                mine.update(unflatten(total, grads, names))
     return mine
 
 
-def broadcast_from_owners(params: dict, owners: dict, comm, log: CommLog) -> dict:
+def broadcast_from_owners(params: dict, owners: dict, comm, log) -> dict:
     """Every owner sends its updated tensors to all ranks (ZeRO's parameter all-gather)."""
     params = dict(params)
     for owner in range(comm.size):
         names = [n for n in params if owners[n] == owner]
-        if not names:
-            continue
-        flat = flatten(params, names)
-        start = time.perf_counter()
-        comm.Bcast(flat, root=owner)
-        log.records.append(("bcast", int(flat.nbytes), time.perf_counter() - start))
-        params.update(unflatten(flat, params, names))
+        if names:
+            flat = flatten(params, names)
+            log.collective("bcast", lambda buf, c, owner=owner: c.Bcast(buf, root=owner),
+                           flat, comm)
+            params.update(unflatten(flat, params, names))
     return params
 
 
-@dataclasses.dataclass
-class Replica:
-    """What one rank holds between steps."""
-
-    params: dict
-    opt_state: dict
-    owners: dict | None  # ZeRO only: parameter name -> owner rank
-
-
-def start(config, settings: TrainSettings, comm, zero: int) -> Replica:
-    params = init_params(config, settings.seed)
-    if zero == 0:
-        return Replica(params, adamw_init(params), None)
-    owners = partition_params({n: p.size for n, p in params.items()}, comm.size)
-    owned = {n: p for n, p in params.items() if owners[n] == comm.rank}
-    return Replica(params, adamw_init(owned), owners)
-
-
 def overlapped_loss_and_grads(params: dict, x, y, weight: float, config, comm,
-                              log: CommLog) -> tuple[float, dict]:
-    """The serial model's loss and the all-ranks sum of weight * gradients, with each layer's
-    gradients sent (non-blocking Iallreduce) as soon as its backward pass has produced them,
-    so communication of layer i overlaps the backward pass of layer i - 1.
+                              log) -> tuple[float, dict]:
+    """The serial model's loss and the all-ranks sum of weight * gradients, with each piece's
+    gradients sent (non-blocking Iallreduce) from the model's backward-pass callback as soon
+    as they exist, so communication of layer i overlaps the backward pass of layer i - 1.
 
     MPI progresses a non-blocking collective only inside MPI calls unless the library runs a
     progress thread, so how much really overlaps depends on the MPI library."""
-    logits, (embed_cache, block_caches, head_cache) = forward_with_caches(params, x, config)
-    local_loss, loss_cache = cross_entropy_forward(logits, y)
     in_flight = []
 
-    def send(grads: dict) -> None:
-        names = list(grads)
-        flat = flatten(grads, names)
-        flat *= flat.dtype.type(weight)
-        in_flight.append((comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM), flat, names, grads))
+    def send(piece_grads: dict) -> None:
+        names = list(piece_grads)
+        flat = weighted_flat(piece_grads, names, weight)
+        in_flight.append((comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM), flat, names,
+                          piece_grads))
 
-    dx, head_grads = head_backward(cross_entropy_backward(loss_cache), head_cache)
-    send(head_grads)
-    for cache in reversed(block_caches):
-        dx, block_grads = block_backward(dx, cache)
-        send(block_grads)
-    send(embed_backward(dx, embed_cache))
-    started = time.perf_counter()
-    MPI.Request.Waitall([request for request, *_ in in_flight])
-    log.records.append(("iallreduce wait", sum(int(f.nbytes) for _, f, _, _ in in_flight),
-                        time.perf_counter() - started))
+    local_loss, _ = loss_and_grads(params, x, y, config, on_grads=send, check=False)
+    with log.span("iallreduce wait", nbytes=sum(int(f.nbytes) for _, f, _, _ in in_flight)):
+        MPI.Request.Waitall([request for request, *_ in in_flight])
     averaged = {}
     for _, flat, names, like in in_flight:
         averaged.update(unflatten(flat, like, names))
     return local_loss, {name: averaged[name] for name in params}
 
 
-def train_step(replica: Replica, x, y, step: int, config, settings: TrainSettings, comm,
-               algorithm: str, zero: int, buckets, log: CommLog) -> tuple[float, dict]:
-    """One data-parallel step on the global batch (x, y); returns (global loss, kept grads)."""
+# --------------------------------------------------------------------------- one step
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """What every step of this run shares."""
+
+    config: object
+    settings: TrainSettings
+    comm: object
+    algorithm: str  # "mpi" | "ring" | "naive" | "overlap"
+    zero: int
+    buckets: list
+    owners: dict | None  # ZeRO only: parameter name -> owner rank
+
+
+def train_step(state: State, x, y, step: int, log, dp: DataParallel):
+    """One data-parallel step on the global batch (x, y); returns (new state, global loss,
+    the gradients this rank keeps)."""
+    comm = dp.comm
     lo, hi = batch_rows(len(x), comm.rank, comm.size)
     weight = (hi - lo) / len(x)
-    if algorithm == "overlap":  # zero == 0 (checked in prepare)
-        local_loss, grads = overlapped_loss_and_grads(replica.params, x[lo:hi], y[lo:hi],
-                                                      weight, config, comm, log)
-        replica.params, replica.opt_state, _ = optimizer_update(
-            replica.params, grads, replica.opt_state, settings, step)
-        return comm.allreduce(local_loss * weight, op=MPI.SUM), grads
-    local_loss, grads = loss_and_grads(replica.params, x[lo:hi], y[lo:hi], config)
+    if dp.algorithm == "overlap":  # zero == 0 (checked in prepare)
+        local_loss, grads = overlapped_loss_and_grads(state.params, x[lo:hi], y[lo:hi], weight,
+                                                      dp.config, comm, log)
+    else:
+        local_loss, grads = loss_and_grads(state.params, x[lo:hi], y[lo:hi], dp.config,
+                                           check=False)
     loss = comm.allreduce(local_loss * weight, op=MPI.SUM)
-    if zero == 0:
-        grads = average_gradients(grads, weight, buckets, comm, algorithm, log)
-        replica.params, replica.opt_state, _ = optimizer_update(
-            replica.params, grads, replica.opt_state, settings, step)
-        return loss, grads
-    if zero == 1:  # every rank receives the whole averaged gradient, but updates only its share
-        kept = average_gradients(grads, weight, buckets, comm, algorithm, log)
-        grads = {n: g for n, g in kept.items() if replica.owners[n] == comm.rank}
+    if dp.zero == 0:
+        if dp.algorithm != "overlap":
+            grads = average_gradients(grads, weight, dp.buckets, comm, dp.algorithm, log)
+        params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state,
+                                                dp.settings, step)
+        return State(params, opt_state), loss, grads
+    if dp.zero == 1:  # every rank receives the whole averaged gradient, but updates its share
+        kept = average_gradients(grads, weight, dp.buckets, comm, dp.algorithm, log)
+        grads = {n: g for n, g in kept.items() if dp.owners[n] == comm.rank}
     else:  # zero == 2: each gradient is reduced to its owner only
-        kept = grads = reduce_gradients_to_owners(grads, weight, replica.owners, comm, log)
+        kept = grads = reduce_gradients_to_owners(grads, weight, dp.owners, comm, log)
     norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
-    owned = {n: replica.params[n] for n in grads}
-    owned, replica.opt_state, _ = optimizer_update(owned, grads, replica.opt_state, settings,
-                                                   step, norm)
-    replica.params = broadcast_from_owners({**replica.params, **owned}, replica.owners, comm,
-                                           log)
-    return loss, kept
+    owned, opt_state, _ = optimizer_update({n: state.params[n] for n in grads}, grads,
+                                           state.opt_state, dp.settings, step, norm)
+    params = broadcast_from_owners({**state.params, **owned}, dp.owners, comm, log)
+    return State(params, opt_state), loss, kept
 
 
 # --------------------------------------------------------------------------- program
@@ -203,7 +177,7 @@ def train_step(replica: Replica, x, y, step: int, config, settings: TrainSetting
 
 def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     """Check every argument against `world_size` without any communication; ValueError
-    naming the argument on bad input (see comm.agree_on_arguments)."""
+    naming the argument on bad input (see program.agree_on_arguments)."""
     require_positive_int("--threads", args.threads)
     require_real("--bucket-mb", args.bucket_mb, positive=True)
     if args.allreduce == "overlap" and args.zero:
@@ -215,41 +189,22 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
 
 
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
-    corpus, config, settings = setup.corpus, setup.config, setup.settings
-    replica = start(config, settings, comm, args.zero)
-    sizes = {n: p.size for n, p in replica.params.items()}
-    buckets = make_buckets(list(replica.params), sizes, int(args.bucket_mb * 2**20 // 8))
-    losses, step_seconds, kept_grads = [], [], {}
-    log, times = CommLog(split_waiting=args.split_waiting), StepTimes()
-    for step in range(settings.steps):
-        x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
-        comm.Barrier()  # time each step from a common start
-        started, first_record = time.perf_counter(), len(log.records)
-        loss, kept_grads = train_step(replica, x, y, step, config, settings, comm,
-                                      args.allreduce, args.zero, buckets, log)
-        step_seconds.append(time.perf_counter() - started)
-        times.add(step_seconds[-1], *log.communication_and_waiting(first_record))
-        losses.append(loss)
-    memory = state_nbytes(replica.params, kept_grads, replica.opt_state)
-    n_params = sum(sizes.values())
-    itemsize = np.dtype(config.dtype).itemsize
-    return {
-        "losses": losses,
-        "world_size": comm.size,
-        "allreduce": args.allreduce,
-        "zero": args.zero,
-        "config": config.to_dict(),
-        "settings": dataclasses.asdict(settings),
-        "step_seconds": step_seconds,
-        "compute_seconds": times.total()["compute"],
-        "comm_seconds": log.total_seconds(),
-        "comm_bytes": log.total_bytes(),
-        "memory_bytes": comm.gather(memory, root=0),
-        "seconds_per_step_per_rank": comm.gather(times.mean(), root=0),
-        "predicted_memory_bytes": zero_state_bytes_per_rank(n_params, comm.size, args.zero,
-                                                            itemsize),
-        "tokens_per_s": settings.batch_size * settings.seq_len / float(np.median(step_seconds)),
-    }
+    config, settings = setup.config, setup.settings
+    params = init_params(config, settings.seed)
+    sizes = {n: p.size for n, p in params.items()}
+    owners = partition_params(sizes, comm.size) if args.zero else None
+    owned = params if owners is None else {n: p for n, p in params.items()
+                                           if owners[n] == comm.rank}
+    dp = DataParallel(config, settings, comm, args.allreduce, args.zero,
+                      make_buckets(list(params), sizes, int(args.bucket_mb * 2**20 // 8)), owners)
+    result = train(comm, setup, State(params, adamw_init(owned)),
+                   functools.partial(train_step, dp=dp), args.split_waiting)
+    return result_record(
+        result, setup, comm, state_nbytes(result.state.params, result.grads,
+                                          result.state.opt_state),
+        allreduce=args.allreduce, zero=args.zero,
+        predicted_memory_bytes=zero_state_bytes_per_rank(
+            sum(sizes.values()), comm.size, args.zero, params["tok_emb"].itemsize))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -259,7 +214,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
     parser.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size")
     add_split_waiting_argument(parser)
-    add_json_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -272,6 +226,7 @@ def main(argv=None) -> int:
                 f"{len(result['losses'])} steps")
 
     return run_program(args, prepare, run, summary)
+
 
 if __name__ == "__main__":
     sys.exit(main())

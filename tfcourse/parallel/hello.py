@@ -20,7 +20,7 @@ import time
 from mpi4py import MPI
 
 from tfcourse.files import write_json_atomic
-from tfcourse.parallel.comm import add_json_argument, agree_on_arguments, print_in_rank_order
+from tfcourse.parallel.program import agree_on_arguments, print_in_rank_order, program_parser
 
 FAULT_FLAGS = ("--raise-on-rank", "--kill-on-rank", "--hang-on-rank")
 
@@ -41,8 +41,7 @@ def format_rank_line(info: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tfcourse.hello", description=__doc__)
-    add_json_argument(parser)
+    parser = program_parser("tfcourse.hello", __doc__, training=False)
     for flag in FAULT_FLAGS:
         parser.add_argument(flag, type=int, default=None, metavar="R")
     return parser.parse_args(argv)

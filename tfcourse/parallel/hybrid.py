@@ -26,40 +26,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
-import time
 
-import numpy as np
 from mpi4py import MPI
 
-from tfcourse.data import lm_batch
-from tfcourse.nn.model import init_params
+from tfcourse.nn.model import init_params, loss_and_grads
 from tfcourse.nn.optim import adamw_init, state_nbytes
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel import pipeline_parallel as pipeline
 from tfcourse.parallel import tensor_parallel as tensor
-from tfcourse.parallel.comm import (
-    CommLog,
-    StepTimes,
-    add_json_argument,
-    program_parser,
-    run_program,
-)
 from tfcourse.parallel.data_parallel import average_gradients
-from tfcourse.parallel.partition import (
-    SCHEDULES,
-    batch_rows,
-    check_world_size,
-    microbatch_rows,
-    schedule,
-    shard_params,
-    stage_layers,
-)
-from tfcourse.train import (
-    TrainingSetup,
-    optimizer_update,
-    training_setup,
-)
+from tfcourse.parallel.plans.batches import batch_rows
+from tfcourse.parallel.plans.pipeline import SCHEDULES, microbatch_rows, schedule, stage_layers
+from tfcourse.parallel.plans.tensor import check_world_size, shard_params
+from tfcourse.parallel.program import State, program_parser, result_record, run_program, train
+from tfcourse.train import TrainingSetup, optimizer_update, training_setup
 
 # --------------------------------------------------------------------------- the grid
 
@@ -89,26 +71,46 @@ def split(comm, ranks_per_replica: int):
 # --------------------------------------------------------------------------- one step
 
 
-def pipeline_step(stage, ops, x, y, weight: float, step: int, settings, config, model, data,
-                  log, data_log: CommLog) -> float:
-    """Chapter 7's pipeline step on this replica's rows (x, y), with the stage's gradients
-    summed over replicas (weighted by each replica's share of the batch) before the update."""
-    loss, grads, _ = pipeline.run_schedule(stage, ops, x, y, config, model, log)
-    grads = average_gradients(grads, weight, [list(grads)], data, "mpi", data_log)
-    loss = data.allreduce(loss * weight, op=MPI.SUM)  # 0.0 except on the last stages
-    return pipeline.finish_step(stage, loss, grads, step, settings, model, log)
+@dataclasses.dataclass(frozen=True)
+class Hybrid:
+    """What every step of this run shares: the grid, both communicators, the inner split."""
+
+    config: object
+    settings: object
+    dp: int
+    replica: int
+    model: object  # this replica's ranks: pipeline stages or tensor-parallel shards
+    data: object  # the ranks holding the same part of the model in every replica
+    stage: pipeline.Stage | None  # with --pp
+    ops: list | None  # this stage's schedule, with --pp
 
 
-def tensor_step(local: dict, opt_state: dict, x, y, weight: float, step: int, settings, config,
-                model, data, log: CommLog) -> tuple[float, dict, dict, dict]:
-    """Chapter 7's tensor-parallel step on this replica's rows, with every shard's gradient
-    summed over replicas; returns (loss, shards, optimiser state, gradients)."""
-    loss, grads = tensor.tp_loss_and_grads(local, x, y, config, model, log)
-    grads = average_gradients(grads, weight, [list(grads)], data, "mpi", log)
-    loss = data.allreduce(loss * weight, op=MPI.SUM)
-    norm = tensor.global_grad_norm(grads, model)
-    local, opt_state, _ = optimizer_update(local, grads, opt_state, settings, step, norm)
-    return loss, local, opt_state, grads
+def replica_grads(state: State, x, y, log, hy: Hybrid):
+    """This replica's loss and gradients on its rows, by chapter 7's pipeline or tensor-
+    parallel model, then summed over replicas (each weighted by its share of the batch) by
+    chapter 6's all-reduce; returns (loss, grads)."""
+    lo, hi = batch_rows(len(x), hy.replica, hy.dp)
+    weight = (hi - lo) / len(x)
+    if hy.stage is not None:
+        loss, grads, _ = pipeline.run_schedule(hy.stage, state.params, hy.ops, x[lo:hi],
+                                               y[lo:hi], hy.config, hy.model, log)
+    else:
+        loss, grads = loss_and_grads(state.params, x[lo:hi], y[lo:hi], hy.config,
+                                     ops=tensor.megatron_ops(hy.model, log), check=False)
+    grads = average_gradients(grads, weight, [list(grads)], hy.data, "mpi", log)
+    return hy.data.allreduce(loss * weight, op=MPI.SUM), grads  # PP: 0.0 but on last stages
+
+
+def train_step(state: State, x, y, step: int, log, hy: Hybrid):
+    """One step of the grid; the update is the inner split's own."""
+    loss, grads = replica_grads(state, x, y, log, hy)
+    if hy.stage is not None:
+        state, loss = pipeline.finish_step(state, loss, grads, step, hy.settings, hy.model, log)
+        return state, loss, grads
+    norm = tensor.global_grad_norm(grads, hy.model)
+    params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, hy.settings,
+                                            step, norm)
+    return State(params, opt_state), loss, grads
 
 
 # --------------------------------------------------------------------------- program
@@ -116,7 +118,7 @@ def tensor_step(local: dict, opt_state: dict, x, y, weight: float, step: int, se
 
 def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     """Check every argument against `world_size` without any communication; ValueError
-    naming the argument on bad input (see comm.agree_on_arguments)."""
+    naming the argument on bad input (see program.agree_on_arguments)."""
     require_positive_int("--threads", args.threads)
     require_positive_int("--microbatches", args.microbatches)
     dp, _ = grid_shape(world_size, args.dp, args.pp, args.tp)
@@ -131,61 +133,26 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
 
 
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
-    corpus, config, settings = setup.corpus, setup.config, setup.settings
+    config, settings = setup.config, setup.settings
     dp, per_replica = grid_shape(comm.size, args.dp, args.pp, args.tp)
     replica, model, data = split(comm, per_replica)
     if args.pp > 1:
-        stage = pipeline.start(config, settings, model)
+        stage, state = pipeline.start(config, settings, model)
         ops = schedule(args.schedule, args.pp, model.rank, args.microbatches)
     else:
         local = shard_params(init_params(config, settings.seed), model.rank, model.size)
-        opt_state = adamw_init(local)
-    log = CommLog(split_waiting=True)  # this rank's collectives, in both communicators
-    losses, step_seconds, times = [], [], StepTimes()
-    for step in range(settings.steps):
-        x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
-        lo, hi = batch_rows(len(x), replica, dp)
-        weight = (hi - lo) / len(x)
-        comm.Barrier()  # time each step from a common start
-        started, first_record = time.perf_counter(), len(log.records)
-        if args.pp > 1:  # the pipeline's own messages are in its event log
-            events = pipeline.EventLog(started)
-            loss = pipeline_step(stage, ops, x[lo:hi], y[lo:hi], weight, step, settings,
-                                 config, model, data, events, log)
-            communication, waiting = pipeline.communication_and_waiting(events.events)
-        else:
-            loss, local, opt_state, grads = tensor_step(local, opt_state, x[lo:hi], y[lo:hi],
-                                                        weight, step, settings, config, model,
-                                                        data, log)
-            communication = waiting = 0.0
-        step_seconds.append(time.perf_counter() - started)
-        logged, logged_waiting = log.communication_and_waiting(first_record)
-        times.add(step_seconds[-1], communication + logged, waiting + logged_waiting)
-        losses.append(loss)
-    if args.pp > 1:  # a gradient per parameter, of the same size
-        memory = state_nbytes(stage.params, stage.params, stage.opt_state)
-    else:
-        memory = state_nbytes(local, grads, opt_state)
-    per_rank = comm.gather({"memory": memory, "times": times.mean()}, root=0)
+        stage, ops, state = None, None, State(local, adamw_init(local))
+    hy = Hybrid(config, settings, dp, replica, model, data, stage, ops)
+    result = train(comm, setup, state, functools.partial(train_step, hy=hy),
+                   split_waiting=True)  # this rank's collectives, in both communicators
+    record = result_record(result, setup, comm, state_nbytes(
+        result.state.params, result.grads, result.state.opt_state),
+        dp=args.dp, pp=args.pp, tp=args.tp,
+        microbatches=args.microbatches if args.pp > 1 else None,
+        schedule=args.schedule if args.pp > 1 else None)
     model.Free()
     data.Free()
-    if comm.rank != 0:
-        return {}
-    return {
-        "losses": losses,
-        "world_size": comm.size,
-        "dp": args.dp,
-        "pp": args.pp,
-        "tp": args.tp,
-        "microbatches": args.microbatches if args.pp > 1 else None,
-        "schedule": args.schedule if args.pp > 1 else None,
-        "config": config.to_dict(),
-        "settings": dataclasses.asdict(settings),
-        "step_seconds": step_seconds,
-        "memory_bytes": [r["memory"] for r in per_rank],
-        "seconds_per_step_per_rank": [r["times"] for r in per_rank],
-        "tokens_per_s": settings.batch_size * settings.seq_len / float(np.median(step_seconds)),
-    }
+    return record
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -195,7 +162,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     parser.add_argument("--microbatches", type=int, default=2, help="micro-batches (with --pp)")
     parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    add_json_argument(parser)
     return parser.parse_args(argv)
 
 

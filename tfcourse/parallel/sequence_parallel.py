@@ -28,7 +28,8 @@ rank needs another rank's queries. Each rank sends O(n) bytes while the scores s
 --zigzag cuts the sequence into 2p chunks and gives rank r chunks r and 2p - 1 - r: with the
 contiguous layout the last rank attends to the whole past and does about p times the first
 rank's work; zig-zag balances it. The pure parts (chunks, ring schedule, online softmax,
-block gradients) are in tfcourse.parallel.partition, the predictions in tfcourse.perf.costmodel.
+block gradients) are in tfcourse.nn.attention, the chunks in tfcourse.parallel.plans.sequence,
+the predictions in tfcourse.perf.costmodel.
 """
 
 from __future__ import annotations
@@ -40,21 +41,25 @@ import time
 
 import numpy as np
 
-from tfcourse.nn.attention import causal_mask, sdpa_backward, sdpa_forward
-from tfcourse.nn.validate import require_nonnegative_int, require_positive_int
-from tfcourse.parallel.comm import add_json_argument, program_parser, run_program
-from tfcourse.parallel.partition import (
+from tfcourse.nn.attention import (
     block_attention_grads,
     block_scores,
-    chunk_positions,
+    causal_mask,
     empty_partial,
     finish_partial,
     merge_partials,
     partial_softmax,
+    sdpa_backward,
+    sdpa_forward,
+)
+from tfcourse.nn.validate import require_nonnegative_int, require_positive_int
+from tfcourse.parallel.plans.sequence import (
+    chunk_positions,
     ring_block_owner,
     score_blocks,
     sequence_chunks,
 )
+from tfcourse.parallel.program import program_parser, run_program
 from tfcourse.perf import costmodel
 
 # --------------------------------------------------------------------------- the ring
@@ -266,7 +271,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-reference", action="store_true",
                         help="do not compare with full attention (its n x n scores are large)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
-    add_json_argument(parser)
     return parser.parse_args(argv)
 
 

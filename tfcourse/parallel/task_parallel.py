@@ -32,12 +32,6 @@ from tfcourse.nn.validate import (
     require_positive_int,
     require_real,
 )
-from tfcourse.parallel.comm import (
-    add_json_argument,
-    agree_on_arguments,
-    limit_blas_threads,
-    program_parser,
-)
 from tfcourse.parallel.plans.tasks import (
     dependency_inputs,
     graph_tasks,
@@ -47,6 +41,11 @@ from tfcourse.parallel.plans.tasks import (
     skipped,
     sweep_tasks,
     timed_task,
+)
+from tfcourse.parallel.program import (
+    agree_on_arguments,
+    limit_blas_threads,
+    program_parser,
 )
 
 WORK, RESULT, STOP = 1, 2, 3
@@ -182,7 +181,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fail-task", type=int, default=None, metavar="ID",
                         help="make this task raise, to see failures reported")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
-    add_json_argument(parser)
     return parser.parse_args(argv)
 
 

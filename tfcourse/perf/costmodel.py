@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfcourse.parallel.plans.sequence import sequence_chunks
 from tfcourse.perf.hardware import matmul_flops
 
 # --------------------------------------------------------------------------- parameters
@@ -235,17 +236,13 @@ def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int) -> int
 
 
 def _sequence_chunk_sizes(seq_len: int, p: int, zigzag: bool) -> tuple[list[int], list[list]]:
-    """Chunk sizes (as chunk_bounds cuts them: the first seq_len % c chunks one longer) and the
-    chunk indices each rank holds: rank r holds chunk r, or chunks r and 2p - 1 - r zig-zag."""
-    if p < 1:
-        raise ValueError(f"p: expected a positive integer, got {p}")
-    c = 2 * p if zigzag else p
-    if seq_len < c:
-        raise ValueError(f"seq_len: expected at least {c} positions for {c} chunks on p={p} "
-                         f"ranks, got seq_len={seq_len}")
-    sizes = [seq_len // c + (1 if i < seq_len % c else 0) for i in range(c)]
-    owned = [[r, c - 1 - r] if zigzag else [r] for r in range(p)]
-    return sizes, owned
+    """Chunk sizes in sequence order and the chunk indices each rank holds, exactly as
+    `plans.sequence.sequence_chunks` cuts the sequence (one home for the layout)."""
+    chunks = sequence_chunks(seq_len, p, zigzag)
+    bounds = sorted(b for rank_chunks in chunks for b in rank_chunks)
+    index = {b: i for i, b in enumerate(bounds)}
+    owned = [[index[b] for b in rank_chunks] for rank_chunks in chunks]
+    return [hi - lo for lo, hi in bounds], owned
 
 
 def full_attention_score_bytes(seq_len: int, batch: int, heads: int,
@@ -304,15 +301,3 @@ def ring_attention_bytes_sent(seq_len: int, p: int, batch: int, heads: int, d_he
     block_rows = [sum(sizes[a] for a in chunks) for chunks in owned]
     return [row_bytes * (6 * (seq_len - block_rows[(r + 1) % p]) + 2 * block_rows[(r + 1) % p])
             for r in range(p)]
-
-
-# --------------------------------------------------------------------------- planning (chapter 10)
-
-
-def plan(model, cluster, **options):
-    """The fastest 3D-parallel plans (dp, tp, pp, micro-batches, ZeRO stage) of `model` (a
-    `tfcourse.perf.planner.ModelSpec`) that fit on `cluster` (a `tfcourse.perf.planner.Cluster`),
-    fastest first; see tfcourse.perf.planner.plan for the options and the formulas."""
-    from tfcourse.perf.planner import plan as _plan  # planner builds on this module
-
-    return _plan(model, cluster, **options)

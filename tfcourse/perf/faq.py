@@ -23,7 +23,7 @@ from tfcourse.nn.validate import (
     require_positive_int,
     require_shape,
 )
-from tfcourse.parallel.partition import batch_rows
+from tfcourse.parallel.plans.batches import batch_rows
 from tfcourse.perf import costmodel
 from tfcourse.perf.hardware import call_times
 
@@ -157,7 +157,7 @@ def dependency_path_length(kind: str, seq_len: int, kernel_size: int = 3) -> int
 def generation_forward_calls(params: dict, prompt, n_new: int, config) -> int:
     """How many forward passes model.generate runs to add n_new tokens (one per token: token
     t + 1 is an input of step t + 2, so generation is sequential for a Transformer too)."""
-    with mock.patch.object(model, "forward", wraps=model.forward) as spy:
+    with mock.patch.object(model, "forward_pass", wraps=model.forward_pass) as spy:
         model.generate(params, prompt, n_new, config)
     return spy.call_count
 

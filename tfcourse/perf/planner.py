@@ -1,6 +1,6 @@
 """Chapter 10: a 3D-parallelism planner - which split of a cluster trains a model fastest, and
 does it fit in memory? Pure functions (no MPI) of a `ModelSpec` and a `Cluster`, built on the
-formulas of `tfcourse.perf.costmodel` (chapter 5) and the splits of `tfcourse.parallel.partition`.
+formulas of `tfcourse.perf.costmodel` (chapter 5) and the splits of `tfcourse.parallel.plans`.
 
 n_devices = dp x tp x pp devices train one step of B sequences of T tokens:
 
@@ -33,12 +33,12 @@ link when that aligned block lies inside one node, the inter-node link otherwise
 from __future__ import annotations
 
 import dataclasses
-import statistics
 
 import numpy as np
 
 from tfcourse.nn.validate import require_positive_int, require_real
-from tfcourse.parallel.partition import check_world_size, stage_layers
+from tfcourse.parallel.plans.pipeline import stage_layers
+from tfcourse.parallel.plans.tensor import check_world_size
 from tfcourse.perf import costmodel as cm
 
 # --------------------------------------------------------------------------- descriptions
@@ -340,7 +340,7 @@ def _check_speeds(name: str, speeds, n: int | None = None) -> tuple[float, ...]:
 def balance_stages(n_layers: int, stage_speeds) -> list[tuple[int, int]]:
     """Contiguous layers [lo, hi) per stage, every stage >= 1 layer, minimising the slowest
     stage's time max_s layers_s / speed_s (exact, dynamic programming over prefixes).
-    Equal speeds: partition.stage_layers's even split (ceil(n/p) is optimal)."""
+    Equal speeds: plans.pipeline.stage_layers's even split (ceil(n/p) is optimal)."""
     speeds = _check_speeds("stage_speeds", stage_speeds)
     p = len(speeds)
     if require_positive_int("n_layers", n_layers) < p:
@@ -371,15 +371,6 @@ def stage_times(bounds, stage_speeds) -> list[float]:
 
 
 # --------------------------------------------------------------------------- run-time choice
-
-
-def choose_fastest(measured: dict) -> object:
-    """The run-time selection rule (e.g. of the micro-batch count): the key whose measured
-    step seconds have the lowest median (robust to one slow outlier); ties: first key."""
-    if not measured or any(len(times) == 0 for times in measured.values()):
-        raise ValueError(f"measured: expected a non-empty dict of non-empty lists of seconds, "
-                         f"got {measured!r}")
-    return min(measured, key=lambda key: statistics.median(measured[key]))
 
 
 def validate_against(measured_step_s: dict, predicted_step_s: dict) -> dict:
