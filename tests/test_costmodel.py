@@ -16,6 +16,10 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS)
 def test_param_count_matches_the_model(config):
     params = model.init_params(config, 0)
+    d, f, V, L, T = config.d_model, config.d_ff, config.vocab_size, config.n_layers, config.max_len
+    block = (4 * d * d + 4 * d) + (2 * d * f + f + d) + 4 * d  # attention, FFN, 2 LayerNorms
+    by_hand = V * d + T * d + L * block + 2 * d + d * V + V
+    assert model.count_params(params) == by_hand
     assert cm.lm_params(config.vocab_size, config.d_model, config.n_layers, config.d_ff,
                         config.max_len) == model.count_params(params)
     matrices = sum(v.size for k, v in params.items() if v.ndim == 2 and "emb" not in k)

@@ -124,7 +124,7 @@ STEP_PART_COLOURS = {"compute": "tab:blue", "communication": "tab:red", "waiting
 
 def plot_step_parts(seconds_per_rank: list[dict], ax=None, title="", scale=1e3, unit="ms"):
     """Stacked bars, one per rank: the seconds of a step spent computing, communicating and
-    waiting (the dicts of comm.StepTimes.mean). Returns the Axes."""
+    waiting (the dicts of program.StepTimes.mean). Returns the Axes."""
     import matplotlib.pyplot as plt
 
     if ax is None:

@@ -239,23 +239,19 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
     params = {name: as_float_array(name, params[name]) for name in MHA_PARAM_NAMES}
     require_ndim("w_q", params["w_q"], 2, 2)
     require_ndim("w_k", params["w_k"], 2, 2)
-    # d_attn = n_heads * d_head is d_model in a full layer; a tensor-parallel shard holds
-    # d_model / p of its columns (chapter 7), so it is read from w_q rather than assumed.
-    (d_model, d_attn), (d_kv_in, _) = params["w_q"].shape, params["w_k"].shape
+    d_model, d_kv_in = params["w_q"].shape[0], params["w_k"].shape[0]
     expected = {
-        "w_q": (d_model, d_attn),
-        "w_k": (d_kv_in, d_attn),
-        "w_v": (d_kv_in, d_attn),
-        "w_o": (d_attn, d_model),
-        "b_o": (d_model,),
+        "w_q": (d_model, d_model),
+        "w_k": (d_kv_in, d_model),
+        "w_v": (d_kv_in, d_model),
+        "w_o": (d_model, d_model),
     }
     dtype = params["w_q"].dtype
     for name, p in params.items():
-        require_shape(name, p, expected.get(name, (d_attn,)))
+        require_shape(name, p, expected.get(name, (d_model,)))
         require_dtype(name, p, dtype, "dtype of w_q")
     n_heads = require_positive_int("n_heads", n_heads)
-    require_divisible("d_model" if d_attn == d_model else "d_attn (columns of w_q)", d_attn,
-                      "n_heads", n_heads)
+    require_divisible("d_model", d_model, "n_heads", n_heads)
 
     x_q, x_kv = as_float_array("x_q", x_q), as_float_array("x_kv", x_kv)
     require_ndim("x_q", x_q, 3, 3)

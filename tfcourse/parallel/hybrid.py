@@ -31,7 +31,7 @@ import sys
 
 from mpi4py import MPI
 
-from tfcourse.nn.model import init_params, loss_and_grads
+from tfcourse.nn.model import init_params
 from tfcourse.nn.optim import adamw_init, state_nbytes
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel import pipeline_parallel as pipeline
@@ -41,7 +41,7 @@ from tfcourse.parallel.plans.batches import batch_rows
 from tfcourse.parallel.plans.pipeline import SCHEDULES, microbatch_rows, schedule, stage_layers
 from tfcourse.parallel.plans.tensor import check_world_size, shard_params
 from tfcourse.parallel.program import State, program_parser, result_record, run_program, train
-from tfcourse.train import TrainingSetup, optimizer_update, training_setup
+from tfcourse.train import TrainingSetup, training_setup
 
 # --------------------------------------------------------------------------- the grid
 
@@ -95,8 +95,8 @@ def replica_grads(state: State, x, y, log, hy: Hybrid):
         loss, grads, _ = pipeline.run_schedule(hy.stage, state.params, hy.ops, x[lo:hi],
                                                y[lo:hi], hy.config, hy.model, log)
     else:
-        loss, grads = loss_and_grads(state.params, x[lo:hi], y[lo:hi], hy.config,
-                                     ops=tensor.megatron_ops(hy.model, log), check=False)
+        loss, grads = tensor.tp_loss_and_grads(state.params, x[lo:hi], y[lo:hi], hy.config,
+                                               hy.model, log)
     grads = average_gradients(grads, weight, [list(grads)], hy.data, "mpi", log)
     return hy.data.allreduce(loss * weight, op=MPI.SUM), grads  # PP: 0.0 but on last stages
 
@@ -107,10 +107,7 @@ def train_step(state: State, x, y, step: int, log, hy: Hybrid):
     if hy.stage is not None:
         state, loss = pipeline.finish_step(state, loss, grads, step, hy.settings, hy.model, log)
         return state, loss, grads
-    norm = tensor.global_grad_norm(grads, hy.model)
-    params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, hy.settings,
-                                            step, norm)
-    return State(params, opt_state), loss, grads
+    return tensor.tp_update(state, grads, step, hy.settings, hy.model), loss, grads
 
 
 # --------------------------------------------------------------------------- program

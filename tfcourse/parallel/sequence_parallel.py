@@ -184,7 +184,7 @@ def full_attention_errors(q, k, v, dout, out, dq, dk, dv) -> tuple[float, float]
 
 def prepare(args: argparse.Namespace, world_size: int) -> list[list[tuple]]:
     """Check every argument against `world_size` without any communication (ValueError
-    naming the argument, see comm.agree_on_arguments); returns every rank's chunks."""
+    naming the argument, see program.agree_on_arguments); returns every rank's chunks."""
     for flag in ("--seq-len", "--batch", "--heads", "--d-head", "--threads"):
         require_positive_int(flag, getattr(args, flag[2:].replace("-", "_")))
     require_nonnegative_int("--seed", args.seed)

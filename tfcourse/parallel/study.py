@@ -7,7 +7,7 @@ It runs no MPI itself: each layout is a real `mpiexec -n N` job started through
 `tfcourse.course.launch.run_mpi` (with a timeout), of chapter 6's and 7's programs or of the hybrid
 program (data parallelism over pipelines or tensor-parallel groups). Every program reports,
 per rank, its training-state bytes and its seconds per step split into compute,
-communication and waiting (see comm.StepTimes); this module turns those into one table:
+communication and waiting (see program.StepTimes); this module turns those into one table:
 
     throughput (tokens/s), speed-up and efficiency against the 1-rank run, the share of a
     step spent communicating or waiting, memory per rank, and the final loss - which must be

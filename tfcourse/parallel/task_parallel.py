@@ -164,7 +164,7 @@ def make_tasks(args) -> list[dict]:
 
 
 def prepare(args: argparse.Namespace) -> list[dict]:
-    """Check every argument without any communication (see comm.agree_on_arguments)."""
+    """Check every argument without any communication (see program.agree_on_arguments)."""
     require_positive_int("--threads", args.threads)
     return make_tasks(args)
 

@@ -96,18 +96,27 @@ class TensorParallel:
     full: dict | None  # the serial parameters, kept only for --check-grads
 
 
+def tp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dict]:
+    """The serial model's loss and this rank's gradients: the model's own walk on this rank's
+    shard of the parameter dict, with f and g as its entry and exit operators."""
+    return loss_and_grads(params, x, y, config, ops=megatron_ops(comm, log), check=False)
+
+
+def tp_update(state: State, grads: dict, step: int, settings: TrainSettings, comm) -> State:
+    """AdamW on this rank's shard, clipped with the norm of the full gradient."""
+    norm = global_grad_norm(grads, comm)
+    params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, settings,
+                                            step, norm)
+    return State(params, opt_state)
+
+
 def train_step(state: State, x, y, step: int, log, tp: TensorParallel):
-    """One tensor-parallel step: the serial model's loss and gradients on this rank's shard,
-    with f and g communicating; then AdamW on the shard with the global gradient norm."""
-    loss, grads = loss_and_grads(state.params, x, y, tp.config, ops=megatron_ops(tp.comm, log),
-                                 check=False)
+    """One tensor-parallel step on the global batch; returns (new state, loss, grads)."""
+    loss, grads = tp_loss_and_grads(state.params, x, y, tp.config, tp.comm, log)
     if step == 0 and tp.full is not None:  # gathered shards == the serial model's gradients
         log.info["grad_error"] = max_relative_error(unshard_params(tp.comm.allgather(grads)),
                                                     loss_and_grads(tp.full, x, y, tp.config)[1])
-    norm = global_grad_norm(grads, tp.comm)
-    params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, tp.settings,
-                                            step, norm)
-    return State(params, opt_state), loss, grads
+    return tp_update(state, grads, step, tp.settings, tp.comm), loss, grads
 
 
 # --------------------------------------------------------------------------- program

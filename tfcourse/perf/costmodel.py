@@ -7,8 +7,12 @@ that notebooks can plot a prediction next to each measurement. Conventions: a mu
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from tfcourse.nn.model import block_param_shapes
+from tfcourse.parallel.plans.pipeline import check_schedule_args
 from tfcourse.parallel.plans.sequence import sequence_chunks
 from tfcourse.perf.hardware import matmul_flops
 
@@ -16,13 +20,14 @@ from tfcourse.perf.hardware import matmul_flops
 
 
 def block_params(d_model: int, d_ff: int) -> int:
-    """One pre-LN block: attention 4d^2 + 4d, FFN 2 d d_ff + d_ff + d, two LayerNorms 4d."""
-    d = d_model
-    return (4 * d * d + 4 * d) + (2 * d * d_ff + d_ff + d) + 4 * d
+    """One pre-LN block: attention 4d^2 + 4d, FFN 2 d d_ff + d_ff + d, two LayerNorms 4d -
+    counted from the model's own parameter shapes (the one home of the architecture)."""
+    return sum(math.prod(shape) for shape in block_param_shapes("", d_model, d_ff).values())
 
 
 def lm_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int, max_len: int) -> int:
-    """All parameters of `tfcourse.nn.model` (untied head, learned positions)."""
+    """All parameters of `tfcourse.nn.model` (untied head, learned positions): embeddings
+    (V + max_len) d, n_layers blocks, final LayerNorm 2d and head d V + V."""
     d = d_model
     embeddings = vocab_size * d + max_len * d
     return embeddings + n_layers * block_params(d, d_ff) + 2 * d + d * vocab_size + vocab_size
@@ -222,14 +227,8 @@ def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int) -> int
     """Micro-batches whose activations stage `stage` of p keeps alive at once, at the peak:
     GPipe runs all m forwards before any backward (m); 1F1B starts backwards after
     p - stage - 1 warm-up forwards, so at most min(p - stage, m)."""
-    if p < 1 or not 0 <= stage < p or m < 1:
-        raise ValueError(f"expected p >= 1, 0 <= stage < p and m >= 1, got p={p}, "
-                         f"stage={stage}, m={m}")
-    if schedule == "gpipe":
-        return m
-    if schedule == "1f1b":
-        return min(p - stage, m)
-    raise ValueError(f"schedule: expected 'gpipe' or '1f1b', got {schedule!r}")
+    check_schedule_args(schedule, p, stage, m)
+    return m if schedule == "gpipe" else min(p - stage, m)
 
 
 # --------------------------------------------------------------------------- sequence parallelism

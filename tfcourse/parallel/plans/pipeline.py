@@ -60,13 +60,18 @@ def stage_param_names(config, world_size: int, stage: int,
     return names
 
 
-def schedule(name: str, p: int, stage: int, m: int) -> list[tuple[str, int]]:
-    """The ops stage `stage` of `p` runs in one step, as ("F" | "B", micro-batch) pairs."""
+def check_schedule_args(name: str, p: int, stage: int, m: int) -> None:
+    """A known schedule, p >= 1 stages, 0 <= stage < p and m >= 1 micro-batches."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {name!r}")
     if p < 1 or not 0 <= stage < p or m < 1:
         raise ValueError(f"expected p >= 1, 0 <= stage < p and m >= 1, got p={p}, "
                          f"stage={stage}, m={m}")
+
+
+def schedule(name: str, p: int, stage: int, m: int) -> list[tuple[str, int]]:
+    """The ops stage `stage` of `p` runs in one step, as ("F" | "B", micro-batch) pairs."""
+    check_schedule_args(name, p, stage, m)
     if name == "gpipe":
         return [("F", i) for i in range(m)] + [("B", i) for i in reversed(range(m))]
     warmup = min(p - stage - 1, m)
