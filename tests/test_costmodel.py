@@ -99,6 +99,28 @@ def test_ring_allreduce_time_model():
     assert cm.ring_allreduce_time(1e6, 4, 1e-5, 1e-9) == pytest.approx(6e-5 + 1.5e6 * 1e-9)
 
 
+def test_fit_alpha_beta_never_returns_a_negative_latency():
+    sizes = np.array([1e3, 1e4, 1e5, 1e6])
+    seconds = np.array([0.5e-6, 1e-5, 1e-4, 1e-3])  # a fitted line would cross below 0
+    assert np.polyfit(sizes, seconds, 1, w=1 / seconds)[1] < 0
+    alpha, beta = cm.fit_alpha_beta(sizes, seconds)
+    assert alpha == 0.0
+    # through the origin, beta minimises sum((1 - beta x / y)^2): check it is a minimum
+    def loss(b):
+        return float(np.sum((1 - b * sizes / seconds) ** 2))
+    assert loss(beta) < min(loss(beta * 1.01), loss(beta * 0.99))
+
+
+def test_fit_alpha_beta_finds_the_latency_under_large_message_noise():
+    sizes = np.array([1e3, 1e4, 1e5, 1e6, 1e7])
+    exact = 20e-6 + sizes / 5e9  # 20 us latency, 5 GB/s
+    noisy = exact * np.array([1.0, 1.0, 1.0, 1.05, 0.95])  # 5% noise on the large messages
+    alpha, beta = cm.fit_alpha_beta(sizes, noisy)
+    assert alpha == pytest.approx(20e-6, rel=0.1)
+    plain_alpha = np.polyfit(sizes, noisy, 1)[1]  # what a plain least-squares line makes of it
+    assert abs(plain_alpha - 20e-6) > 0.2 * 20e-6
+
+
 def test_fit_alpha_beta_recovers_known_line():
     sizes = np.array([1e3, 1e4, 1e5, 1e6])
     alpha, beta = cm.fit_alpha_beta(sizes, 2e-6 + 3e-10 * sizes)

@@ -165,14 +165,14 @@ def calibrated_mfu(spec: ModelSpec, one_rank_step_seconds: float, flops_per_s: f
 def measure_links(max_bytes: int = 16 * 2**20, timeout: float = 120.0) -> tuple[float, float]:
     """(alpha seconds per message, beta seconds per byte) between two ranks of this machine:
     chapter 6's fit of t = alpha + beta n to 2-rank ring all-reduces of 64 KiB and more (2
-    messages of n/2 bytes each, so alpha is halved). A noisy fit can give a negative
-    intercept: alpha is then reported as 0."""
+    messages of n/2 bytes each, so alpha is halved; fit_alpha_beta never gives a negative
+    latency)."""
     bench = run_mpi("tfcourse.parallel.comm", ["--bench", "--max-bytes", str(max_bytes)],
                     n_ranks=2, timeout=timeout).result
     sizes, ring = np.array(bench["sizes_bytes"]), np.array(bench["seconds"]["ring"])
     large = sizes >= 2**16
     alpha, beta = fit_alpha_beta(allreduce_bytes(sizes[large], 2), ring[large])
-    return max(alpha / 2, 0.0), beta
+    return alpha / 2, beta
 
 
 def this_machine(ranks: int, cores: int, flops_per_s: float, mfu: float, alpha: float,

@@ -195,13 +195,22 @@ def ring_allreduce_time(n_bytes: float, p: int, alpha: float, beta: float) -> fl
 
 
 def fit_alpha_beta(message_bytes, seconds) -> tuple[float, float]:
-    """Least-squares fit of t = alpha + beta * bytes to point-to-point measurements."""
+    """Fit of t = alpha + beta * bytes to point-to-point measurements, minimising the
+    *relative* error of every point: sizes span orders of magnitude, and a plain least-squares
+    line is decided by the largest messages alone, leaving alpha (the latency, which only the
+    small messages show) to their noise. A latency cannot be negative: if the fitted line
+    crosses zero above the origin, the fit is redone through the origin (alpha = 0)."""
     x = np.asarray(message_bytes, dtype=float)
     y = np.asarray(seconds, dtype=float)
     if x.shape != y.shape or x.size < 2:
         raise ValueError(f"message_bytes, seconds: expected two equal-length lists of >= 2 "
                          f"values, got shapes {x.shape} and {y.shape}")
-    beta, alpha = np.polyfit(x, y, 1)
+    if np.any(y <= 0):
+        raise ValueError(f"seconds: expected positive times, got {y.tolist()}")
+    beta, alpha = np.polyfit(x, y, 1, w=1.0 / y)
+    if alpha < 0:  # least relative error through the origin: sum((1 - beta x / y)^2)
+        r = x / y
+        alpha, beta = 0.0, float(r.sum() / (r @ r))
     return float(alpha), float(beta)
 
 
