@@ -51,9 +51,11 @@ def test_ignored_outputs_say_why(path):
             ), f"{path.name}: '{lines[1]}' must say it hides a timing, measurement or widget"
 
 
-MPI_MODULES = ("mpi4py", "tfcourse.hello", "tfcourse.parallel.comm",
+MPI_MODULES = ("mpi4py", "tfcourse.hello", "tfcourse.parallel.comm", "tfcourse.parallel.program",
                "tfcourse.parallel.data_parallel", "tfcourse.parallel.tensor_parallel",
-               "tfcourse.parallel.pipeline_parallel")
+               "tfcourse.parallel.pipeline_parallel", "tfcourse.parallel.hybrid",
+               "tfcourse.parallel.sequence_parallel", "tfcourse.parallel.task_parallel",
+               "tfcourse.parallel.hello")
 
 
 @pytest.mark.parametrize("path", COMMITTED + sorted((REPO_ROOT / "exercises").glob("*.ipynb")),
