@@ -10,7 +10,7 @@ LAB_ARGS ?=
 PYTEST_ARGS ?=
 NBVAL := --nbval --nbval-current-env --nbval-cell-timeout=120 --sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: setup lab test demo notebooks exercises lint clean browser-deps
+.PHONY: setup lab test check demo notebooks exercises lint clean browser-deps
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ lab: $(STAMP)
 test: $(STAMP) browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(NBVAL) tests notebooks solutions $(PYTEST_ARGS)
+
+# The inner loop (about a minute): lint, every unit test, and one real mpiexec job.
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "smoke or not (mpi or slow or browser)" tests $(PYTEST_ARGS)
 
 # The browser tests drive Debian's chromium (never a downloaded browser). Install it where we
 # can (root + apt-get); otherwise say loudly that those tests will be skipped, not passed.

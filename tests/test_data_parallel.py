@@ -46,6 +46,7 @@ def test_dp_loss_curve_equals_serial(n_ranks, allreduce, zero, serial_losses):
 
 
 @pytest.mark.mpi
+@pytest.mark.smoke  # `make check`'s one MPI job: 3 ranks, the hand-written ring, float32
 def test_dp_float32_curve_equals_serial_float32():
     corpus = train.load_corpus()
     settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=STEPS, batch_size=BATCH)
