@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "tfcourse needs Python >= 3.10, found " + sys.version.split()[0] + " (set PYTHON=python3.X)")'
 	@echo "==> creating $(VENV) and installing tfcourse with its dependencies (about 30 s)"
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create a venv: on Debian/Ubuntu install python3-venv"; exit 1; }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
 lab: $(STAMP)
