@@ -194,43 +194,42 @@ def check_page(page, path: Path, screenshot: str, live_widgets: bool) -> None:
         assert page.locator(".jupyter-widgets").count() > 0, "no widget view rendered"
 
 
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem not in RUN_ALL],
-                         ids=lambda p: p.stem)  # the Run All ones are checked after their run
-def test_committed_notebook_renders_in_jupyterlab(path, lab, browser):
-    base, token = lab
+@pytest.fixture
+def page(lab, browser):
+    """A fresh browser page on the lab: yields (page, base_url, token)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    try:
-        open_notebook(page, base, token, path)
-        wait_until_rendered(page, path, live_widgets=False)
-        check_page(page, path, f"{path.stem}-opened.png", live_widgets=False)
-    finally:
-        page.close()
+    yield page, *lab
+    page.close()
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem not in RUN_ALL],
+                         ids=lambda p: p.stem)  # the Run All ones are checked after their run
+def test_committed_notebook_renders_in_jupyterlab(path, page):
+    page, base, token = page
+    open_notebook(page, base, token, path)
+    wait_until_rendered(page, path, live_widgets=False)
+    check_page(page, path, f"{path.stem}-opened.png", live_widgets=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem in RUN_ALL],
                          ids=lambda p: p.stem)
-def test_notebook_runs_in_jupyterlab(path, lab, browser):
-    base, token = lab
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    try:
-        open_notebook(page, base, token, path)
-        # Run All only once the kernel is attached and idle
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
-                               timeout=60_000)
-        prompts = run_all_cells(page, RUN_TIMEOUT_S)
-        assert len(prompts) == sum(c.cell_type == "code"
-                                   for c in nbformat.read(path, as_version=4).cells)
-        wait_until_rendered(page, path, live_widgets=True)
-        check_page(page, path, f"{path.stem}.png", live_widgets=True)
-        if path.name == "00_setup.ipynb":
-            text = normalise(page.locator(".jp-Notebook").inner_text())
-            for rank in range(4):
-                assert f"rank {rank} of 4 on host" in text
-    finally:
-        page.close()
+def test_notebook_runs_in_jupyterlab(path, page):
+    page, base, token = page
+    open_notebook(page, base, token, path)
+    # Run All only once the kernel is attached and idle
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                           timeout=60_000)
+    prompts = run_all_cells(page, RUN_TIMEOUT_S)
+    assert len(prompts) == sum(c.cell_type == "code"
+                               for c in nbformat.read(path, as_version=4).cells)
+    wait_until_rendered(page, path, live_widgets=True)
+    check_page(page, path, f"{path.stem}.png", live_widgets=True)
+    if path.name == "00_setup.ipynb":
+        text = normalise(page.locator(".jp-Notebook").inner_text())
+        for rank in range(4):
+            assert f"rank {rank} of 4 on host" in text
 
 
 def test_run_all_covers_mpi_widgets_and_figures():
