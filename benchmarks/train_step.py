@@ -1,6 +1,6 @@
 """Tokens/s and MFU of one training step (forward + backward + AdamW) of the NumPy model.
 
-    python benchmarks/train_step.py --config small --threads 1 [--json PATH] [--no-torch]
+    python benchmarks/train_step.py --config small|medium --threads 1 [--json PATH] [--no-torch]
 
 The peak FLOP/s it divides by is measured in the same run (float32 matmul, same threads).
 If PyTorch is installed (`pip install -e .[bench]`), an identical PyTorch model - same
@@ -73,7 +73,8 @@ def torch_in_subprocess(args) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="small", choices=["tiny", "small"])
+    parser.add_argument("--config", default="small", choices=["tiny", "small", "medium"],
+                        help="medium: d_model 256, 4 layers, context 256, batch 8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

@@ -178,7 +178,8 @@ IN_PROCESS = [
          lambda tmp: model.TransformerConfig(vocab_size=10, n_layers=2.0)),
     case("config-unknown-dtype", r"dtype: expected one of \('float32', 'float64'\)",
          lambda tmp: model.TransformerConfig(vocab_size=10, dtype="float16")),
-    case("config-unknown-preset", r"config: expected one of \['small', 'tiny'\], got 'huge'",
+    case("config-unknown-preset",
+         r"config: expected one of \['medium', 'small', 'tiny'\], got 'huge'",
          lambda tmp: model.preset("huge", 10)),
     # training settings and train_lm (incl. --resume problems)
     case("settings-zero-steps", r"steps: expected a positive integer, got 0",
@@ -428,7 +429,7 @@ MPI_CASES = [
     mpi_case("dp-unknown-allreduce", DP, 2, ["--allreduce", "tree"],
              r"argument --allreduce: invalid choice: 'tree'"),
     mpi_case("dp-unknown-config", DP, 2, ["--config", "huge"],
-             r"config: expected one of \['small', 'tiny'\], got 'huge'"),
+             r"config: expected one of \['medium', 'small', 'tiny'\], got 'huge'"),
     mpi_case("dp-text-missing", DP, 2, lambda d: ["--text", str(d / "missing.txt")],
              r"path: no text file at"),
     mpi_case("dp-json-missing-folder", DP, 2, ["--steps", "1000"],

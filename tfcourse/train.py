@@ -94,6 +94,7 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 TRAIN_PRESETS = {
     "tiny": TrainSettings(steps=200, batch_size=16, seq_len=32, lr=1e-2),
     "small": TrainSettings(steps=50, batch_size=16, seq_len=128, lr=1e-3),
+    "medium": TrainSettings(steps=50, batch_size=8, seq_len=256, lr=1e-3),
 }
 
 

@@ -92,11 +92,13 @@ PRESETS = {
     "tiny": dict(d_model=32, n_heads=4, n_layers=2, d_ff=128, max_len=32),
     # for benchmarks (chapter 5)
     "small": dict(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_len=128),
+    # the benchmark's larger shape: wider, longer context (attention's T^2 share grows)
+    "medium": dict(d_model=256, n_heads=4, n_layers=4, d_ff=1024, max_len=256),
 }
 
 
 def preset(name: str, vocab_size: int, **overrides) -> TransformerConfig:
-    """A named configuration ("tiny" or "small") for a given vocabulary, with overrides."""
+    """A named configuration ("tiny", "small" or "medium") for a vocabulary, with overrides."""
     if name not in PRESETS:
         raise ValueError(f"config: expected one of {sorted(PRESETS)}, got {name!r}")
     return TransformerConfig(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
