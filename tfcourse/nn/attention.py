@@ -232,7 +232,7 @@ def merge_heads(x) -> np.ndarray:
 
 
 def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
-    """Validate multi-head attention inputs; return (x_q, x_kv, params, mask with head axis)."""
+    """Validate multi-head attention inputs; return (x_q, x_kv, params, mask) as arrays."""
     if not isinstance(params, dict) or set(params) != set(MHA_PARAM_NAMES):
         found = sorted(params) if isinstance(params, dict) else type(params).__name__
         raise ValueError(f"params: expected keys {sorted(MHA_PARAM_NAMES)}, got {found}")
@@ -277,8 +277,6 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
             f"(B, n_heads, n_q, n_k), got shape {mask.shape}"
         )
     require_broadcastable("mask", mask, *layouts[mask.ndim])
-    if mask.ndim == 3:
-        mask = mask[:, None]  # insert the head axis: the same mask for every head
     return x_q, x_kv, params, mask
 
 
@@ -300,8 +298,8 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = 
     """
     if check:
         x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
-    elif mask is not None and mask.ndim == 3:
-        mask = mask[:, None]  # the same mask for every head
+    if mask is not None and mask.ndim == 3:
+        mask = mask[:, None]  # insert the head axis: the same mask for every head
     q, cache_q = linear_forward(x_q, params["w_q"], params["b_q"])
     k, cache_k = linear_forward(x_kv, params["w_k"], params["b_k"])
     v, cache_v = linear_forward(x_kv, params["w_v"], params["b_v"])

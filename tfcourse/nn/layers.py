@@ -168,8 +168,10 @@ def ffn_backward(dout, cache):
     dactivated, dw2, db2 = linear_backward(dout, cache2)
     dhidden = act_backward(dactivated, cache_act)
     dx, dw1, db1 = linear_backward(dhidden, cache1)
-    grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
-    return dx, grads if db2 is not None else {k: v for k, v in grads.items() if k != "b2"}
+    grads = {"w1": dw1, "b1": db1, "w2": dw2}
+    if db2 is not None:
+        grads["b2"] = db2
+    return dx, grads
 
 
 # --------------------------------------------------------------------------- dropout

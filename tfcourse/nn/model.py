@@ -6,9 +6,10 @@
     loss, grads = loss_and_grads(params, tokens, targets, config)   # grads: same keys as params
 
 Pre-LN blocks (GPT-2): x = x + Attention(LN(x)); x = x + FFN(LN(x)), then a final LayerNorm and
-a linear head to vocabulary logits. Every parallel chapter splits *these* functions and
-*this* dict: pipeline stages run `embed_forward`, some `block_forward`s, `head_forward`;
-tensor parallelism shards the dict's matrices; data parallelism averages `grads`.
+a linear head to vocabulary logits. Every parallel chapter reuses *these* functions on
+*this* dict: `forward_pass`/`backward_pass` are the one walk over the model (pipeline stages
+run a range of blocks; data parallelism sends each piece's gradients from `on_grads`), and
+the sublayers take entry/exit operators (`SublayerOps`: tensor parallelism passes f and g).
 """
 
 from __future__ import annotations

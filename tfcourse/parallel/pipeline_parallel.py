@@ -52,7 +52,7 @@ from mpi4py import MPI
 from tfcourse.nn.layers import cross_entropy_backward, cross_entropy_forward
 from tfcourse.nn.model import backward_pass, forward_pass, init_params
 from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
-from tfcourse.nn.validate import parse_list, require_positive_int, require_real
+from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.plans.pipeline import (
     SCHEDULES,
     MicrobatchChooser,
@@ -60,7 +60,10 @@ from tfcourse.parallel.plans.pipeline import (
     message_tag,
     microbatch_rows,
     parse_microbatches,
+    parse_slowdown,
+    parse_stage_layers,
     schedule,
+    stage_bubbles,
     stage_layers,
     stage_param_names,
 )
@@ -240,18 +243,8 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     args.microbatches = parse_microbatches(str(args.microbatches))
     setup = training_setup(args)
     n_layers = setup.config.n_layers
-    if args.stage_layers is not None:
-        args.stage_layers = parse_list("--stage-layers", args.stage_layers, int,
-                                       require_positive_int)
-        if len(args.stage_layers) != world_size or sum(args.stage_layers) != n_layers:
-            raise ValueError(f"--stage-layers: expected {world_size} block counts (one per "
-                             f"stage) adding up to n_layers={n_layers}, got {args.stage_layers}")
-    if args.slowdown is not None:
-        args.slowdown = parse_list("--slowdown", args.slowdown, float,
-                                   lambda flag, v: require_real(flag, v, positive=True))
-        if len(args.slowdown) != world_size or min(args.slowdown) < 1.0:
-            raise ValueError(f"--slowdown: expected {world_size} factors >= 1 (one per rank), "
-                             f"got {args.slowdown}")
+    args.stage_layers = parse_stage_layers(args.stage_layers, world_size, n_layers)
+    args.slowdown = parse_slowdown(args.slowdown, world_size)
     stage_layers(n_layers, world_size, args.stage_layers)  # every stage needs a block
     if args.microbatches != "auto":
         microbatch_rows(setup.settings.batch_size, args.microbatches)
@@ -265,20 +258,16 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     chooser = MicrobatchChooser(settings.batch_size, args.microbatches)
     pp = Pipeline(stage, config, settings, comm, args.schedule, chooser)
     result = train(comm, setup, state, functools.partial(train_step, pp=pp))
-    log, used = result.logs[-1], [log.info["microbatches"] for log in result.logs]
-    # the last step: the pipeline ends when the last rank's last op has ended
-    pipeline_seconds = comm.allreduce(max((e["end"] for e in log.events if e["kind"] in (
-        "forward", "backward", "send", "wait", "recv")), default=0.0), op=MPI.MAX)
-    per_rank = comm.gather({"events": log.events, "busy": busy_seconds(log.events),
-                            "peak": log.info["peak"], "step": result.step_seconds[-1]}, root=0)
-    # a gradient per parameter, of the same size
-    record = result_record(result, setup, comm, state_nbytes(result.state.params,
-                                                             result.state.params,
-                                                             result.state.opt_state))
+    last = result.logs[-1]  # the last step's timeline, every rank's
+    per_rank = comm.gather({"events": last.events, "peak": last.info["peak"],
+                            "step": result.step_seconds[-1]}, root=0)
+    record = result_record(result, setup, comm, state_nbytes(
+        result.state.params, result.grads, result.state.opt_state))
     if comm.rank != 0:
         return record
-    bubbles = [1.0 - r["busy"] / pipeline_seconds if pipeline_seconds > 0 else 0.0
-               for r in per_rank]
+    events = [r["events"] for r in per_rank]
+    pipeline_seconds, bubbles = stage_bubbles(events)
+    used = [log.info["microbatches"] for log in result.logs]
     m = used[-1]
     return {
         **record,
@@ -291,8 +280,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         "slowdown": args.slowdown or [1.0] * p,
         "last_step_seconds": [r["step"] for r in per_rank],
         "pipeline_seconds": pipeline_seconds,
-        "events": [r["events"] for r in per_rank],
-        "busy_seconds": [r["busy"] for r in per_rank],
+        "events": events,
+        "busy_seconds": [busy_seconds(e) for e in events],
         "bubble_measured_per_rank": bubbles,
         "bubble_measured": float(np.mean(bubbles)),
         "bubble_formula": pipeline_bubble_fraction(p, m),

@@ -88,7 +88,7 @@ def run_program(args: argparse.Namespace, prepare, run, summary) -> int:
     result`, then on rank 0 print `summary(result)` and write --json atomically."""
     comm = MPI.COMM_WORLD
     setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
-    with limit_blas_threads(getattr(args, "threads", 1)):
+    with limit_blas_threads(args.threads):
         result = run(args, setup, comm)
     if comm.rank == 0:
         print(summary(result), flush=True)
@@ -158,16 +158,18 @@ class EventLog:
         with self.span(name, nbytes=buf.nbytes):
             return fn(buf, comm)
 
-    def seconds(self, kinds=None, exclude=()) -> float:
-        return sum(e["end"] - e["start"] for e in self.events
-                   if (kinds is None or e["kind"] in kinds) and e["kind"] not in exclude)
+    def communication_events(self) -> list[dict]:
+        return [e for e in self.events if e["kind"] not in COMPUTE + WAITING]
 
     def communication_and_waiting(self) -> tuple[float, float]:
         """(seconds moving data, seconds waiting for other ranks)."""
-        return self.seconds(exclude=COMPUTE + WAITING), self.seconds(WAITING)
+        return (duration(self.communication_events()),
+                duration(e for e in self.events if e["kind"] in WAITING))
 
-    def communication_events(self) -> list[dict]:
-        return [e for e in self.events if e["kind"] not in COMPUTE + WAITING]
+
+def duration(events) -> float:
+    """Seconds the events took, added up."""
+    return sum(e["end"] - e["start"] for e in events)
 
 
 @dataclasses.dataclass
@@ -236,10 +238,10 @@ def train(comm, setup: TrainingSetup, state: State, step, split_waiting: bool = 
         comm.Barrier()  # time each step from a common start
         log = EventLog(split_waiting=split_waiting)
         run.state, loss, run.grads = step(run.state, x, y, index, log)
+        run.step_seconds.append(time.perf_counter() - log.t0)
         if not math.isfinite(loss):  # the same loss on every rank: all stop together
             raise FloatingPointError(f"loss: expected a finite value, got {loss} at step "
                                      f"{index} (training diverged: lower the learning rate)")
-        run.step_seconds.append(time.perf_counter() - log.t0)
         run.times.add(run.step_seconds[-1], *log.communication_and_waiting())
         run.losses.append(loss)
         run.logs.append(log)
@@ -260,8 +262,9 @@ def result_record(run: Run, setup: TrainingSetup, comm, memory: dict, **extra) -
         "tokens_per_s": settings.batch_size * settings.seq_len
         / float(np.median(run.step_seconds)),
         "compute_seconds": run.times.total()["compute"],
-        "comm_seconds": sum(e["end"] - e["start"] for e in comm_events),
+        "comm_seconds": duration(comm_events),
         "comm_bytes": sum(e["bytes"] for e in comm_events),
+        "comm_calls": len(comm_events),
         "memory_bytes": comm.gather(memory, root=0),
         "seconds_per_step_per_rank": comm.gather(run.times.mean(), root=0),
         **extra,

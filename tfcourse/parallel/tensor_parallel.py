@@ -138,17 +138,18 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     tp = TensorParallel(config, settings, comm, full if args.check_grads else None)
     result = train(comm, setup, State(local, adamw_init(local)),
                    functools.partial(train_step, tp=tp), args.split_waiting)
-    allreduces = [e for log in result.logs for e in log.communication_events()]
-    return result_record(
-        result, setup, comm, state_nbytes(result.state.params, result.grads,
-                                          result.state.opt_state),
-        comm_bytes_per_step=sum(e["bytes"] for e in allreduces) / settings.steps,
-        predicted_comm_bytes_per_step=tensor_parallel_allreduce_bytes(
+    record = result_record(result, setup, comm, state_nbytes(
+        result.state.params, result.grads, result.state.opt_state))
+    return {
+        **record,
+        "comm_bytes_per_step": record["comm_bytes"] / settings.steps,
+        "predicted_comm_bytes_per_step": tensor_parallel_allreduce_bytes(
             settings.batch_size, settings.seq_len, config.d_model, config.n_layers,
             np.dtype(config.dtype).itemsize),
-        allreduces_per_step=len(allreduces) / settings.steps,
-        param_bytes_per_rank=sum(int(v.nbytes) for v in local.values()),
-        grad_max_rel_error=result.logs[0].info.get("grad_error"))
+        "allreduces_per_step": record["comm_calls"] / settings.steps,
+        "param_bytes_per_rank": sum(int(v.nbytes) for v in local.values()),
+        "grad_max_rel_error": result.logs[0].info.get("grad_error"),
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:

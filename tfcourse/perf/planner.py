@@ -370,7 +370,7 @@ def stage_times(bounds, stage_speeds) -> list[float]:
     return [(hi - lo) / v for (lo, hi), v in zip(bounds, speeds, strict=True)]
 
 
-# --------------------------------------------------------------------------- run-time choice
+# --------------------------------------------------------------------------- checking the model
 
 
 def validate_against(measured_step_s: dict, predicted_step_s: dict) -> dict:

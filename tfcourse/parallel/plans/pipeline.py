@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 
 from tfcourse.nn.model import param_shapes
-from tfcourse.nn.validate import require_positive_int
+from tfcourse.nn.validate import parse_list, require_positive_int, require_real
 from tfcourse.parallel.plans.batches import chunk_bounds
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -131,12 +131,22 @@ def simulate_pipeline(ops_per_stage: list[list[tuple[str, int]]], t_forward: flo
     return events
 
 
+SCHEDULE_KINDS = ("forward", "backward", "send", "wait", "recv")  # the schedule's own events
+
+
+def stage_bubbles(events_per_stage: list[list[dict]]) -> tuple[float, list[float]]:
+    """(makespan, each stage's idle share 1 - busy / makespan) of one pipeline timeline,
+    simulated or measured: the pipeline ends when the last stage's last scheduled operation
+    ends (the optimiser step and its collectives afterwards are not part of it)."""
+    makespan = max((e["end"] for events in events_per_stage for e in events
+                    if e["kind"] in SCHEDULE_KINDS), default=0.0)
+    return makespan, [1.0 - busy_seconds(events) / makespan if makespan > 0 else 0.0
+                      for events in events_per_stage]
+
+
 def bubble_fraction(events_per_stage: list[list[dict]]) -> float:
     """1 - busy time / (stages x makespan): the idle share of a pipeline timeline."""
-    makespan = max(e["end"] for events in events_per_stage for e in events)
-    busy = sum(e["end"] - e["start"] for events in events_per_stage for e in events
-               if e["kind"] in ("forward", "backward"))
-    return 1.0 - busy / (len(events_per_stage) * makespan)
+    return float(np.mean(stage_bubbles(events_per_stage)[1]))
 
 
 def busy_seconds(events: list[dict]) -> float:
@@ -166,6 +176,29 @@ def parse_microbatches(text: str) -> int | str:
         raise ValueError(f"--microbatches: expected a positive integer or 'auto', "
                          f"got {text!r}") from None
     return require_positive_int("--microbatches", value)
+
+
+def parse_stage_layers(text: str | None, world_size: int, n_layers: int) -> list[int] | None:
+    """--stage-layers N,N,...: blocks per stage, one per stage, adding up to n_layers."""
+    if text is None:
+        return None
+    counts = parse_list("--stage-layers", text, int, require_positive_int)
+    if len(counts) != world_size or sum(counts) != n_layers:
+        raise ValueError(f"--stage-layers: expected {world_size} block counts (one per "
+                         f"stage) adding up to n_layers={n_layers}, got {counts}")
+    return counts
+
+
+def parse_slowdown(text: str | None, world_size: int) -> list[float] | None:
+    """--slowdown F,F,...: one factor >= 1 per rank (rank r's compute takes F_r times longer)."""
+    if text is None:
+        return None
+    factors = parse_list("--slowdown", text, float,
+                         lambda flag, v: require_real(flag, v, positive=True))
+    if len(factors) != world_size or min(factors) < 1.0:
+        raise ValueError(f"--slowdown: expected {world_size} factors >= 1 (one per rank), "
+                         f"got {factors}")
+    return factors
 
 
 class MicrobatchChooser:
