@@ -1,12 +1,20 @@
-"""Tokens/s and MFU of one training step (forward + backward + AdamW) of the NumPy model.
+"""Tokens/s and MFU of one training step (forward + backward + AdamW) of the NumPy model,
+against the identical PyTorch model, in one table.
 
-    python benchmarks/train_step.py --config small|medium --threads 1 [--json PATH] [--no-torch]
+    python benchmarks/train_step.py --config small|medium --threads 2 [--json PATH] [--no-torch]
+                                    [--no-dp]
 
-The peak FLOP/s it divides by is measured in the same run (float32 matmul, same threads).
-If PyTorch is installed (`pip install -e .[bench]`), an identical PyTorch model - same
-architecture, initial weights, shapes, dtype and threads - is timed in a separate process
-(never both in one process: their thread pools fight) and the ratio is printed. Run it on an
-otherwise idle machine and quote figures from one run.
+Rows, each timed in the same run on the same machine:
+  NumPy, BLAS threads     one model step, BLAS runs its matmuls on --threads threads
+  NumPy, batch threads    --threads Python threads, each a block of the batch with one BLAS
+                          thread (tfcourse.threaded); only when --threads > 1
+  NumPy, DP ranks         --threads one-thread data-parallel MPI ranks (tfcourse.parallel.
+                          data_parallel, the same preset); only when --threads > 1
+  PyTorch                 the same model in PyTorch with --threads intra-op threads
+Every process keeps freed memory the same way (tfcourse.allocator), PyTorch's included. MFU
+divides by the float32 matmul peak measured in the same run with the same threads. PyTorch is
+timed in its own process (never both in one: their thread pools fight). Quote figures from one
+run on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -23,15 +31,19 @@ from pathlib import Path
 import numpy as np
 
 
-def time_numpy(config_name: str, threads: int, steps: int, warmup: int) -> dict:
+def time_numpy(config_name: str, threads: int, steps: int, warmup: int,
+               split: str = "blas") -> dict:
     from tfcourse.perf.measure import time_train_step
 
-    return time_train_step(config_name, threads, steps, warmup)
+    return time_train_step(config_name, threads, steps, warmup, split=split)
 
 
 def time_torch(config_name: str, threads: int, steps: int, warmup: int) -> dict:
     import torch
 
+    from tfcourse.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the same malloc settings as the NumPy side
     from benchmarks.torch_model import TorchLM, make_step
 
     torch.set_num_threads(threads)
@@ -80,6 +92,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-dp", action="store_true", help="skip the MPI data-parallel row")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "torch"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -91,41 +104,60 @@ def main() -> None:
     from tfcourse.perf.hardware import measure_matmul_gflops
 
     peak = measure_matmul_gflops(2048, np.float32, args.threads, repeats=5)
-    result = time_numpy(args.config, args.threads, args.steps, args.warmup)
+    rows = {f"NumPy, {args.threads} BLAS thread(s)":
+            time_numpy(args.config, args.threads, args.steps, args.warmup)}
+    result = next(iter(rows.values()))
     config, tokens = result["config"], result["tokens_per_step"]
-    flops_per_token = costmodel.training_flops_per_token(
-        config.vocab_size, config.d_model, config.n_layers, config.d_ff, result["seq_len"])
-    tokens_per_s = tokens / result["step_s"]
-    report = {
-        "config": args.config, "threads": args.threads, "tokens_per_step": tokens,
-        "flops_per_token": flops_per_token, "peak_gflops": peak,
-        "step_ms": result["step_s"] * 1e3, "tokens_per_s": tokens_per_s,
-        "achieved_gflops": tokens_per_s * flops_per_token / 1e9,
-        "mfu": costmodel.mfu(tokens_per_s, flops_per_token, peak * 1e9),
-    }
-    print(f"config {args.config}, {args.threads} BLAS thread(s), float32, "
-          f"{tokens} tokens per step")
-    print(f"peak (float32 2048^3 matmul, same threads): {peak:.1f} GFLOP/s")
-    print(f"NumPy: {report['step_ms']:.1f} ms/step, {tokens_per_s:.0f} tokens/s, "
-          f"{report['achieved_gflops']:.1f} GFLOP/s, MFU {report['mfu']:.1%}")
+    if args.threads > 1:
+        rows[f"NumPy, {args.threads} batch threads x 1 BLAS"] = time_numpy(
+            args.config, args.threads, args.steps, args.warmup, split="batch")
+        if not args.no_dp:
+            rows[f"NumPy, {args.threads} DP ranks x 1 BLAS (MPI)"] = time_dp(args)
     if not args.no_torch:
         torch_result = torch_in_subprocess(args)
         if torch_result is None:
             print("PyTorch not installed: `pip install -e .[bench]` to compare")
         else:
-            torch_tps = tokens / torch_result["step_s"]
             same = abs(torch_result["first_loss"] - result["first_loss"]) < 1e-4
-            report.update(torch_tokens_per_s=torch_tps,
-                          torch_mfu=costmodel.mfu(torch_tps, flops_per_token, peak * 1e9),
-                          numpy_over_torch=tokens_per_s / torch_tps,
-                          torch_version=torch_result["torch_version"], same_first_loss=same)
-            print(f"PyTorch {torch_result['torch_version']}: "
-                  f"{torch_result['step_s'] * 1e3:.1f} ms/step, {torch_tps:.0f} tokens/s, "
-                  f"MFU {report['torch_mfu']:.1%}")
-            print(f"NumPy / PyTorch throughput: {report['numpy_over_torch']:.2f}x "
-                  f"(first-step losses agree: {same})")
+            rows[f"PyTorch {torch_result['torch_version']}, {args.threads} thread(s)"] = {
+                **torch_result, "same_first_loss": same}
+    # the peak again after the runs, keeping the higher: a noisy neighbour during one
+    # measurement must not inflate every MFU
+    peak = max(peak, measure_matmul_gflops(2048, np.float32, args.threads, repeats=5))
+    flops_per_token = costmodel.training_flops_per_token(
+        config.vocab_size, config.d_model, config.n_layers, config.d_ff, result["seq_len"])
+    torch_tps = next((tokens / r["step_s"] for name, r in rows.items()
+                      if name.startswith("PyTorch")), None)
+    report = {"config": args.config, "threads": args.threads, "tokens_per_step": tokens,
+              "flops_per_token": flops_per_token, "peak_gflops": peak, "rows": {}}
+    print(f"config {args.config}, float32, {tokens} tokens per step, {args.threads} thread(s); "
+          f"peak (float32 2048^3 matmul, same threads) {peak:.1f} GFLOP/s")
+    print(f"{'':44s} {'ms/step':>8s} {'tokens/s':>9s} {'MFU':>6s} {'/ PyTorch':>9s}")
+    for name, r in rows.items():
+        tps = tokens / r["step_s"]
+        row = {"step_ms": r["step_s"] * 1e3, "tokens_per_s": tps,
+               "mfu": costmodel.mfu(tps, flops_per_token, peak * 1e9),
+               "over_torch": tps / torch_tps if torch_tps else None}
+        report["rows"][name] = row
+        ratio = f"{row['over_torch']:.2f}x" if torch_tps else "-"
+        print(f"{name:44s} {row['step_ms']:8.1f} {tps:9.0f} {row['mfu']:6.1%} {ratio:>9s}")
+    if torch_tps:
+        print(f"first-step losses of NumPy and PyTorch agree: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def time_dp(args) -> dict:
+    """Median step seconds of data_parallel with --threads one-thread ranks on the preset."""
+    from tfcourse.course.launch import run_mpi
+    from tfcourse.train import TRAIN_PRESETS
+
+    steps = args.warmup + args.steps
+    run = run_mpi("tfcourse.parallel.data_parallel",
+                  ["--config", args.config, "--dtype", "float32", "--threads", "1",
+                   "--steps", str(steps)], n_ranks=args.threads, timeout=600)
+    assert run.result["settings"]["batch_size"] == TRAIN_PRESETS[args.config].batch_size
+    return {"step_s": statistics.median(run.result["step_seconds"][args.warmup:])}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ stays short enough to read top to bottom.
 
 Layers, lowest first (a module may import its own layer and the ones below):
   0 tfcourse.nn                      the model and its maths
-  1 files, data, checkpoint          I/O and the corpus
-  2 train                            the serial training loop (the reference)
+  1 files, data, checkpoint,         I/O and the corpus; the process's malloc settings
+    allocator
+  2 train, threaded                  the serial training loop (the reference); its threads
   3 parallel.plans                   MPI-free: how to split
   4 perf                             hardware, cost model, planner, FAQ experiments
   5 course.launch                    starting mpiexec jobs (no MPI in the process itself)
@@ -25,7 +26,8 @@ PACKAGE = REPO_ROOT / "tfcourse"
 LAYERS = [  # (module-name prefix, layer); the longest matching prefix wins
     ("tfcourse.nn", 0),
     ("tfcourse.files", 1), ("tfcourse.data", 1), ("tfcourse.checkpoint", 1),
-    ("tfcourse.train", 2),
+    ("tfcourse.allocator", 1),
+    ("tfcourse.train", 2), ("tfcourse.threaded", 2),
     ("tfcourse.parallel.plans", 3),
     ("tfcourse.perf", 4),
     ("tfcourse.course.launch", 5),

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from tfcourse.allocator import keep_freed_memory
 from tfcourse.checkpoint import check_matches, load_checkpoint, save_checkpoint
 from tfcourse.data import (
     CharCorpus,
@@ -343,6 +344,7 @@ def run_cli(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # a command-line run owns its process (see tfcourse.allocator)
     try:
         result = run_cli(args)
         if args.json:

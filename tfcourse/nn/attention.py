@@ -40,7 +40,8 @@ MHA_PARAM_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - exp_shift(np.max(x, axis=axis, keepdims=True)))
+    e = x - exp_shift(np.max(x, axis=axis, keepdims=True))
+    np.exp(e, out=e)  # in place: one array fewer to allocate and fill
     total = np.sum(e, axis=axis, keepdims=True)
     return np.divide(e, total, out=e, where=total > 0)  # an all -inf row stays all zeros
 

@@ -421,6 +421,18 @@ def forward(params: dict, tokens, config: TransformerConfig) -> np.ndarray:
     return forward_pass(params, tokens, dataclasses.replace(config, dropout=0.0))[0]
 
 
+def check_batch(params: dict, tokens, targets, config: TransformerConfig,
+                ignore_index: int | None = None):
+    """Check a training step's inputs once, at the door; returns (tokens, targets) as arrays."""
+    check_params(params, param_shapes(config), config.dtype)
+    tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
+    targets = check_tokens("targets", targets, config.vocab_size, config.max_len, ignore_index)
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets: expected shape {tokens.shape} (of tokens), "
+                         f"got {targets.shape}")
+    return tokens, targets
+
+
 def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
                    ignore_index: int | None = None, rng: np.random.Generator | None = None,
                    *, ops: SublayerOps = SERIAL, on_grads=None, check: bool = True):
@@ -432,13 +444,7 @@ def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
     with `on_grads` (see `backward_pass`).
     """
     if check:
-        check_params(params, param_shapes(config), config.dtype)
-        tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
-        targets = check_tokens("targets", targets, config.vocab_size, config.max_len,
-                               ignore_index)
-        if targets.shape != tokens.shape:
-            raise ValueError(f"targets: expected shape {tokens.shape} (of tokens), "
-                             f"got {targets.shape}")
+        tokens, targets = check_batch(params, tokens, targets, config, ignore_index)
     logits, caches = forward_pass(params, tokens, config, rng, ops)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
     _, grads = backward_pass(cross_entropy_backward(loss_cache), caches, on_grads)

@@ -25,6 +25,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
+from tfcourse.allocator import keep_freed_memory
 from tfcourse.data import lm_batch
 from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.train import TrainingSetup, add_training_arguments
@@ -84,10 +85,12 @@ def agree_on_arguments(comm: MPI.Comm, prepare: Callable[[], T],
 
 def run_program(args: argparse.Namespace, prepare, run, summary) -> int:
     """The shape of every program: check the arguments on all ranks (`prepare(args,
-    world_size)`, see agree_on_arguments), cap BLAS threads, `run(args, setup, comm) ->
-    result`, then on rank 0 print `summary(result)` and write --json atomically."""
+    world_size)`, see agree_on_arguments), keep freed memory (tfcourse.allocator), cap BLAS
+    threads, `run(args, setup, comm) -> result`, then on rank 0 print `summary(result)` and
+    write --json atomically."""
     comm = MPI.COMM_WORLD
     setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
+    keep_freed_memory()
     with limit_blas_threads(args.threads):
         result = run(args, setup, comm)
     if comm.rank == 0:

@@ -7,13 +7,18 @@ measured in one run, and never assert on them in tests.
 from __future__ import annotations
 
 import cProfile
+import json
 import pstats
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from threadpoolctl import threadpool_limits
 
-from tfcourse import data, train
+from tfcourse import data, threaded, train
+from tfcourse.allocator import keep_freed_memory
 from tfcourse.nn import model
 from tfcourse.nn.optim import adamw_init
 
@@ -30,17 +35,25 @@ def lm_setup(config_name: str, dtype: str = "float32", n_batches: int = 4):
 
 
 def time_train_step(config_name: str, threads: int, steps: int = 10, warmup: int = 3,
-                    dtype: str = "float32") -> dict:
-    """Median seconds of forward + backward + AdamW over `steps` after `warmup` steps, with
-    BLAS limited to `threads`. Also returns the first step's loss (for cross-checks)."""
+                    dtype: str = "float32", split: str = "blas") -> dict:
+    """Median seconds of forward + backward + AdamW over `steps` after `warmup` steps, using
+    `threads` threads either as BLAS threads (split="blas": one model step, BLAS threads its
+    matmuls) or as batch threads with one BLAS thread each (split="batch": see
+    tfcourse.threaded). Also returns the first step's loss (for cross-checks).
+
+    Calls keep_freed_memory() first (process-wide: see tfcourse.allocator)."""
+    if split not in ("blas", "batch"):
+        raise ValueError(f"split: expected 'blas' or 'batch', got {split!r}")
+    keep_freed_memory()
     config, settings, params, batches = lm_setup(config_name, dtype)
     opt_state = adamw_init(params)
     times, losses = [], []
-    with threadpool_limits(limits=threads, user_api="blas"):
+    blas_threads, batch_threads = (threads, 1) if split == "blas" else (1, threads)
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
         for i in range(warmup + steps):
             x, y = batches[i % len(batches)]
             start = time.perf_counter()
-            loss, grads = model.loss_and_grads(params, x, y, config)
+            loss, grads = threaded.loss_and_grads(params, x, y, config, batch_threads)
             params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
             times.append(time.perf_counter() - start)
             losses.append(loss)
@@ -52,6 +65,7 @@ def time_train_step(config_name: str, threads: int, steps: int = 10, warmup: int
 def profile_train_step(config_name: str, threads: int = 1, steps: int = 3) -> dict[str, float]:
     """Share of the training step's time spent in each function of the package (by cProfile's
     own time), summed over `steps` steps; {function name: fraction}."""
+    keep_freed_memory()
     config, settings, params, batches = lm_setup(config_name)
     opt_state = adamw_init(params)
     profiler = cProfile.Profile()
@@ -69,3 +83,31 @@ def profile_train_step(config_name: str, threads: int = 1, steps: int = 3) -> di
         own[name] = own.get(name, 0.0) + tottime
     total = sum(own.values())
     return {name: seconds / total for name, seconds in own.items()}
+
+
+def page_faults_per_step(config_name: str, keep_freed: bool, steps: int = 3) -> dict:
+    """Minor page faults and kernel (system) seconds per training step of a preset, one BLAS
+    thread, with or without keep_freed_memory(). Runs in a fresh Python process: the malloc
+    settings are process-wide and cannot be undone. Returns {"faults", "system_s", "step_s"}."""
+    code = ("import json, sys; from tfcourse.perf.measure import _faults_here; "
+            "print(json.dumps(_faults_here(sys.argv[1], sys.argv[2] == 'keep', int(sys.argv[3]))))")
+    out = subprocess.run([sys.executable, "-c", code, config_name,
+                          "keep" if keep_freed else "default", str(steps)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout)
+
+
+def _faults_here(config_name: str, keep_freed: bool, steps: int) -> dict:
+    if keep_freed:
+        keep_freed_memory()
+    config, settings, params, batches = lm_setup(config_name)
+    opt_state = adamw_init(params)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for i in range(2 + steps):
+            if i == 2:  # after two warm-up steps
+                before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            loss, grads = model.loss_and_grads(params, *batches[i % len(batches)], config)
+            params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
+    after, elapsed = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
+    return {"faults": (after.ru_minflt - before.ru_minflt) / steps,
+            "system_s": (after.ru_stime - before.ru_stime) / steps, "step_s": elapsed / steps}
