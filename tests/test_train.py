@@ -99,3 +99,20 @@ def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert train.main(["--steps", "2", "--progress", "none", "--resume", str(bad)]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_the_notebook_progress_bar_updates_about_a_hundred_times_whatever_the_steps():
+    """Each widget update is kernel output; one per step flooded nbval's output channel."""
+    pytest.importorskip("ipywidgets")
+    from tfcourse.train import Progress
+
+    bar = Progress(800, mode="widget")
+    values = []
+    for step in range(800):
+        bar.update(step, 1.0)
+        values.append(bar.bar.value)
+    assert len(set(values) - {0}) == 100 and values[-1] == 800
+    short = Progress(7, mode="widget")
+    for step in range(7):
+        short.update(step, 1.0)
+        assert short.bar.value == step + 1

@@ -129,6 +129,9 @@ class Progress:
         self.total, self.stream = total, stream or sys.stdout
         self.mode = _detect_mode(self.stream) if mode == "auto" else mode
         self.every = max(1, total // 10)
+        # A widget update is two messages on the kernel's output channel: at every step of a
+        # long run they flood it (nbval then lost the cell's end); a hundred updates look the same.
+        self.widget_every = max(1, total // 100)
         self.bar = None
         if self.mode == "widget":
             import ipywidgets
@@ -139,7 +142,7 @@ class Progress:
 
     def update(self, step: int, loss: float) -> None:
         done = step + 1
-        if self.mode == "widget":
+        if self.mode == "widget" and (done % self.widget_every == 0 or done == self.total):
             self.bar.value = done
             self.bar.description = f"loss {loss:.3f}"
         elif self.mode == "tty":
