@@ -122,12 +122,12 @@ def test_generation_runs_one_forward_pass_per_new_token():
 def test_model_size_table_uses_the_cost_model_and_gpt3_has_175_billion_parameters():
     rows = {r["name"]: r for r in faq.model_size_table()}
     gpt3 = rows["GPT-3 175B"]
-    assert gpt3["params"] == costmodel.lm_params(50257, 12288, 96, 49152, 2048)
-    # our head is untied (d V = 0.6 billion more); GPT-3 ties it to the token embedding
-    assert 175.2e9 < gpt3["params"] < 175.3e9
-    assert 174.5e9 < gpt3["params"] - 12288 * 50257 < 174.7e9
+    # counted as the paper does: the head tied to the token embedding (untied: 0.6B more)
+    assert gpt3["params"] == costmodel.lm_params(50257, 12288, 96, 49152, 2048, tied_head=True)
+    assert 174.5e9 < gpt3["params"] < 174.7e9
     assert gpt3["state_bytes"] == 16 * gpt3["params"]
-    small = faq.model_size_table({"m": (10, 8, 2, 2, 32, 4)}, batch=3)[0]
+    assert rows["course 'small'"]["params"] == costmodel.lm_params(48, 128, 4, 512, 128)
+    small = faq.model_size_table({"m": (10, 8, 2, 2, 32, 4, False)}, batch=3)[0]
     assert small["flops_per_token"] == costmodel.training_flops_per_token(10, 8, 2, 32, 4)
     assert small["activation_bytes"] == 2 * costmodel.activation_bytes_per_layer(3, 4, 8, 2, 32)
     assert [r["params"] for r in rows.values()] == sorted(r["params"] for r in rows.values())
@@ -182,3 +182,49 @@ def test_batch_split_gradients_equal_the_full_batch(world_size):
 def test_bad_inputs_raise_value_errors_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         call()
+
+
+def _layers_until_the_ends_connect(seq_len, kernel_size, dilated):
+    """Brute force: stack causal conv layers (layer l taps positions p - j * dilation_l) and
+    count them until position seq_len - 1 depends on position 0."""
+    reach = [{p} for p in range(seq_len)]  # input positions each position depends on
+    layers = 0
+    while 0 not in reach[-1]:
+        dilation = kernel_size ** layers if dilated else 1
+        reach = [set().union(*(reach[p - j * dilation] for j in range(kernel_size)
+                               if p - j * dilation >= 0)) for p in range(seq_len)]
+        layers += 1
+    return layers
+
+
+@pytest.mark.parametrize("seq_len,kernel_size", [(512, 2), (512, 3), (100, 2), (28, 3), (2, 2),
+                                                 (1, 2), (9, 3)])
+def test_convolution_depths_match_a_brute_force_receptive_field(seq_len, kernel_size):
+    for kind, dilated in (("conv", False), ("dilated conv", True)):
+        assert faq.dependency_path_length(kind, seq_len, kernel_size) == (
+            _layers_until_the_ends_connect(seq_len, kernel_size, dilated)), kind
+
+
+def test_dilated_convolutions_connect_512_tokens_in_9_layers_not_256():
+    """The Transformer paper's Table 1: O(log_k n) for dilated convolutions, O(n / k) plain."""
+    assert faq.dependency_path_length("dilated conv", 512, kernel_size=2) == 9
+    assert faq.dependency_path_length("conv", 512, kernel_size=3) == 256
+
+
+@pytest.mark.parametrize("name,published", [("GPT-2 small", 124_439_808),
+                                            ("GPT-2 XL", 1_557_611_200)])
+def test_tied_parameter_counts_equal_the_published_gpt2_sizes(name, published):
+    vocab, d, layers, _, d_ff, max_len, tied = faq.MODEL_SIZES[name]
+    assert tied
+    assert costmodel.lm_params(vocab, d, layers, d_ff, max_len, tied_head=True) == published
+    untied = costmodel.lm_params(vocab, d, layers, d_ff, max_len)
+    assert untied - published == d * vocab + vocab  # the course's own head and its bias
+
+
+@pytest.mark.parametrize("name,digits,billions", [("GPT-3 6.7B", 1, 6.7), ("GPT-3 175B", 0, 175)])
+def test_tied_parameter_counts_round_to_the_published_gpt3_names(name, digits, billions):
+    """GPT-3's sizes are names rounded from the count (6.66B is "6.7B", 174.6B is "175B")."""
+    vocab, d, layers, _, d_ff, max_len, tied = faq.MODEL_SIZES[name]
+    assert tied
+    n = costmodel.lm_params(vocab, d, layers, d_ff, max_len, tied_head=True)
+    assert round(n / 1e9, digits) == billions

@@ -25,12 +25,18 @@ def block_params(d_model: int, d_ff: int) -> int:
     return sum(math.prod(shape) for shape in block_param_shapes("", d_model, d_ff).values())
 
 
-def lm_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int, max_len: int) -> int:
-    """All parameters of `tfcourse.nn.model` (untied head, learned positions): embeddings
-    (V + max_len) d, n_layers blocks, final LayerNorm 2d and head d V + V."""
+def lm_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int, max_len: int,
+              tied_head: bool = False) -> int:
+    """All parameters of `tfcourse.nn.model` (learned positions): embeddings (V + max_len) d,
+    n_layers blocks, final LayerNorm 2d and the head d V + V.
+
+    tied_head=True counts as GPT-2 and GPT-3 do: the head reuses the token embedding
+    (logits = h E^T, no head bias), so it adds no parameters. The course's model has its own
+    head; published sizes (GPT-2 small's 124M) are tied counts."""
     d = d_model
     embeddings = vocab_size * d + max_len * d
-    return embeddings + n_layers * block_params(d, d_ff) + 2 * d + d * vocab_size + vocab_size
+    head = 0 if tied_head else d * vocab_size + vocab_size
+    return embeddings + n_layers * block_params(d, d_ff) + 2 * d + head
 
 
 def matmul_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int) -> int:

@@ -27,18 +27,19 @@ from tfcourse.parallel.plans.batches import batch_rows
 from tfcourse.perf import costmodel
 from tfcourse.perf.hardware import call_times
 
-KINDS = ("rnn", "attention", "conv")
+KINDS = ("rnn", "attention", "conv", "dilated conv")
 # Matmul rounds on an attention layer's critical path, whatever T: the Q/K/V projections (run
 # side by side), the scores Q K^T, the weighted values A V, the output projection.
 ATTENTION_ROUNDS = 4
 
-# name: (vocab_size, d_model, n_layers, n_heads, d_ff, max_len); GPT-2 and GPT-3 as published
+# name: (vocab_size, d_model, n_layers, n_heads, d_ff, max_len, tied_head); GPT-2 and GPT-3 as
+# published, counted as their papers count them: the head tied to the token embedding
 MODEL_SIZES = {
-    "course 'small'": (48, 128, 4, 4, 512, 128),  # the bundled corpus has 48 characters
-    "GPT-2 small": (50257, 768, 12, 12, 3072, 1024),
-    "GPT-2 XL": (50257, 1600, 48, 25, 6400, 1024),
-    "GPT-3 6.7B": (50257, 4096, 32, 32, 16384, 2048),
-    "GPT-3 175B": (50257, 12288, 96, 96, 49152, 2048),
+    "course 'small'": (48, 128, 4, 4, 512, 128, False),  # the bundled corpus has 48 characters
+    "GPT-2 small": (50257, 768, 12, 12, 3072, 1024, True),
+    "GPT-2 XL": (50257, 1600, 48, 25, 6400, 1024, True),
+    "GPT-3 6.7B": (50257, 4096, 32, 32, 16384, 2048, True),
+    "GPT-3 175B": (50257, 12288, 96, 96, 49152, 2048, True),
 }
 
 
@@ -139,8 +140,10 @@ def sequence_length_sweep(lengths, d_model: int = 64, batch: int = 8, n_heads: i
 
 def dependency_path_length(kind: str, seq_len: int, kernel_size: int = 3) -> int:
     """Longest chain of dependent operations from position 0 to position seq_len - 1:
-    RNN seq_len - 1 steps; attention 1 layer; a causal convolution of width k needs
-    ceil((seq_len - 1) / (k - 1)) layers (each layer widens the receptive field by k - 1)."""
+    RNN seq_len - 1 steps; attention 1 layer; a plain causal convolution of width k needs
+    ceil((seq_len - 1) / (k - 1)) layers (each layer widens the receptive field by k - 1); a
+    dilated one (WaveNet, ByteNet: layer l looks k^l positions apart, so the receptive field
+    after L layers is k^L) needs the smallest L with k^L >= seq_len, about log_k(seq_len)."""
     seq_len = require_positive_int("seq_len", seq_len)
     kernel_size = require_positive_int("kernel_size", kernel_size)
     if kind not in KINDS:
@@ -151,7 +154,12 @@ def dependency_path_length(kind: str, seq_len: int, kernel_size: int = 3) -> int
         return min(1, seq_len - 1)
     if kernel_size < 2:
         raise ValueError(f"kernel_size: expected >= 2 for a convolution, got {kernel_size}")
-    return math.ceil((seq_len - 1) / (kernel_size - 1))
+    if kind == "conv":
+        return math.ceil((seq_len - 1) / (kernel_size - 1))
+    layers, field = 0, 1
+    while field < seq_len:
+        layers, field = layers + 1, field * kernel_size
+    return layers
 
 
 def generation_forward_calls(params: dict, prompt, n_new: int, config) -> int:
@@ -172,8 +180,8 @@ def model_size_table(sizes: dict | None = None, batch: int = 1,
         raise ValueError("sizes: expected at least one model, got none")
     batch = require_positive_int("batch", batch)
     rows = []
-    for name, (vocab, d, layers, heads, d_ff, max_len) in sizes.items():
-        n = costmodel.lm_params(vocab, d, layers, d_ff, max_len)
+    for name, (vocab, d, layers, heads, d_ff, max_len, tied) in sizes.items():
+        n = costmodel.lm_params(vocab, d, layers, d_ff, max_len, tied_head=tied)
         rows.append({
             "name": name, "params": n,
             "flops_per_token": costmodel.training_flops_per_token(vocab, d, layers, d_ff, max_len),
