@@ -34,6 +34,25 @@ def lm_setup(config_name: str, dtype: str = "float32", n_batches: int = 4):
     return config, settings, params, batches
 
 
+class _Trainer:
+    """One preset's training state on the bundled corpus; step() runs forward + backward +
+    AdamW on the next batch (split over `batch_threads` threads, see tfcourse.threaded) and
+    returns its loss. The caller sets BLAS threads and times around step()."""
+
+    def __init__(self, config_name: str, dtype: str = "float32", batch_threads: int = 1):
+        self.config, self.settings, self.params, self.batches = lm_setup(config_name, dtype)
+        self.opt_state = adamw_init(self.params)
+        self.batch_threads, self.i = batch_threads, 0
+
+    def step(self) -> float:
+        x, y = self.batches[self.i % len(self.batches)]
+        loss, grads = threaded.loss_and_grads(self.params, x, y, self.config, self.batch_threads)
+        self.params, self.opt_state, _ = train.optimizer_update(
+            self.params, grads, self.opt_state, self.settings, self.i)
+        self.i += 1
+        return loss
+
+
 def time_train_step(config_name: str, threads: int, steps: int = 10, warmup: int = 3,
                     dtype: str = "float32", split: str = "blas") -> dict:
     """Median seconds of forward + backward + AdamW over `steps` after `warmup` steps, using
@@ -45,36 +64,30 @@ def time_train_step(config_name: str, threads: int, steps: int = 10, warmup: int
     if split not in ("blas", "batch"):
         raise ValueError(f"split: expected 'blas' or 'batch', got {split!r}")
     keep_freed_memory()
-    config, settings, params, batches = lm_setup(config_name, dtype)
-    opt_state = adamw_init(params)
-    times, losses = [], []
     blas_threads, batch_threads = (threads, 1) if split == "blas" else (1, threads)
+    trainer = _Trainer(config_name, dtype, batch_threads)
+    times, losses = [], []
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        for i in range(warmup + steps):
-            x, y = batches[i % len(batches)]
+        for _ in range(warmup + steps):
             start = time.perf_counter()
-            loss, grads = threaded.loss_and_grads(params, x, y, config, batch_threads)
-            params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
+            losses.append(trainer.step())
             times.append(time.perf_counter() - start)
-            losses.append(loss)
     return {"step_s": statistics.median(times[warmup:]), "first_loss": losses[0],
-            "tokens_per_step": settings.batch_size * settings.seq_len, "config": config,
-            "seq_len": settings.seq_len}
+            "tokens_per_step": trainer.settings.batch_size * trainer.settings.seq_len,
+            "config": trainer.config, "seq_len": trainer.settings.seq_len}
 
 
 def profile_train_step(config_name: str, threads: int = 1, steps: int = 3) -> dict[str, float]:
     """Share of the training step's time spent in each function of the package (by cProfile's
-    own time), summed over `steps` steps; {function name: fraction}."""
+    own time), summed over `steps` steps after one warm-up step; {function name: fraction}."""
     keep_freed_memory()
-    config, settings, params, batches = lm_setup(config_name)
-    opt_state = adamw_init(params)
+    trainer = _Trainer(config_name)
     profiler = cProfile.Profile()
     with threadpool_limits(limits=threads, user_api="blas"):
-        model.loss_and_grads(params, *batches[0], config)  # warm-up
+        trainer.step()  # warm-up
         profiler.enable()
-        for i in range(steps):
-            loss, grads = model.loss_and_grads(params, *batches[i % len(batches)], config)
-            params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
+        for _ in range(steps):
+            trainer.step()
         profiler.disable()
     stats = pstats.Stats(profiler).stats
     own = {}
@@ -100,14 +113,12 @@ def page_faults_per_step(config_name: str, keep_freed: bool, steps: int = 3) -> 
 def _faults_here(config_name: str, keep_freed: bool, steps: int) -> dict:
     if keep_freed:
         keep_freed_memory()
-    config, settings, params, batches = lm_setup(config_name)
-    opt_state = adamw_init(params)
+    trainer = _Trainer(config_name)
     with threadpool_limits(limits=1, user_api="blas"):
-        for i in range(2 + steps):
-            if i == 2:  # after two warm-up steps
-                before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            loss, grads = model.loss_and_grads(params, *batches[i % len(batches)], config)
-            params, opt_state, _ = train.optimizer_update(params, grads, opt_state, settings, i)
+        trainer.step(), trainer.step()  # warm-up
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(steps):
+            trainer.step()
     after, elapsed = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
     return {"faults": (after.ru_minflt - before.ru_minflt) / steps,
             "system_s": (after.ru_stime - before.ru_stime) / steps, "step_s": elapsed / steps}
