@@ -163,3 +163,58 @@ def test_failure_note_names_the_rank_that_died_first():
     reaction = "mpi4py.MPI.Exception: Other MPI error\n" + abort
     assert launch.failed_ranks_note("", reaction, dead=[0]).startswith(
         "rank 0 died while the others were running; rank 2 then called MPI_Abort")
+
+
+# ------------------------------------------- bad arguments stop run_mpi before mpiexec starts
+
+
+@pytest.fixture
+def nothing_may_start(monkeypatch, tmp_path):
+    """run_mpi must fail before it starts a process or makes its temporary folder."""
+    def no_popen(*args, **kwargs):
+        raise AssertionError(f"mpiexec was started: {args[0] if args else kwargs}")
+    monkeypatch.setattr(launch.subprocess, "Popen", no_popen)
+    monkeypatch.setattr(launch.tempfile, "tempdir", str(tmp_path))
+    yield
+    assert list(tmp_path.iterdir()) == []
+
+
+SECONDS = "timeout: expected a positive number of seconds, got "
+THREADS = "threads_per_rank: expected a positive integer, got "
+LIST = r"args: expected a list of strings such as \['--steps', '10'\], got "
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    pytest.param({"timeout": float("nan")}, SECONDS + "nan", id="timeout-nan"),
+    pytest.param({"timeout": float("inf")}, SECONDS + "inf", id="timeout-inf"),
+    pytest.param({"timeout": -1}, SECONDS + "-1", id="timeout-negative"),
+    pytest.param({"timeout": "10"}, SECONDS + "the str '10'", id="timeout-str"),
+    pytest.param({"timeout": True}, SECONDS + "True", id="timeout-bool"),
+    pytest.param({"args": "--steps 10"}, LIST + "str '--steps 10'", id="args-one-string"),
+    pytest.param({"args": ["--steps", 10]},
+                 LIST + r"the int 10 in \['--steps', 10\] \(write str\(10\)\)",
+                 id="args-int-item"),
+    pytest.param({"threads_per_rank": 0}, THREADS + "0", id="threads-0"),
+    pytest.param({"threads_per_rank": -3}, THREADS + "-3", id="threads-negative"),
+    pytest.param({"threads_per_rank": 1.5}, THREADS + "1.5", id="threads-float"),
+    pytest.param({"n_ranks": 2.0}, "n_ranks: expected a positive integer, got 2.0",
+                 id="n_ranks-float"),
+    pytest.param({"module": None}, "module: expected a dotted module name", id="module-none"),
+])
+def test_run_mpi_refuses_bad_arguments_before_starting(kwargs, match, nothing_may_start):
+    call = {"module": "tfcourse.hello", "n_ranks": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        run_mpi(**call)
+
+
+def test_study_refuses_a_nan_timeout_before_any_job(nothing_may_start):
+    """`python -m tfcourse.parallel.study --timeout nan` inherited a timeout that never fires."""
+    from tfcourse.parallel import study
+
+    with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+        study.main(["--timeout", "nan", "--max-ranks", "1"])
+
+
+def test_paths_in_args_become_strings():
+    assert launch.build_command("tfcourse.hello", ["--json", launch.Path("/x/r.json")],
+                                n_ranks=1)[-2:] == ["--json", "/x/r.json"]

@@ -1,11 +1,27 @@
-"""Writing results so that a crash never leaves a half-written file behind."""
+"""Writing results so that a crash never leaves a half-written file behind.
+
+An output path names a regular file, or a file not written yet. What else may sit there is
+refused with a ValueError, never replaced: a folder, a device (`/dev/null`, as root, would
+otherwise become a JSON file), a named pipe or a socket. A symbolic link is followed: its
+target is written (and must itself be a regular file or not exist yet), the link stays a link
+- as the shell's `>` and `open(path, "w")` do. A new file gets the usual mode (0o666 less the
+umask, e.g. 0o644); a file that existed keeps its mode. The replacement is a new file (an
+atomic rename), so another hard link to the old file keeps the old content.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+FILE_KINDS = (  # (test of st_mode, what to call it in a message)
+    (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"),
+)
 
 
 def _folder_of(path: Path) -> Path:
@@ -23,22 +39,69 @@ def _temp_file_in(name: str, folder: Path, path: Path) -> tuple[int, str]:
         ) from None
 
 
+def _kind(mode: int) -> str:
+    return next((kind for test, kind in FILE_KINDS if test(mode)), "special file")
+
+
+def _target(name: str, path: Path) -> tuple[Path, int | None]:
+    """The file that writing to `path` replaces - `path`, or the file a symbolic link there
+    points to - and the mode it keeps (None: a new file). Raises ValueError naming `name` if
+    that is not a regular file, or if its folder does not exist."""
+    target = path
+    if path.is_symlink():
+        try:
+            target = Path(os.path.realpath(path, strict=False))
+        except (OSError, RuntimeError) as err:  # a loop of links
+            raise ValueError(f"{name}: expected a regular file or a link to one, got the "
+                             f"symbolic link {str(path)!r} that leads nowhere ({err})") from None
+    via = f" (where the link {str(path)!r} points)" if target != path else ""
+    try:
+        status = target.lstat()
+    except FileNotFoundError:
+        status = None
+    except OSError as err:  # e.g. a link loop (ELOOP), a file in the way of a folder name
+        raise ValueError(f"{name}: cannot write {str(target)!r}{via}: "
+                         f"{err.strerror or err}") from None
+    if status is not None and stat.S_ISDIR(status.st_mode):
+        raise ValueError(f"{name}: expected a file path, got the folder {str(target)!r}{via}")
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{name}: expected a regular file (or a new file's name), got the "
+                         f"{_kind(status.st_mode)} {str(target)!r}{via}; it is never "
+                         f"replaced")
+    folder = _folder_of(target)
+    if not folder.is_dir():
+        raise ValueError(f"{name}: folder {str(folder)!r} does not exist (for "
+                         f"{str(path)!r}{via})")
+    return target, None if status is None else stat.S_IMODE(status.st_mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where /proc says it (os.umask can only
+    be read by setting it, which other threads creating files at that moment would feel)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_writable(name: str, path: str | os.PathLike) -> Path:
     """Check, before any work, that a file can later be written to `path`; returns the Path.
 
-    Raises ValueError naming `name` (e.g. "--json") if `path` is an existing folder, if its
-    folder does not exist, or if that folder is not writable (tried by creating and removing
-    a temporary file, which also catches read-only file systems and running as root).
-    Programs call it on their output paths first, so a bad path fails in a second instead of
-    after a long run.
+    Raises ValueError naming `name` (e.g. "--json") if `path` (or the file a symbolic link
+    there points to) exists but is not a regular file - a folder, a device, a named pipe, a
+    socket - if its folder does not exist, or if that folder is not writable (tried by
+    creating and removing a temporary file, which also catches read-only file systems and
+    running as root). Programs call it on their output paths first, so a bad path fails in
+    a second instead of after a long run.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{name}: expected a file path, got the folder {str(path)!r}")
-    folder = _folder_of(path)
-    if not folder.is_dir():
-        raise ValueError(f"{name}: folder {str(folder)!r} does not exist (for {str(path)!r})")
-    fd, tmp = _temp_file_in(name, folder, path)
+    target, _ = _target(name, path)
+    fd, tmp = _temp_file_in(name, _folder_of(target), target)
     os.close(fd)
     Path(tmp).unlink(missing_ok=True)
     return path
@@ -47,22 +110,22 @@ def check_writable(name: str, path: str | os.PathLike) -> Path:
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` via a temporary file in the same folder and an atomic rename.
 
-    Readers see either the old file or the complete new one, never a partial write.
-    Raises ValueError naming `path` if its folder does not exist or is not writable.
+    Readers see either the old file or the complete new one, never a partial write. A new
+    file gets mode 0o666 less the umask, an existing one keeps its mode; a symbolic link's
+    target is written. Raises ValueError naming `path` if something other than a regular
+    file is there (see the module's docstring), or if the folder does not exist or is not
+    writable.
     """
     path = Path(path)
-    folder = _folder_of(path)
-    if not folder.is_dir():
-        raise ValueError(f"path: folder {str(folder)!r} does not exist (for {str(path)!r})")
-    if path.is_dir():
-        raise ValueError(f"path: expected a file path, got the folder {str(path)!r}")
-    fd, tmp = _temp_file_in("path", folder, path)
+    target, mode = _target("path", path)
+    fd, tmp = _temp_file_in("path", _folder_of(target), target)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask() if mode is None else mode)
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

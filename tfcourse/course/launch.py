@@ -10,14 +10,22 @@ wait for it with a timeout, and read back the JSON result that rank 0 wrote.
 Every module is started as `python -m mpi4py -m <module>`: mpi4py's runner calls
 MPI_Abort when a rank dies from an uncaught exception, so one failing rank ends the whole
 job instead of leaving the others waiting forever in a collective.
+
+Nothing is lost and nothing is left running: every process of a job carries the job's tag in
+its environment (TFCOURSE_MPI_JOB), so the launcher finds and stops the ranks even where they
+are no longer below mpiexec; mpiexec dies with the launcher, whatever ends it (see run_mpi).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -28,6 +36,8 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
+
+from tfcourse.nn.validate import require_positive_int
 
 INSTALL_HINT = (
     "Install an MPI runtime into this Python environment with "
@@ -142,9 +152,10 @@ def build_command(
     `supervised` (run_mpi): MPICH's hydra is told not to kill the other ranks when one dies
     (-disable-auto-cleanup), so that the launcher can still see which rank is gone; the
     launcher then ends the job itself."""
-    if not isinstance(n_ranks, int) or isinstance(n_ranks, bool) or n_ranks < 1:
-        raise ValueError(f"n_ranks: expected a positive integer, got {n_ranks!r}")
-    if not module or not all(part.isidentifier() for part in module.split(".")):
+    n_ranks = require_positive_int("n_ranks", n_ranks)
+    args = _checked_args(args)
+    if not isinstance(module, str) or not module or not all(
+            part.isidentifier() for part in module.split(".")):
         raise ValueError(
             f"module: expected a dotted module name like 'tfcourse.hello', got {module!r}"
         )
@@ -156,8 +167,34 @@ def build_command(
     return [mpiexec, "-n", str(n_ranks), *flags, python, "-m", "mpi4py", "-m", module, *args]
 
 
+def _checked_args(args) -> list[str]:
+    """`args` as a list of strings; a single string (which would be split into characters)
+    or a non-string item raise a ValueError naming `args`."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, (list, tuple)):
+        raise ValueError(f"args: expected a list of strings such as ['--steps', '10'], got "
+                         f"{type(args).__name__} {args!r}")
+    for item in args:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ValueError(f"args: expected a list of strings such as ['--steps', '10'], "
+                             f"got the {type(item).__name__} {item!r} in {list(args)!r} "
+                             f"(write str({item!r}))")
+    return [os.fspath(item) for item in args]
+
+
+def _checked_timeout(timeout) -> float:
+    """`timeout` as a float if it is a positive, finite number of seconds (NaN would never
+    time out; a string or a bool is not a number)."""
+    if (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+            or not math.isfinite(timeout) or timeout <= 0):
+        kind = "" if isinstance(timeout, numbers.Real) else f"the {type(timeout).__name__} "
+        raise ValueError(f"timeout: expected a positive number of seconds, got {kind}"
+                         f"{timeout!r}")
+    return float(timeout)
+
+
 def rank_environment(threads_per_rank: int = 1, python: str = sys.executable) -> dict[str, str]:
     """Environment for the ranks: BLAS threads capped so ranks do not fight over cores."""
+    threads_per_rank = require_positive_int("threads_per_rank", threads_per_rank)
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads_per_rank)
@@ -388,33 +425,238 @@ def _supervise(process: subprocess.Popen, n_ranks: int, timeout: float
     return watch.first_dead, watch.together, stopped
 
 
-def _kill_job(process: subprocess.Popen) -> None:
-    """Terminate mpiexec and every rank it started.
+# ------------------------------------------------------------- nothing left running, ever
+
+JOB_VARIABLE = "TFCOURSE_MPI_JOB"  # in the environment of mpiexec, its proxies and every rank
+TEMP_PREFIX = "tfcourse-mpi-"  # + the launcher's PID + "-": its job's temporary folder
+KILL_SECONDS = 5.0  # how long _kill_tagged waits for killed processes to vanish
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _job_tag() -> str:
+    """A new job's tag: the launcher's PID (to tell later whether the launcher still lives)
+    and a random part (two jobs of one launcher differ)."""
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def _launcher_pid(tag: str) -> int | None:
+    """The launcher PID at the start of a job tag or a folder's name suffix, None if absent."""
+    head = tag.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _tagged_processes() -> dict[str, list[int]]:
+    """{job tag: PIDs} of every process (but this one) whose environment carries a job tag,
+    from /proc/PID/environ (Linux; elsewhere {} - there the process group does the work)."""
+    if not Path("/proc/self/environ").is_file():
+        return {}
+    key = JOB_VARIABLE.encode() + b"="
+    found: dict[str, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        for variable in environ.split(b"\0"):
+            if variable.startswith(key):
+                tag = variable[len(key):].decode(errors="replace")
+                found.setdefault(tag, []).append(int(entry.name))
+    return found
+
+
+def _kill_tagged(tag: str, seconds: float = KILL_SECONDS) -> list[int]:
+    """SIGKILL every process of job `tag`, wherever it is in the process tree (a rank whose
+    hydra_pmi_proxy died belongs to PID 1 now), until none is left or `seconds` have
+    passed; returns the PIDs still there then ([] as it should be)."""
+    deadline = time.monotonic() + seconds
+    while pids := _tagged_processes().get(tag, []):
+        if time.monotonic() > deadline:
+            return pids
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(POLL_SECONDS)
+    return []
+
+
+def clean_up_after_dead_launchers(folder: str | os.PathLike | None = None) -> None:
+    """Remove what launchers killed by SIGKILL (or crashed) left behind: their jobs'
+    temporary folders `tfcourse-mpi-PID-*` in `folder` (default: the system's temporary
+    folder) and any process of their jobs still running. run_mpi calls it first.
+
+    A killed launcher's mpiexec dies with it (PR_SET_PDEATHSIG), and hydra's proxy then
+    stops the ranks (measured: all gone within 2 s); a launcher killed by SIGKILL cannot
+    remove its folder, so the next run_mpi does. The processes are a safety net (e.g. the
+    proxy had been killed first): they carry the tag of a job whose launcher is gone.
+    """
+    for tag in _tagged_processes():
+        launcher = _launcher_pid(tag)
+        if launcher is not None and not _alive(launcher):
+            _kill_tagged(tag)
+    for stale in Path(folder or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        launcher = _launcher_pid(stale.name[len(TEMP_PREFIX):])
+        if launcher is not None and not _alive(launcher) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@lru_cache(maxsize=1)
+def _prctl():
+    """libc's prctl (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # only here: ranks that never need it do not pay for the import
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _die_with_launcher():
+    """A preexec_fn for mpiexec: the kernel sends it SIGKILL when the launcher dies (by any
+    signal, SIGKILL included); if the launcher is already gone, exit at once. None where
+    there is no prctl (the launcher's own cleanup still runs, but not on SIGKILL).
+
+    PR_SET_PDEATHSIG fires when the *thread* that started the child ends: run_mpi's thread
+    waits for the job, so that is never before the job ends."""
+    prctl, launcher, kill = _prctl(), os.getpid(), int(signal.SIGKILL)
+    if prctl is None:
+        return None
+
+    def preexec() -> None:  # in the child, between fork and exec: nothing that imports
+        prctl(PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != launcher:
+            os._exit(1)
+    return preexec
+
+
+def die_with_parent() -> bool:
+    """Under run_mpi, ask the kernel to SIGKILL this process when its parent dies; returns
+    whether it did. For the ranks, at start-up: their parent is hydra's proxy (or Open
+    MPI's daemon), and a rank whose proxy was killed would otherwise keep running (and
+    busy-polling) under PID 1. Does nothing outside run_mpi's jobs or without prctl."""
+    prctl = _prctl() if os.environ.get(JOB_VARIABLE) else None
+    if prctl is None:
+        return False
+    parent = os.getppid()
+    if parent != 1 and prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if parent == 1 or os.getppid() != parent:  # orphaned before or while asking: job gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+class _LauncherTerminated(BaseException):
+    """SIGTERM or SIGHUP reached the launcher while a job ran (raised by _Guard)."""
+
+
+class _Guard:
+    """The life of one job's launcher: its temporary folder, and SIGTERM/SIGHUP.
+
+    Without it, SIGTERM or SIGHUP (a kernel restart, a closed terminal) end the Python
+    process at once: no `finally` runs, the job and the folder stay. While a job runs, the
+    guard turns the first such signal into an exception (in the main thread, where Python
+    runs signal handlers; only signals whose handler was the default, so nohup's SIG_IGN
+    and a program's own handlers are respected): run_mpi stops the job, the folder is
+    removed, the previous handlers are restored and the signal is raised again - the
+    process then dies of it as it would have. A signal that comes during a cleanup (stopping
+    the job, removing the folder) is acted on right after it, never in the middle.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                    if hasattr(signal, name))
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.raising = True
+        self.previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.raising:
+            self.raising = False
+            raise _LauncherTerminated(signum)
+
+    @contextlib.contextmanager
+    def uninterrupted(self):
+        """A cleanup no SIGTERM/SIGHUP may cut short (they are acted on afterwards)."""
+        raising, self.raising = self.raising, False
+        try:
+            yield
+        finally:
+            self.raising = raising
+        if raising and self.received:  # one came meanwhile: act on it now
+            self.raising = False
+            raise _LauncherTerminated(self.received[0])
+
+    @contextlib.contextmanager
+    def folder(self):
+        """Install the handlers, yield a new `tfcourse-mpi-PID-*` folder; on the way out,
+        remove it, restore the handlers and re-raise a signal that came meanwhile."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    self.previous[sig] = signal.signal(sig, self._handler)
+        path = None
+        try:
+            try:
+                with self.uninterrupted():
+                    path = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
+                yield path
+            finally:
+                if path is not None:
+                    with self.uninterrupted():
+                        shutil.rmtree(path, ignore_errors=True)
+        except _LauncherTerminated:
+            pass  # the job is stopped and the folder removed: now die of the signal
+        finally:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            if self.received:  # the default action of SIGTERM and SIGHUP: the process ends
+                signal.raise_signal(self.received[0])
+        if self.received:  # not reached unless the signal could not end the process
+            raise SystemExit(128 + self.received[0])
+
+
+def _kill_job(process: subprocess.Popen, tag: str | None = None) -> None:
+    """Terminate mpiexec and every process of its job.
 
     SIGTERM to mpiexec's process group first (MPICH's hydra and Open MPI then stop their
-    ranks); whatever still runs 2 s later is killed - the group, and the processes that were
-    below mpiexec, because hydra puts every rank in a session of its own, out of reach of
-    the group's signal.
+    ranks); whatever still runs 2 s later is killed - the group, the processes that were
+    below mpiexec (hydra puts every rank in a session of its own, out of reach of the
+    group's signal), and every process carrying the job's `tag` (ranks whose proxy died
+    are below PID 1 now, in no one's group).
     """
     below = _descendants(process.pid)
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=2.0)
-    except subprocess.TimeoutExpired:
-        pass
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=2.0)
     for pid in below:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone, as it should be
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:  # already gone, as it should be
-            pass
-    try:  # ranks may outlive mpiexec: sweep the whole group
+    with contextlib.suppress(ProcessLookupError):  # ranks may outlive mpiexec: the group
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
+    if tag is not None:
+        _kill_tagged(tag)
 
 
 def _tail(text: str, chars: int = STDERR_TAIL_CHARS) -> str:
@@ -450,14 +692,27 @@ def run_mpi(
     rank runs on this machine. With `json_result`, `--json FILE` is appended and the parsed
     FILE is returned as `MPIRun.result`. Raises MPITimeoutError after `timeout` seconds (the
     job is killed, no rank is left behind) and MPIJobError, containing the ranks' stderr, if
-    the job fails.
+    the job fails. Bad arguments raise a ValueError naming them before anything starts.
+
+    Nothing outlives the call: mpiexec runs in a session of its own, with the job's tag in
+    every process's environment (TFCOURSE_MPI_JOB); a timeout, Ctrl-C, SIGTERM or SIGHUP
+    (a Jupyter kernel restarted mid-run) stop every tagged process wherever it is and remove
+    the job's temporary folder (the signal then ends the process as usual). If the launcher
+    is killed by SIGKILL, the kernel kills mpiexec (PR_SET_PDEATHSIG, Linux) and hydra's
+    proxy then stops the ranks; the folder is removed by the next run_mpi call (see
+    clean_up_after_dead_launchers).
     """
-    if timeout <= 0:
-        raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
-    with tempfile.TemporaryDirectory(prefix="tfcourse-mpi-") as tmp:
-        json_path = Path(tmp) / "result.json"
-        full_args = [*args, "--json", str(json_path)] if json_result else list(args)
+    args = _checked_args(args)
+    n_ranks = require_positive_int("n_ranks", n_ranks)
+    timeout = _checked_timeout(timeout)
+    env = rank_environment(threads_per_rank, python)
+    clean_up_after_dead_launchers()
+    guard = _Guard()
+    with guard.folder() as tmp:
+        json_path = tmp / "result.json"
+        full_args = [*args, "--json", str(json_path)] if json_result else args
         command = build_command(module, full_args, n_ranks, python, hostfile, supervised=True)
+        env[JOB_VARIABLE] = tag = _job_tag()
         start = time.perf_counter()
         process = subprocess.Popen(
             command,
@@ -465,15 +720,17 @@ def run_mpi(
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
-            env=rank_environment(threads_per_rank, python),
+            env=env,
             start_new_session=True,  # own process group: a timeout can kill every rank
+            preexec_fn=_die_with_launcher(),  # mpiexec dies with the launcher, even SIGKILLed
         )
-        outputs = [_Output(process.stdout), _Output(process.stderr)]
         try:
+            outputs = [_Output(process.stdout), _Output(process.stderr)]
             dead, together, stopped = _supervise(process, n_ranks, timeout)
             stdout, stderr = (out.text() for out in outputs)
         except subprocess.TimeoutExpired:
-            _kill_job(process)
+            with guard.uninterrupted():
+                _kill_job(process, tag)
             stdout, stderr = (out.text() for out in outputs)
             raise MPITimeoutError(
                 f"MPI job timed out after {timeout:g} s and was killed: {' '.join(command)}\n"
@@ -483,9 +740,13 @@ def run_mpi(
                 stdout,
                 stderr,
             ) from None
-        except BaseException:  # KeyboardInterrupt in a notebook: never leave ranks running
-            _kill_job(process)
+        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: never leave ranks running
+            with guard.uninterrupted():
+                _kill_job(process, tag)
             raise
+        finally:  # mpiexec has exited; a rank it lost track of may not have
+            with guard.uninterrupted():
+                _kill_tagged(tag)
         seconds = time.perf_counter() - start
         if process.returncode != 0:
             raise MPIJobError(
