@@ -1,5 +1,5 @@
-"""Tokens/s and MFU of one training step (forward + backward + AdamW) of the NumPy model,
-against the identical PyTorch model, in one table.
+"""Tokens/s and fraction of measured matmul peak of one training step (forward + backward +
+AdamW) of the NumPy model, against the identical PyTorch model, in one table.
 
     python benchmarks/train_step.py --config small|medium --threads 2 [--json PATH] [--no-torch]
                                     [--no-dp]
@@ -11,8 +11,10 @@ Rows, each timed in the same run on the same machine:
   NumPy, DP ranks         --threads one-thread data-parallel MPI ranks (tfcourse.parallel.
                           data_parallel, the same preset); only when --threads > 1
   PyTorch                 the same model in PyTorch with --threads intra-op threads
-Every process keeps freed memory the same way (tfcourse.allocator), PyTorch's included. MFU
-divides by the float32 matmul peak measured in the same run with the same threads. PyTorch is
+Every process keeps freed memory the same way (tfcourse.allocator), PyTorch's included. The
+"%peak" column divides the model's FLOP/s by the float32 matmul peak measured in the same
+run with the same threads (chapter 5: an upper bound on MFU, which divides by a datasheet
+peak). PyTorch is
 timed in its own process (never both in one: their thread pools fight). Quote figures from one
 run on an otherwise idle machine.
 """
@@ -122,7 +124,7 @@ def main() -> None:
             rows[f"PyTorch {torch_result['torch_version']}, {args.threads} thread(s)"] = {
                 **torch_result, "same_first_loss": same}
     # the peak again after the runs, keeping the higher: a noisy neighbour during one
-    # measurement must not inflate every MFU
+    # measurement must not inflate every %peak
     peak = max(peak, measure_matmul_gflops(2048, np.float32, args.threads, repeats=5))
     flops_per_token = costmodel.training_flops_per_token(
         config.vocab_size, config.d_model, config.n_layers, config.d_ff, result["seq_len"])
@@ -132,15 +134,16 @@ def main() -> None:
               "flops_per_token": flops_per_token, "peak_gflops": peak, "rows": {}}
     print(f"config {args.config}, float32, {tokens} tokens per step, {args.threads} thread(s); "
           f"peak (float32 2048^3 matmul, same threads) {peak:.1f} GFLOP/s")
-    print(f"{'':44s} {'ms/step':>8s} {'tokens/s':>9s} {'MFU':>6s} {'/ PyTorch':>9s}")
+    print(f"{'':44s} {'ms/step':>8s} {'tokens/s':>9s} {'%peak':>6s} {'/ PyTorch':>9s}")
     for name, r in rows.items():
         tps = tokens / r["step_s"]
         row = {"step_ms": r["step_s"] * 1e3, "tokens_per_s": tps,
-               "mfu": costmodel.mfu(tps, flops_per_token, peak * 1e9),
+               "peak_fraction": costmodel.mfu(tps, flops_per_token, peak * 1e9),
                "over_torch": tps / torch_tps if torch_tps else None}
         report["rows"][name] = row
         ratio = f"{row['over_torch']:.2f}x" if torch_tps else "-"
-        print(f"{name:44s} {row['step_ms']:8.1f} {tps:9.0f} {row['mfu']:6.1%} {ratio:>9s}")
+        print(f"{name:44s} {row['step_ms']:8.1f} {tps:9.0f} {row['peak_fraction']:6.1%} "
+              f"{ratio:>9s}")
     if torch_tps:
         print(f"first-step losses of NumPy and PyTorch agree: {same}")
     if args.json:

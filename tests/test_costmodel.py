@@ -31,6 +31,10 @@ def test_training_flops_is_6n_plus_attention_term():
     V, d, L, f, T = 50, 64, 3, 256, 40
     n = L * (4 * d * d + 2 * d * f) + d * V
     assert cm.training_flops_per_token(V, d, L, f, T) == 6 * n + 12 * L * d * T
+    # full recomputation runs the blocks' forward (2 N_blocks + 4 L d T) once more, not the head's
+    blocks = L * (4 * d * d + 2 * d * f)
+    assert cm.training_flops_per_token(V, d, L, f, T, recompute=True) == (
+        8 * blocks + 6 * d * V + 16 * L * d * T)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -121,6 +125,17 @@ def test_fit_alpha_beta_finds_the_latency_under_large_message_noise():
     assert abs(plain_alpha - 20e-6) > 0.2 * 20e-6
 
 
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_fit_ring_links_recovers_the_per_message_latency(p):
+    sizes = np.array([2.0**k for k in range(10, 25)])
+    alpha, beta = 15e-6, 1 / 5e9
+    ring = 2 * (p - 1) * alpha + 2 * (p - 1) / p * sizes * beta  # the ring's alpha-beta model
+    fitted = cm.fit_ring_links(sizes, ring, p)
+    assert fitted == pytest.approx((alpha, beta), rel=1e-6)
+    with pytest.raises(ValueError, match="p"):
+        cm.fit_ring_links(sizes, ring, 1)
+
+
 def test_fit_alpha_beta_recovers_known_line():
     sizes = np.array([1e3, 1e4, 1e5, 1e6])
     alpha, beta = cm.fit_alpha_beta(sizes, 2e-6 + 3e-10 * sizes)
@@ -146,6 +161,47 @@ def test_zero_memory_by_hand():
         cm.zero_state_bytes_per_rank(n, p, 4)
 
 
+def test_mixed_precision_zero_shards_12_14_and_16_of_16_bytes():
+    # the ZeRO paper (Rajbhandari et al. 2020, section 5): 2 + 2 + K bytes per parameter with
+    # K = 12 (fp32 master copy, m, v); per rank (2 + 2 + K/Nd), (2 + (2 + K)/Nd), (2 + 2 + K)/Nd
+    n, p = 1000, 4
+    full = cm.training_state_bytes(n, 2, mixed_precision=True)
+    assert sum(full.values()) == 16 * n
+    per_param = [sum(cm.zero_state_bytes_per_rank(n, p, s, 2, True).values()) / n
+                 for s in range(4)]
+    assert per_param == [16, 2 + 2 + 12 / p, 2 + 14 / p, 16 / p]
+    # the paper's example: 7.5B parameters on 64 GPUs, 120 GB -> 31.4 / 16.6 / 1.9 GB
+    gb = [sum(cm.zero_state_bytes_per_rank(7.5e9, 64, s, 2, True).values()) / 1e9
+          for s in range(4)]
+    assert [round(x, 1) for x in gb] == [120.0, 31.4, 16.6, 1.9]
+
+
+def _tp_shard_cache_bytes(config, tp):
+    from tfcourse.parallel.plans.tensor import shard_params
+
+    B, T = 2, config.max_len
+    params = model.init_params(config, 0)
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (B, T))
+    x, _ = model.embed_forward(params, tokens, config)
+    shard = shard_params(params, 0, tp)
+    _, cache = model.block_forward(shard, 0, x, config)  # one TP rank's block (f, g = identity)
+    return B, T, _cached_arrays_nbytes(cache, {id(v) for v in shard.values()})
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_activation_memory_matches_a_shard_block(tp):
+    config = CONFIGS[0]
+    B, T, measured = _tp_shard_cache_bytes(config, tp)
+    predicted = cm.activation_bytes_per_layer(B, T, config.d_model, config.n_heads, config.d_ff,
+                                              4, tp=tp)
+    assert measured == predicted
+    # the LayerNorms' part does not shrink: 1/tp of the whole would underestimate it
+    whole = cm.activation_bytes_per_layer(B, T, config.d_model, config.n_heads, config.d_ff, 4)
+    assert predicted > whole / tp
+    with pytest.raises(ValueError, match="tp"):
+        cm.activation_bytes_per_layer(B, T, config.d_model, config.n_heads, config.d_ff, 4, tp=3)
+
+
 def test_pipeline_bubble_and_tensor_parallel_traffic():
     assert cm.pipeline_bubble_fraction(4, 1) == pytest.approx(0.75)
     assert cm.pipeline_bubble_fraction(4, 13) == pytest.approx(3 / 16)
@@ -160,3 +216,7 @@ def test_mfu_and_training_days():
     days = cm.training_days(175e9, 300e9, 1024, 312e12, 0.5)
     assert days == pytest.approx(6 * 175e9 * 300e9 / (1024 * 312e12 * 0.5) / 86400)
     assert 22 < days < 24
+    # Narayanan et al. 2021, section 5.1: GPT-3 on 1024 A100s at 140 teraFLOP/s per GPU,
+    # 8 T P / (n X) "approximately 34 days"
+    megatron = cm.training_days(175e9, 300e9, 1024, 140e12, 1.0, flops_per_param=8)
+    assert round(megatron) == 34

@@ -90,3 +90,11 @@ def test_environment_check_compares_versions_numerically():
     rows = hardware.check_environment({"numpy": "1.999"})
     major = int(np.__version__.split(".")[0])
     assert rows[0]["ok"] == (major >= 2)
+
+
+def test_cores_available_is_at_most_the_machine_s_cores():
+    import os
+
+    from tfcourse.perf.hardware import cores_available
+
+    assert 1 <= cores_available() <= (os.cpu_count() or 1)

@@ -4,6 +4,7 @@ import nbformat
 import pytest
 
 from tfcourse.course.nbtools import (
+    ANSWER_PROMPT,
     exercise_source,
     generate_exercises,
     make_exercise,
@@ -67,6 +68,16 @@ def test_make_exercise_strips_outputs_keeps_tags_and_markdown():
     assert "return 1" not in exercise.cells[1].source
     assert exercise.cells[1].outputs == [] and exercise.cells[1].execution_count is None
     assert exercise.cells[2].metadata["tags"] == ["check"]
+
+
+def test_a_worked_derivation_is_replaced_by_an_answer_prompt():
+    solution = _solution_notebook()
+    solution.cells.append(nbformat.v4.new_markdown_cell("16 = 2 + 2 + 4 + 4 + 4",
+                                                        metadata={"tags": ["solution"]}))
+    exercise = make_exercise(solution)
+    assert exercise.cells[-1].source == ANSWER_PROMPT
+    assert "2 + 2" not in "".join(cell.source for cell in exercise.cells)
+    assert exercise.cells[0].source == "# Title"  # untagged markdown is kept
 
 
 def test_generate_writes_then_reports_in_sync(tmp_path):

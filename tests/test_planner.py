@@ -15,7 +15,7 @@ from tfcourse.perf.planner import Cluster, ModelSpec, Plan
 
 # vocab 10, d 8, 2 heads, 2 layers, d_ff 16, 4 tokens, 2 sequences per step, 4-byte values.
 TINY = ModelSpec(vocab_size=10, d_model=8, n_heads=2, n_layers=2, d_ff=16, seq_len=4,
-                 global_batch=2, bytes_per_value=4, state_bytes_per_value=4)
+                 global_batch=2, bytes_per_value=4, mixed_precision=False)
 # Parameters by hand: block = attention 4*8*8 + 4*8 = 288, FFN 2*8*16 + 16 + 8 = 280,
 # LayerNorms 4*8 = 32 -> 600; embeddings 10*8 + 4*8 = 112; final LayerNorm 16; head 80 + 10.
 TINY_N = 112 + 2 * 600 + 16 + 80 + 10
@@ -26,7 +26,7 @@ TINY_ACT_LAYER_ROW = (4 * (8 * 8 + 3 * 16 + 2) + 2 * 4 * 4) * 4
 def cluster(n, per_node, memory=1e12, flops=1e9, intra_bw=1e30, inter_bw=1e30, **kw):
     return Cluster(n_devices=n, devices_per_node=per_node, memory_bytes=memory,
                    flops_per_s=flops, intra_alpha=0.0, intra_bandwidth=intra_bw,
-                   inter_alpha=0.0, inter_bandwidth=inter_bw, mfu=1.0, **kw)
+                   inter_alpha=0.0, inter_bandwidth=inter_bw, efficiency=1.0, **kw)
 
 
 # --------------------------------------------------------------------------- memory
@@ -51,6 +51,46 @@ def test_zero0_does_not_fit_but_zero1_does():
     fitting, rejected = planner.rank_plans(TINY, small)
     assert Plan(2, 1, 1, 1, 0) in [e.plan for e in rejected]
     assert Plan(2, 1, 1, 1, 1) in [e.plan for e in fitting]
+
+
+@pytest.mark.parametrize("zero, sharded_bytes", [(0, 0), (1, 12), (2, 14), (3, 16)])
+def test_mixed_precision_zero_stages_shard_12_14_and_16_of_16_bytes(zero, sharded_bytes):
+    mixed = dataclasses.replace(TINY, bytes_per_value=2, mixed_precision=True, global_batch=4)
+    e = planner.estimate(mixed, cluster(4, 4), Plan(4, 1, 1, 1, zero))
+    state = e.memory_bytes - e.memory["activations"]
+    # per parameter: the unsharded bytes plus a quarter of the sharded ones (dp = 4)
+    assert state == pytest.approx(TINY_N * ((16 - sharded_bytes) + sharded_bytes / 4))
+
+
+def test_tensor_parallel_keeps_the_layernorm_activations_replicated():
+    # TINY with 2 heads split over tp = 2: per row and layer, the 4 LayerNorm (4, 8) arrays and
+    # 2 (4,) 1/std vectors stay whole; q, k, v, merged heads (4 x (4, 8)), the FFN's 3 (4, 16)
+    # and the (2, 4, 4) attention weights are halved.
+    whole = 4 * (4 * 8 + 2) * 4
+    halved = (4 * (4 * 8 + 3 * 16) + 2 * 4 * 4) * 4 // 2
+    assert whole + 2 * halved == TINY_ACT_LAYER_ROW
+    e = planner.estimate(TINY, cluster(2, 2), Plan(1, 2, 1, 1, 0))
+    assert e.memory["activations"] == (whole + halved) * 2 * 2  # 2 layers, 2 rows
+
+
+def test_recomputation_trades_a_third_more_block_flops_for_the_layer_inputs_only():
+    two = cluster(2, 2)
+    plain = planner.estimate(TINY, two, Plan(2, 1, 1, 1, 0))
+    again = planner.estimate(dataclasses.replace(TINY, recompute=True), two, Plan(2, 1, 1, 1, 0))
+    # FLOPs per token by hand (d 8, d_ff 16, 2 layers, T 4, V 10): blocks 2 (4*64 + 2*128) = 1024
+    # matmul weights, head 80; attention 12 L d T = 768; recomputation adds 2*1024 + 4 L d T
+    model_flops, extra = 6 * (1024 + 80) + 768, 2 * 1024 + 4 * 2 * 8 * 4
+    assert again.compute_s == pytest.approx(plain.compute_s * (model_flops + extra) / model_flops)
+    assert again.mfu == pytest.approx(plain.mfu * plain.step_s / again.step_s)  # model FLOPs
+    assert again.hfu == pytest.approx(again.mfu * (model_flops + extra) / model_flops)
+    assert plain.hfu == plain.mfu
+    tp2 = planner.estimate(TINY, cluster(2, 2, intra_bw=1e9), Plan(1, 2, 1, 1, 0))
+    tp2_again = planner.estimate(dataclasses.replace(TINY, recompute=True),
+                                 cluster(2, 2, intra_bw=1e9), Plan(1, 2, 1, 1, 0))
+    assert tp2_again.tp_comm_s == pytest.approx(tp2.tp_comm_s * 6 / 4)  # 2 more all-reduces
+    # kept: each layer's (1 row x 4 tokens x 8) input, plus one layer's full activations
+    assert again.memory["activations"] == 2 * 4 * 8 * 4 + TINY_ACT_LAYER_ROW
+    assert plain.memory["activations"] == 2 * TINY_ACT_LAYER_ROW
 
 
 def test_pipeline_memory_is_the_first_stage_with_its_warm_up_microbatches_alive():
@@ -84,7 +124,7 @@ def test_a_group_that_straddles_two_nodes_uses_the_network():
 
 
 SMALL = ModelSpec(vocab_size=10, d_model=8, n_heads=4, n_layers=4, d_ff=16, seq_len=4,
-                  global_batch=8, bytes_per_value=4, state_bytes_per_value=4)
+                  global_batch=8, bytes_per_value=4, mixed_precision=False)
 
 
 def _ideal_compute_s(spec, n_devices, flops):
@@ -249,5 +289,5 @@ def test_spec_from_a_model_config():
     config = model.TransformerConfig(vocab_size=13, d_model=16, n_heads=4, n_layers=2,
                                      d_ff=24, max_len=12, dtype="float32")
     spec = ModelSpec.from_config(config, global_batch=6)
-    assert (spec.seq_len, spec.bytes_per_value, spec.state_bytes_per_value) == (12, 4, 4)
+    assert (spec.seq_len, spec.bytes_per_value, spec.mixed_precision) == (12, 4, False)
     assert spec.n_params == model.count_params(model.init_params(config, 0))

@@ -11,7 +11,8 @@ from tfcourse.nn.model import init_params
 from tfcourse.parallel.plans.tensor import shard_axis
 from tfcourse.parallel.study import (
     Layout,
-    calibrated_mfu,
+    baseline_seconds,
+    calibrated_efficiency,
     compare_with_planner,
     default_layouts,
     format_comparison,
@@ -95,6 +96,8 @@ def test_summary_of_a_real_study(study):
         assert row["max_loss_rel_diff"] < 1e-10
         assert 0 <= row["comm_share"] < 1
     assert "layout" in format_table(rows).splitlines()[0]
+    first = next(iter(study.values()))  # the baseline ran again at the end
+    assert len(first["repeat_step_seconds"]) == len(first["step_seconds"])
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -124,6 +127,22 @@ def test_summarise_by_hand():
     assert dp["comm_share"] == pytest.approx(0.25)
     assert dp["max_state_bytes"] == 40
     assert dp["max_loss_rel_diff"] == pytest.approx(0.1)
+    table = format_table([base, dp], cores=1).splitlines()
+    assert not table[1].endswith("*") and table[2].endswith("*")
+    assert table[3].startswith("* oversubscribed: more ranks than this machine's 1 cores")
+    assert format_table([base, dp], cores=2).count("*") == 0
+
+
+def test_a_repeated_baseline_takes_the_faster_run():
+    # a busy moment during the first baseline run (3 s/step) would make DP 2 look 3x faster
+    # on 2 ranks; the repeat at the study's end (2 s/step) is the one divided by
+    slow_first = fake_result([9.0, 3.0, 3.0, 3.0], [3.0, 2.0], 1)
+    results = {"1 rank": {**slow_first, "repeat_step_seconds": [9.0, 2.0, 2.0, 2.0]},
+               "DP 2": fake_result([9.0, 1.0, 1.0, 1.0], [3.0, 2.0], 2)}
+    base, dp = summarise(results)
+    assert base["step_seconds"] == 2.0 and dp["speedup"] == 2.0
+    assert baseline_seconds(results["1 rank"]) == 2.0
+    assert baseline_seconds(results["DP 2"]) == 1.0  # no repeat: its own median
 
 
 def test_summarise_rejects_a_missing_baseline_and_unequal_curves():
@@ -160,11 +179,11 @@ def tiny_spec():
 def test_predictions_by_hand():
     spec = tiny_spec()
     peak = 1e9
-    mfu = calibrated_mfu(spec, 0.1, peak)  # the 1-rank run took 0.1 s
-    assert mfu == pytest.approx(spec.flops_per_step / 1e8)
+    u = calibrated_efficiency(spec, 0.1, peak)  # the 1-rank run took 0.1 s
+    assert u == pytest.approx(spec.flops_per_step / 1e8)
 
     def step(layout, cores, alpha=0.0, beta=1e-30):
-        cluster = this_machine(layout.ranks, cores, peak, mfu, alpha, beta, 1e9)
+        cluster = this_machine(layout.ranks, cores, peak, u, alpha, beta, 1e9)
         return predict(layout, spec, cluster, microbatches=4).step_s
 
     assert step(Layout(), 2) == pytest.approx(0.1)
@@ -177,7 +196,7 @@ def test_predictions_by_hand():
     # PP 2, 4 micro-batches: one block per stage (0.05 s) + bubble (p - 1) / m of it
     assert step(Layout(pp=2, schedule="1f1b"), 2) == pytest.approx(0.05 + 0.05 / 4)
     with pytest.raises(ValueError, match="one_rank_step_seconds: expected a positive"):
-        calibrated_mfu(spec, 0.0, peak)
+        calibrated_efficiency(spec, 0.0, peak)
 
 
 def test_measured_links_are_plausible_for_shared_memory():
@@ -199,3 +218,26 @@ def test_comparison_is_calibrated_on_the_one_rank_run():
     assert rows[1]["predicted_ignoring_cores"] == pytest.approx(0.05)
     lines = format_comparison(rows, mark="~").splitlines()
     assert lines[2].split() == ["DP", "2", "~60.0", "~100.0", "~67%", "~50.0"]
+    marked = format_comparison(rows, mark="~", cores=1).splitlines()
+    assert marked[1].split()[-1] != "*" and marked[2].split()[-1] == "*"  # 2 ranks on 1 core
+    assert "oversubscribed" in marked[-1]
+    assert "oversubscribed" not in format_comparison(rows, cores=2)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "0"], "--timeout"),
+    (["--steps", "0"], "--steps"),
+    (["--microbatches", "-1"], "--microbatches"),
+    (["--config", "huge"], "--config"),
+    (["--json", "/no/such/folder/study.json"], "--json"),
+])
+def test_study_refuses_bad_options_before_its_first_job(monkeypatch, capsys, argv, match):
+    from tfcourse.parallel import study as study_module
+
+    def no_jobs(*args, **kwargs):
+        raise AssertionError("a job ran before the options were checked")
+
+    monkeypatch.setattr(study_module, "run_study", no_jobs)
+    assert study_module.main(argv) == 2
+    assert match in capsys.readouterr().err

@@ -7,7 +7,8 @@
 Solution notebooks are the single source. Code between `### BEGIN SOLUTION` and
 `### END SOLUTION` (nbgrader's markers) becomes `# YOUR CODE HERE` and
 `raise NotImplementedError()` in the exercise; `### BEGIN HIDDEN TESTS` ...
-`### END HIDDEN TESTS` blocks are removed. Cells tagged `check` hold the self-checks that
+`### END HIDDEN TESTS` blocks are removed. A markdown cell tagged `solution` (a worked
+derivation) becomes ANSWER_PROMPT in the exercise. Cells tagged `check` hold the self-checks that
 must pass on the solution and fail on the stub (tests/test_exercises.py runs both).
 """
 
@@ -28,6 +29,8 @@ BEGIN_HIDDEN = "### BEGIN HIDDEN TESTS"
 END_HIDDEN = "### END HIDDEN TESTS"
 STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
 CHECK_TAG = "check"
+SOLUTION_TAG = "solution"
+ANSWER_PROMPT = "*Your derivation here.*"
 
 
 def _replace_blocks(source: str, begin: str, end: str, stub: tuple[str, ...], where: str) -> str:
@@ -69,7 +72,9 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "notebook") -> nb
                 metadata=copy.deepcopy(cell.metadata),
             )
         elif cell.cell_type == "markdown":
-            new = nbformat.v4.new_markdown_cell(cell.source, metadata=copy.deepcopy(cell.metadata))
+            answer = SOLUTION_TAG in cell.metadata.get("tags", [])
+            new = nbformat.v4.new_markdown_cell(ANSWER_PROMPT if answer else cell.source,
+                                                metadata=copy.deepcopy(cell.metadata))
         else:
             new = nbformat.v4.new_raw_cell(cell.source, metadata=copy.deepcopy(cell.metadata))
         new.metadata.pop("execution", None)

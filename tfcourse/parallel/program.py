@@ -26,11 +26,16 @@ from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
 from tfcourse.allocator import keep_freed_memory
+from tfcourse.course.launch import die_with_parent
 from tfcourse.data import lm_batch
 from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.train import TrainingSetup, add_training_arguments
 
 T = TypeVar("T")
+
+# A rank of a run_mpi job dies with its MPI proxy (never left busy-polling under PID 1);
+# outside run_mpi this does nothing. At import: every MPI program imports this module.
+die_with_parent()
 
 # --------------------------------------------------------------------------- command line
 

@@ -23,10 +23,11 @@ import sys
 import numpy as np
 
 from tfcourse.course.launch import run_mpi
-from tfcourse.files import write_json_atomic
+from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.nn.model import PRESETS, TransformerConfig
 from tfcourse.nn.validate import require_positive_int, require_real
-from tfcourse.perf.costmodel import allreduce_bytes, fit_alpha_beta
+from tfcourse.perf.costmodel import fit_ring_links
+from tfcourse.perf.hardware import cores_available
 from tfcourse.perf.planner import Cluster, ModelSpec, Plan, PlanEstimate, estimate, validate_against
 
 PROGRAMS = {"dp": "tfcourse.parallel.data_parallel", "tp": "tfcourse.parallel.tensor_parallel",
@@ -98,16 +99,33 @@ def run_layout(layout: Layout, training_args: list[str], microbatches: int = 4,
 def run_study(layouts: list[Layout], training_args: list[str], microbatches: int = 4,
               timeout: float = 300.0) -> dict[str, dict]:
     """Every layout's result, by name, run one after another (never two jobs at once: they
-    would share the same cores and distort each other's timings)."""
-    return {layout.name: {"layout": dataclasses.asdict(layout),
-                          **run_layout(layout, training_args, microbatches, timeout)}
-            for layout in layouts}
+    would share the same cores and distort each other's timings). The first layout, the
+    baseline, runs again at the end: "repeat_step_seconds" (see baseline_seconds)."""
+    results = {layout.name: {"layout": dataclasses.asdict(layout),
+                             **run_layout(layout, training_args, microbatches, timeout)}
+               for layout in layouts}
+    if layouts:
+        again = run_layout(layouts[0], training_args, microbatches, timeout)
+        results[layouts[0].name]["repeat_step_seconds"] = again["step_seconds"]
+    return results
 
 
 def median_step_seconds(result: dict) -> float:
     """Median step time, leaving out the first (warm-up) step when there are others."""
-    steps = result["step_seconds"]
+    return _median_after_warmup(result["step_seconds"])
+
+
+def _median_after_warmup(steps: list[float]) -> float:  # the first step warms up
     return float(np.median(steps[1:] if len(steps) > 1 else steps))
+
+
+def baseline_seconds(result: dict) -> float:
+    """The baseline's step time: the faster of its two runs (first and last of the study) when
+    repeated. Every speed-up divides by it: a busy moment in one run must not inflate them all."""
+    runs = [median_step_seconds(result)]
+    if "repeat_step_seconds" in result:
+        runs.append(_median_after_warmup(result["repeat_step_seconds"]))
+    return min(runs)
 
 
 def summarise(results: dict[str, dict], baseline: str = "1 rank") -> list[dict]:
@@ -118,11 +136,12 @@ def summarise(results: dict[str, dict], baseline: str = "1 rank") -> list[dict]:
     if baseline not in results:
         raise ValueError(f"baseline: expected one of {sorted(results)}, got {baseline!r}")
     base = results[baseline]
-    base_seconds, base_losses = median_step_seconds(base), np.array(base["losses"])
+    base_seconds, base_losses = baseline_seconds(base), np.array(base["losses"])
     rows = []
     for name, result in results.items():
         settings = result["settings"]
-        seconds, losses = median_step_seconds(result), np.array(result["losses"])
+        seconds = base_seconds if name == baseline else median_step_seconds(result)
+        losses = np.array(result["losses"])
         if losses.shape != base_losses.shape:
             raise ValueError(f"results[{name!r}]: expected {base_losses.size} losses like the "
                              f"baseline, got {losses.size}")
@@ -154,9 +173,11 @@ def model_spec(result: dict) -> ModelSpec:
                                  settings["batch_size"])
 
 
-def calibrated_mfu(spec: ModelSpec, one_rank_step_seconds: float, flops_per_s: float) -> float:
-    """The fraction of `flops_per_s` (one core's measured peak) that the 1-rank run reached:
-    the one number the prediction takes from a training measurement."""
+def calibrated_efficiency(spec: ModelSpec, one_rank_step_seconds: float,
+                          flops_per_s: float) -> float:
+    """The planner's efficiency u for this machine: the fraction of `flops_per_s` (one core's
+    measured matmul peak) that the 1-rank run reached - the one number the prediction takes
+    from a training measurement."""
     require_real("one_rank_step_seconds", one_rank_step_seconds, positive=True)
     require_real("flops_per_s", flops_per_s, positive=True)
     return spec.flops_per_step / (one_rank_step_seconds * flops_per_s)
@@ -164,28 +185,24 @@ def calibrated_mfu(spec: ModelSpec, one_rank_step_seconds: float, flops_per_s: f
 
 def measure_links(max_bytes: int = 16 * 2**20, timeout: float = 120.0) -> tuple[float, float]:
     """(alpha seconds per message, beta seconds per byte) between two ranks of this machine:
-    chapter 6's fit of t = alpha + beta n to 2-rank ring all-reduces of 64 KiB and more (2
-    messages of n/2 bytes each, so alpha is halved; fit_alpha_beta never gives a negative
-    latency)."""
+    chapter 6's fit (costmodel.fit_ring_links) to 2-rank ring all-reduces of 1 KiB up to
+    max_bytes. alpha is a ring step's cost from Python, not the wire latency of MPI alone."""
     bench = run_mpi("tfcourse.parallel.comm", ["--bench", "--max-bytes", str(max_bytes)],
                     n_ranks=2, timeout=timeout).result
-    sizes, ring = np.array(bench["sizes_bytes"]), np.array(bench["seconds"]["ring"])
-    large = sizes >= 2**16
-    alpha, beta = fit_alpha_beta(allreduce_bytes(sizes[large], 2), ring[large])
-    return alpha / 2, beta
+    return fit_ring_links(bench["sizes_bytes"], bench["seconds"]["ring"], 2)
 
 
-def this_machine(ranks: int, cores: int, flops_per_s: float, mfu: float, alpha: float,
+def this_machine(ranks: int, cores: int, flops_per_s: float, efficiency: float, alpha: float,
                  beta: float, memory_bytes: float, share_cores: bool = True) -> Cluster:
     """This machine as the planner sees a cluster: `ranks` devices in one node, linked by
     shared memory (latency alpha s, beta s/byte, fitted in chapter 6), each a core running
-    one BLAS thread at flops_per_s x mfu. With `share_cores`, ranks beyond the cores split
+    one BLAS thread at flops_per_s x efficiency. With `share_cores`, ranks beyond the cores split
     them: each runs at cores/ranks of a core (the term a GPU cluster never needs)."""
     require_positive_int("cores", cores)
     speed = flops_per_s * (min(1.0, cores / ranks) if share_cores else 1.0)
     return Cluster(n_devices=ranks, devices_per_node=ranks, memory_bytes=memory_bytes,
                    flops_per_s=speed, intra_alpha=alpha, intra_bandwidth=1.0 / beta,
-                   inter_alpha=alpha, inter_bandwidth=1.0 / beta, mfu=mfu)
+                   inter_alpha=alpha, inter_bandwidth=1.0 / beta, efficiency=efficiency)
 
 
 def predict(layout: Layout, spec: ModelSpec, cluster: Cluster, microbatches: int = 4
@@ -202,22 +219,24 @@ def compare_with_planner(results: dict[str, dict], flops_per_s: float, alpha: fl
     (utilisation calibrated on `baseline`; ranks share `cores`), its relative error, and the
     prediction that ignores the shared cores."""
     spec = model_spec(results[baseline])
-    mfu = calibrated_mfu(spec, median_step_seconds(results[baseline]), flops_per_s)
+    u = calibrated_efficiency(spec, baseline_seconds(results[baseline]), flops_per_s)
     rows = []
     for name, result in results.items():
         layout = Layout(**result["layout"])
         shared, naive = (predict(layout, spec, this_machine(
-            layout.ranks, cores, flops_per_s, mfu, alpha, beta, memory_bytes, share_cores),
+            layout.ranks, cores, flops_per_s, u, alpha, beta, memory_bytes, share_cores),
             microbatches) for share_cores in (True, False))
-        rows.append({"layout": name, "measured": median_step_seconds(result),
+        measured = baseline_seconds(result) if name == baseline else median_step_seconds(result)
+        rows.append({"layout": name, "ranks": layout.ranks, "measured": measured,
                      "predicted": shared.step_s, "predicted_ignoring_cores": naive.step_s})
     errors = validate_against({r["layout"]: r["measured"] for r in rows},
                               {r["layout"]: r["predicted"] for r in rows})
     return [{**r, "error": errors[r["layout"]]} for r in rows]
 
 
-def format_comparison(rows: list[dict], mark: str = "") -> str:
-    """compare_with_planner's rows as text, in milliseconds (measured values after `mark`)."""
+def format_comparison(rows: list[dict], mark: str = "", cores: int | None = None) -> str:
+    """compare_with_planner's rows as text, in milliseconds (measured values after `mark`);
+    with `cores`, rows with more ranks than cores are marked as oversubscribed."""
     lines = [f"{'layout':17s} {'measured':>9s} {'predicted':>10s} {'error':>7s} "
              f"{'ignoring cores':>15s}"]
     for r in rows:
@@ -225,14 +244,26 @@ def format_comparison(rows: list[dict], mark: str = "") -> str:
                  (100 * r["error"], ".0f", 6),
                  (r["predicted_ignoring_cores"] * 1e3, ".1f", 15)]
         text = [f"{mark}{value:{spec}}".rjust(width) for value, spec, width in cells]
-        lines.append(f"{r['layout']:17s} {text[0]} {text[1]} {text[2]}% {text[3]}")
-    return "\n".join(lines)
+        lines.append(f"{r['layout']:17s} {text[0]} {text[1]} {text[2]}% {text[3]}"
+                     + _oversubscribed(r["ranks"], cores))
+    return "\n".join(lines + _oversubscribed_note(rows, cores))
 
 
-def format_table(rows: list[dict], mark: str = "") -> str:
+def _oversubscribed(ranks: int, cores: int | None) -> str:
+    return "  *" if cores is not None and ranks > cores else ""
+
+
+def _oversubscribed_note(rows: list[dict], cores: int | None) -> list[str]:
+    return [] if cores is None or all(r["ranks"] <= cores for r in rows) else [
+        f"* oversubscribed: more ranks than this machine's {cores} cores - a correctness run; "
+        f"its times are not this machine's parallel speed"]
+
+
+def format_table(rows: list[dict], mark: str = "", cores: int | None = None) -> str:
     """The summary as aligned text. Measured values (times and what is computed from them,
     and rounding-level loss differences, which vary with the CPU's BLAS kernels) are prefixed
-    with `mark` - the notebooks use "~", which their tests mask."""
+    with `mark` - the notebooks use "~", which their tests mask. With `cores`, rows with more
+    ranks than cores are marked as oversubscribed."""
     def measured(value: float, spec: str, width: int) -> str:
         return f"{mark}{value:{spec}}".rjust(width)
 
@@ -246,8 +277,9 @@ def format_table(rows: list[dict], mark: str = "") -> str:
                      f"{measured(r['speedup'], '.2f', 8)} {measured(r['efficiency'], '.2f', 6)} "
                      f"{measured(r['comm_share'] * 100, '.0f', 8)}% "
                      f"{r['max_state_bytes'] / 1024:8.1f} {r['final_loss']:7.4f} "
-                     f"{measured(r['max_loss_rel_diff'], '.1e', 9)}")
-    return "\n".join(lines)
+                     f"{measured(r['max_loss_rel_diff'], '.1e', 9)}"
+                     + _oversubscribed(r["ranks"], cores))
+    return "\n".join(lines + _oversubscribed_note(rows, cores))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -274,14 +306,33 @@ def training_arguments(args: argparse.Namespace) -> list[str]:
     return flags + (["--seq-len", str(args.seq_len)] if args.seq_len is not None else [])
 
 
+def check_study_args(args: argparse.Namespace) -> None:
+    """Everything the study can check before its first job: a bad value found after every
+    layout has run would lose the whole study (ValueError naming the option)."""
+    for name in ("layers", "steps", "batch_size", "microbatches", "max_ranks"):
+        require_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.seq_len is not None:
+        require_positive_int("--seq-len", args.seq_len)
+    require_real("--timeout", args.timeout, positive=True)
+    if args.config not in PRESETS:
+        raise ValueError(f"--config: expected one of {sorted(PRESETS)}, got {args.config!r}")
+    if args.json:
+        check_writable("--json", args.json)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    n_heads = PRESETS[args.config]["n_heads"] if args.config in PRESETS else 1
-    results = run_study(default_layouts(args.max_ranks, n_heads), training_arguments(args),
-                        args.microbatches, args.timeout)
-    print(format_table(summarise(results)))
-    if args.json:
-        write_json_atomic(args.json, results)
+    try:
+        check_study_args(args)
+        n_heads = PRESETS[args.config]["n_heads"]
+        results = run_study(default_layouts(args.max_ranks, n_heads), training_arguments(args),
+                            args.microbatches, args.timeout)
+        print(format_table(summarise(results), cores=cores_available()))
+        if args.json:
+            write_json_atomic(args.json, results)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

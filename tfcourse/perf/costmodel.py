@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from tfcourse.nn.model import block_param_shapes
+from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.plans.pipeline import check_schedule_args
 from tfcourse.parallel.plans.sequence import sequence_chunks
 from tfcourse.perf.hardware import matmul_flops
@@ -65,11 +66,18 @@ def forward_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff: 
 
 
 def training_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff: int,
-                             seq_len: int) -> int:
+                             seq_len: int, recompute: bool = False) -> int:
     """Forward + backward = 3 x forward: the backward pass of y = x W needs two matmuls of
-    the same size (dx = dy W^T and dW = x^T dy). Equals 6N + 12 L d T."""
-    return 3 * sum(forward_flops_per_token(vocab_size, d_model, n_layers, d_ff,
-                                           seq_len).values())
+    the same size (dx = dy W^T and dW = x^T dy). Equals 6N + 12 L d T: the model FLOPs that
+    MFU counts.
+
+    recompute=True: the FLOPs the hardware executes with full activation recomputation, which
+    runs every block's forward pass a second time during the backward pass (the head's is kept):
+    about 8N + 16 L d T, Megatron's "8 instead of 6". Divided by time and peak this gives the
+    hardware FLOPs utilisation (HFU); MFU never counts recomputed FLOPs."""
+    forward = forward_flops_per_token(vocab_size, d_model, n_layers, d_ff, seq_len)
+    again = sum(v for k, v in forward.items() if k != "head") if recompute else 0
+    return 3 * sum(forward.values()) + again
 
 
 class FlopCounter(np.ndarray):
@@ -119,7 +127,14 @@ def count_matmul_flops(fn, *args, **kwargs) -> tuple[int, object]:
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) -> float:
-    """Model FLOP/s utilisation: the model's useful FLOP/s as a fraction of the measured peak."""
+    """tokens/s x FLOPs per token / peak FLOP/s.
+
+    With the model's FLOPs (training_flops_per_token) and the hardware's datasheet peak this is
+    the model FLOPs utilisation, MFU (Chowdhery et al. 2022, PaLM); with recomputed FLOPs
+    counted (recompute=True) it is the hardware FLOPs utilisation, HFU. This course's CPU has
+    no reliable datasheet peak (a virtual machine's share of a boosting core), so chapters 0
+    and 5 divide by a *measured* matmul peak instead and call the result the fraction of
+    measured matmul peak: an upper bound on the true MFU."""
     if peak_flops_per_s <= 0:
         raise ValueError(f"peak_flops_per_s: expected > 0, got {peak_flops_per_s}")
     return tokens_per_s * flops_per_token / peak_flops_per_s
@@ -145,35 +160,59 @@ def _check_fraction(s: float) -> None:
 # --------------------------------------------------------------------------- memory
 
 
-def training_state_bytes(n_params: int, bytes_per_value: int = 4) -> dict[str, int]:
-    """Parameters, gradients and AdamW's two moments (m, v): 4 copies of N values."""
+def training_state_bytes(n_params: int, bytes_per_value: int = 4,
+                         mixed_precision: bool = False) -> dict[str, int]:
+    """Bytes of the training state of N parameters trained with AdamW.
+
+    Single precision (mixed_precision=False, as this course trains): 4 copies of N values of
+    bytes_per_value - parameters, gradients and Adam's moments m and v - 16 bytes per parameter
+    in float32. Mixed precision (Micikevicius et al. 2018; the ZeRO paper's K = 12): parameters
+    and gradients in 16 bits (bytes_per_value, normally 2) plus a float32 master copy of the
+    parameters and float32 m and v in the optimizer: 2 + 2 + (4 + 4 + 4) = 16 bytes per
+    parameter, of which 12 are optimizer state."""
     one_copy = n_params * bytes_per_value
+    if mixed_precision:
+        return {"parameters": one_copy, "gradients": one_copy,
+                "optimizer (master, m, v)": 3 * 4 * n_params}
     return {"parameters": one_copy, "gradients": one_copy, "optimizer (m, v)": 2 * one_copy}
 
 
-def zero_state_bytes_per_rank(n_params: int, p: int, stage: int,
-                              bytes_per_value: int = 4) -> dict[str, float]:
-    """Per-rank training state under ZeRO (Rajbhandari et al. 2020) with p data-parallel ranks.
+def zero_state_bytes_per_rank(n_params: int, p: int, stage: int, bytes_per_value: int = 4,
+                              mixed_precision: bool = False) -> dict[str, float]:
+    """Per-rank training state under ZeRO (Rajbhandari et al. 2020) with p data-parallel ranks,
+    in training_state_bytes's parts.
 
     Stage 0: everything replicated; 1: optimizer state sharded; 2: + gradients sharded;
-    3: + parameters sharded.
+    3: + parameters sharded. With mixed precision the stages shard 12, 14 and 16 of the 16
+    bytes per parameter (the paper's (2 + 2 + K/p), (2 + (2 + K)/p) and (2 + 2 + K)/p).
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage: expected 0, 1, 2 or 3, got {stage}")
-    full = training_state_bytes(n_params, bytes_per_value)
-    shard = {"optimizer (m, v)": stage >= 1, "gradients": stage >= 2, "parameters": stage >= 3}
-    return {name: size / p if shard[name] else float(size) for name, size in full.items()}
+    full = training_state_bytes(n_params, bytes_per_value, mixed_precision)
+    sharded_from = {"parameters": 3, "gradients": 2}  # the optimizer's part from stage 1
+    return {name: size / p if stage >= sharded_from.get(name, 1) else float(size)
+            for name, size in full.items()}
 
 
 def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: int,
-                               d_ff: int, bytes_per_value: int = 4) -> int:
+                               d_ff: int, bytes_per_value: int = 4, tp: int = 1) -> int:
     """Activations one decoder block keeps for its backward pass, as `tfcourse.nn.model` stores
     them: 8 (B, T, d) arrays (two LayerNorms' normalised x_hat and outputs, q, k, v, the
     merged heads), 3 (B, T, d_ff) arrays (FFN pre-activation, its tanh, the activation), the
-    (B, heads, T, T) attention weights and two LayerNorm 1/std vectors (B, T)."""
+    (B, heads, T, T) attention weights and two LayerNorm 1/std vectors (B, T).
+
+    tp > 1: what one rank of Megatron tensor parallelism *without* sequence parallelism keeps.
+    The head- and column-split arrays (q, k, v, merged heads, the FFN's three, the attention
+    weights) shrink by tp; the LayerNorms' arrays and 1/std vectors stay replicated on every
+    rank (Korthikanti et al. 2022: s b h (10 + 24/t + 5 a s/(h t)) for their model)."""
     tokens = batch * seq_len
-    values = tokens * (8 * d_model + 3 * d_ff + 2) + batch * n_heads * seq_len * seq_len
-    return values * bytes_per_value
+    replicated = tokens * (4 * d_model + 2)
+    split = tokens * (4 * d_model + 3 * d_ff) + batch * n_heads * seq_len * seq_len
+    if tp == 1:
+        return (replicated + split) * bytes_per_value
+    if tp < 1 or n_heads % tp or d_ff % tp:
+        raise ValueError(f"tp: expected a divisor of n_heads={n_heads} and d_ff={d_ff}, got {tp}")
+    return (replicated + split // tp) * bytes_per_value
 
 
 # --------------------------------------------------------------------------- communication
@@ -220,6 +259,20 @@ def fit_alpha_beta(message_bytes, seconds) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
+def fit_ring_links(sizes_bytes, ring_seconds, p: int) -> tuple[float, float]:
+    """(alpha seconds per message, beta seconds per byte) of the link, from ring all-reduce
+    timings of buffers of sizes_bytes on p ranks: fit_alpha_beta of t against the bytes each
+    rank sends, 2 (p-1)/p n, over every size (the small messages carry alpha, the large ones
+    beta); the intercept is 2 (p - 1) messages' latency. Measured from Python, alpha is one
+    ring step's cost: the mpi4py call, the addition and MPI's own latency."""
+    require_positive_int("p", p)
+    if p < 2:
+        raise ValueError(f"p: expected at least 2 ranks to measure a link, got {p}")
+    alpha, beta = fit_alpha_beta(allreduce_bytes(np.asarray(sizes_bytes, dtype=float), p),
+                                 ring_seconds)
+    return alpha / (2 * (p - 1)), beta
+
+
 def pipeline_bubble_fraction(p: int, m: int) -> float:
     """Idle fraction of a GPipe/1F1B schedule with p stages and m micro-batches: (p-1)/(m+p-1)."""
     return (p - 1) / (m + p - 1)
@@ -233,9 +286,12 @@ def tensor_parallel_allreduce_bytes(batch: int, seq_len: int, d_model: int, n_la
 
 
 def training_days(n_params: float, n_tokens: float, n_devices: int, peak_flops_per_s: float,
-                  utilisation: float) -> float:
-    """Wall-clock days to train on n_tokens with 6 N FLOPs per token (attention ignored)."""
-    return 6 * n_params * n_tokens / (n_devices * peak_flops_per_s * utilisation) / 86400
+                  utilisation: float, flops_per_param: float = 6) -> float:
+    """Wall-clock days to train on n_tokens with flops_per_param x N FLOPs per token (attention
+    ignored): 6 counts the model's FLOPs (use MFU as utilisation), 8 also full recomputation
+    (use HFU; Narayanan et al. 2021 estimate 8 T N / (n X) with X the achieved FLOP/s)."""
+    return flops_per_param * n_params * n_tokens / (n_devices * peak_flops_per_s
+                                                     * utilisation) / 86400
 
 
 def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int) -> int:

@@ -1,6 +1,7 @@
 """Chapter 0: what this machine can do - matmul peak FLOP/s, memory bandwidth, the roofline.
 
-Later chapters divide achieved FLOP/s by the peak measured here (utilisation, MFU), so the
+Later chapters divide achieved FLOP/s by the peak measured here (the fraction of measured
+matmul peak; MFU proper divides by a datasheet peak, which a virtual CPU lacks), so the
 peak is *measured*, never copied from a datasheet.
 """
 
@@ -67,6 +68,15 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
     The minimum is the least noisy estimate on a shared machine: noise only adds time.
     """
     return min(call_times(fn, repeats, warmup))
+
+
+def cores_available() -> int:
+    """CPU cores this process may run on (its affinity mask; os.cpu_count() elsewhere). Runs
+    with more MPI ranks than this are oversubscribed: correct, but not timings of this machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def blas_threads_available() -> int:

@@ -16,14 +16,24 @@ n_devices = dp x tp x pp devices train one step of B sequences of T tokens:
 Per device and step, with F = costmodel.training_flops_per_token, N parameters, L layers,
 L_s layers on the slowest stage s and v_s the speed of its slowest device (1 = nominal):
 
-    compute = F B T / (dp tp L) x L_s / v_s / (flops_per_s x mfu)
-    tp_comm = 4 L_s m x ring_allreduce_time(b T d bytes, tp)        (intra-node link)
+    compute = F B T / (dp tp L) x L_s / v_s / (flops_per_s x efficiency)
+              (F with recomputed forwards when recompute: hardware FLOPs)
+    tp_comm = 4 L_s m x ring_allreduce_time(b T d bytes, tp)        (intra-node link;
+              6 with recompute: the forward's two all-reduces run again)
     pp_comm = 2 m x (alpha + b T d bytes / bandwidth)              (pp > 1)
     bubble  = (pp - 1)/m x (compute + tp_comm + pp_comm)
     dp_comm = ring_allreduce_time(N L_s/(L tp) bytes, dp), x 1.5 for ZeRO-3
     step    = compute + tp_comm + pp_comm + bubble + dp_comm        (no overlap assumed)
-    memory  = ZeRO state of N L_s/(L tp) parameters
-              + activation_bytes_per_layer(b) / tp x L_s x min(pp - s, m)   (worst stage)
+    memory  = ZeRO state of N L_s/(L tp) parameters (mixed precision: 16 bytes each unsharded)
+              + activation_bytes_per_layer(b, tp) x L_s x min(pp - s, m)   (worst stage)
+
+    MFU = model FLOPs / (step x n_devices x flops_per_s); HFU counts recomputed FLOPs too.
+
+What it leaves out, on purpose (chapter 10 lists them next to its numbers): selective
+recomputation (only none or full, `ModelSpec.recompute`), sequence
+parallelism (the LayerNorms' activations stay replicated over tp), FlashAttention (the T x T
+attention weights are kept), overlap of communication with computation, and every kernel
+reaching the same fraction `mfu` of peak whatever the matrix shapes.
 
 Ranks are laid out tp fastest, then dp, then pp: rank = (stage dp + replica) tp + shard. A
 group spans tp (tp), dp tp (dp) or n_devices (pp) consecutive ranks; it uses the intra-node
@@ -49,11 +59,15 @@ class ModelSpec:
     """A decoder-only LM and its batch: sizes as in `tfcourse.nn.model.TransformerConfig`,
     seq_len T tokens per sequence, global_batch B sequences per optimizer step.
 
-    bytes_per_value: size of an activation, a gradient or a message value (2 for bf16).
-    state_bytes_per_value: the training state is costmodel's 4 copies of N values
-    (parameters, gradients, Adam's m and v) at this size. 4 gives 16 bytes per parameter,
-    the total of mixed-precision Adam (2 + 2 + 12); the real split is not even (ZeRO-1/2 shard
-    12 of the 16 bytes, here 8 of 16), so ZeRO-1/2 savings are underestimated.
+    bytes_per_value: size of a parameter, an activation, a gradient or a message value
+    (2 for bf16).
+    mixed_precision: the training state is costmodel.training_state_bytes's mixed-precision
+    AdamW (16-bit parameters and gradients, float32 master copy, m and v: 2 + 2 + 12 bytes per
+    parameter, of which ZeRO-1/2/3 shard 12, 14 and 16); False: 4 copies of bytes_per_value
+    (how this course trains, in float32 or float64).
+    recompute: full activation recomputation (Chen et al. 2016; Megatron): each block keeps
+    only its input and runs its forward again in the backward pass - a third more FLOPs
+    (hardware_flops_per_step), far fewer activations kept.
     """
 
     vocab_size: int
@@ -64,11 +78,17 @@ class ModelSpec:
     seq_len: int
     global_batch: int
     bytes_per_value: int = 2
-    state_bytes_per_value: int = 4
+    mixed_precision: bool = True
+    recompute: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            require_positive_int(field.name, getattr(self, field.name))
+            value = getattr(self, field.name)
+            if field.name in ("mixed_precision", "recompute"):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{field.name}: expected True or False, got {value!r}")
+            else:
+                require_positive_int(field.name, value)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, "
                              f"got {self.n_heads}")
@@ -76,9 +96,9 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config, seq_len: int | None = None, global_batch: int = 1) -> ModelSpec:
         """The spec of a `TransformerConfig`; every value is kept in config.dtype."""
-        size = np.dtype(config.dtype).itemsize
         return cls(config.vocab_size, config.d_model, config.n_heads, config.n_layers,
-                   config.d_ff, seq_len or config.max_len, global_batch, size, size)
+                   config.d_ff, seq_len or config.max_len, global_batch,
+                   bytes_per_value=np.dtype(config.dtype).itemsize, mixed_precision=False)
 
     @property
     def n_params(self) -> int:
@@ -88,9 +108,17 @@ class ModelSpec:
 
     @property
     def flops_per_step(self) -> float:
-        """Training FLOPs of one step: training_flops_per_token x B T."""
+        """Model FLOPs of one step (what MFU counts): training_flops_per_token x B T."""
+        return self._flops_per_step(recompute=False)
+
+    @property
+    def hardware_flops_per_step(self) -> float:
+        """FLOPs executed in one step (what HFU counts): recomputed forwards included."""
+        return self._flops_per_step(self.recompute)
+
+    def _flops_per_step(self, recompute: bool) -> float:
         per_token = cm.training_flops_per_token(self.vocab_size, self.d_model, self.n_layers,
-                                                self.d_ff, self.seq_len)
+                                                self.d_ff, self.seq_len, recompute)
         return per_token * self.global_batch * self.seq_len
 
 
@@ -103,7 +131,9 @@ GPT3_175B = ModelSpec(vocab_size=50257, d_model=12288, n_heads=96, n_layers=96,
 @dataclasses.dataclass(frozen=True)
 class Cluster:
     """n_devices devices in nodes of devices_per_node. Per device: memory_bytes, peak
-    flops_per_s, of which a good kernel reaches the fraction mfu. Links (alpha-beta model):
+    flops_per_s (the datasheet's), of which every kernel is assumed to reach the fraction
+    `efficiency` (the planner's u; the MFU of a plan is lower: it also pays the bubble and
+    the communication). Links (alpha-beta model):
     latency *_alpha in seconds, *_bandwidth in bytes/s per device and direction.
     device_speeds: relative speed of every device (None: all 1.0)."""
 
@@ -115,7 +145,7 @@ class Cluster:
     intra_bandwidth: float
     inter_alpha: float
     inter_bandwidth: float
-    mfu: float = 0.5
+    efficiency: float = 0.5
     device_speeds: tuple[float, ...] | None = None
 
     def __post_init__(self):
@@ -124,13 +154,14 @@ class Cluster:
         if self.n_devices % self.devices_per_node:
             raise ValueError(f"n_devices: expected whole nodes, a multiple of devices_per_node="
                              f"{self.devices_per_node}, got {self.n_devices}")
-        for name in ("memory_bytes", "flops_per_s", "intra_bandwidth", "inter_bandwidth", "mfu"):
+        for name in ("memory_bytes", "flops_per_s", "intra_bandwidth", "inter_bandwidth",
+                     "efficiency"):
             require_real(name, getattr(self, name), positive=True)
         for name in ("intra_alpha", "inter_alpha"):
             if require_real(name, getattr(self, name)) < 0:
                 raise ValueError(f"{name}: expected seconds >= 0, got {getattr(self, name)}")
-        if self.mfu > 1:
-            raise ValueError(f"mfu: expected a fraction in (0, 1], got {self.mfu}")
+        if self.efficiency > 1:
+            raise ValueError(f"efficiency: expected a fraction in (0, 1], got {self.efficiency}")
         if self.device_speeds is not None:
             speeds = _check_speeds("device_speeds", self.device_speeds, self.n_devices)
             object.__setattr__(self, "device_speeds", speeds)
@@ -144,7 +175,7 @@ class Cluster:
 # 200 Gb/s HDR InfiniBand adapter per GPU = 25e9 B/s. Latencies: a few microseconds.
 A100_CLUSTER = Cluster(n_devices=1024, devices_per_node=8, memory_bytes=80e9,
                        flops_per_s=312e12, intra_alpha=3e-6, intra_bandwidth=300e9,
-                       inter_alpha=5e-6, inter_bandwidth=25e9, mfu=0.5)
+                       inter_alpha=5e-6, inter_bandwidth=25e9, efficiency=0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +206,7 @@ class PlanEstimate:
     step_s: float
     tokens_per_s: float
     mfu: float
+    hfu: float
     stage_bounds: tuple
     reason: str = ""
 
@@ -254,8 +286,8 @@ def estimate(model: ModelSpec, cluster: Cluster, plan: Plan) -> PlanEstimate:
     """Predicted step time and per-device memory of `plan` (formulas: module docstring).
 
     Approximations: embeddings and head are spread over the layers (for FLOPs and
-    parameters); activations are activation_bytes_per_layer / tp, as with Megatron's
-    sequence parallelism (without it LayerNorm inputs are replicated on the tp ranks); logits
+    parameters); activations are activation_bytes_per_layer(tp=tp): Megatron TP without
+    sequence parallelism, the LayerNorms' activations replicated on the tp ranks; logits
     and recomputation are left out; stage s's devices run at its slowest device's speed."""
     problem = plan_problem(model, cluster, plan)
     if problem:
@@ -269,10 +301,12 @@ def estimate(model: ModelSpec, cluster: Cluster, plan: Plan) -> PlanEstimate:
     bounds = balance_stages(L, stage_speeds)
     layers = [hi - lo for lo, hi in bounds]
 
-    layer_s = model.flops_per_step / (group * L) / (cluster.flops_per_s * cluster.mfu)
+    layer_s = model.hardware_flops_per_step / (group * L) / (cluster.flops_per_s
+                                                             * cluster.efficiency)
     alpha, beta = _link(cluster, tp)
     per_allreduce = cm.tensor_parallel_allreduce_bytes(b, T, d, 1, bpv) / 4
-    tp_layer_s = 4 * m * cm.ring_allreduce_time(per_allreduce, tp, alpha, beta)
+    per_layer = 6 if model.recompute else 4  # the recomputed forward all-reduces twice more
+    tp_layer_s = per_layer * m * cm.ring_allreduce_time(per_allreduce, tp, alpha, beta)
     busy = [(layer_s / v + tp_layer_s) * n for n, v in zip(layers, stage_speeds, strict=True)]
     s = int(np.argmax(busy))  # the slowest stage sets the pace
     compute_s, tp_comm_s = layer_s * layers[s] / stage_speeds[s], tp_layer_s * layers[s]
@@ -294,21 +328,29 @@ def estimate(model: ModelSpec, cluster: Cluster, plan: Plan) -> PlanEstimate:
     reason = "" if fits else (f"needs {total / 1e9:.1f} GB per device, more than "
                               f"{cluster.memory_bytes / 1e9:.1f} GB")
     tokens = model.global_batch * T
-    achieved = model.flops_per_step / (step_s * cluster.n_devices * cluster.flops_per_s)
+    peak = step_s * cluster.n_devices * cluster.flops_per_s
     return PlanEstimate(plan, memory, total, fits, compute_s, tp_comm_s, pp_comm_s, bubble_s,
-                        dp_comm_s, step_s, tokens / step_s, achieved, tuple(bounds), reason)
+                        dp_comm_s, step_s, tokens / step_s, model.flops_per_step / peak,
+                        model.hardware_flops_per_step / peak, tuple(bounds), reason)
 
 
 def _stage_memory(model: ModelSpec, plan: Plan, params: float, layers: int, stage: int,
                   rows: int) -> dict[str, float]:
     """Bytes per device of pipeline stage `stage`: its ZeRO training state and the
     activations of its in-flight micro-batches (1F1B: stage 0 keeps the most)."""
-    state = cm.zero_state_bytes_per_rank(params, plan.dp, plan.zero, model.state_bytes_per_value)
+    state = cm.zero_state_bytes_per_rank(params, plan.dp, plan.zero, model.bytes_per_value,
+                                         model.mixed_precision)
     per_layer = cm.activation_bytes_per_layer(rows, model.seq_len, model.d_model, model.n_heads,
-                                              model.d_ff, model.bytes_per_value) / plan.tp
+                                              model.d_ff, model.bytes_per_value, tp=plan.tp)
     inflight = cm.pipeline_peak_microbatches("1f1b", plan.pp, stage, plan.microbatches)
-    return {"parameters": state["parameters"], "gradients": state["gradients"],
-            "optimizer": state["optimizer (m, v)"], "activations": per_layer * layers * inflight}
+    if model.recompute:  # each layer's (b, T, d) input, plus one layer rebuilt at a time
+        kept = rows * model.seq_len * model.d_model * model.bytes_per_value * layers * inflight
+        activations = kept + per_layer
+    else:
+        activations = per_layer * layers * inflight
+    parameters, gradients, optimizer = state.values()
+    return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer,
+            "activations": activations}
 
 
 def rank_plans(model: ModelSpec, cluster: Cluster, **filters
