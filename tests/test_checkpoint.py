@@ -139,3 +139,81 @@ def test_check_matches_lists_every_problem():
     assert message.startswith("loaded_params: expected the shapes and dtypes of expected_params")
     assert "'tok_emb' has shape (6, 4) instead of (5, 4)" in message
     assert "'ln_f.gamma' has dtype float64 instead of float32" in message
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+
+
+def test_a_header_declaring_a_huge_array_is_refused_before_any_allocation(tmp_path):
+    """A damaged (or crafted) header declaring 800 GB must not reach np.load's allocation."""
+    import io
+    import zipfile
+
+    path = save_checkpoint(tmp_path / "c.npz", example_params(), None, {"step": 1})
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (10**11,)})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("param/huge.npy", header.getvalue())
+    with pytest.raises(ValueError, match="declares 800,000,000,000 bytes"):
+        load_checkpoint(path)
+
+
+def _write_pieces(folder, rank, world, pieces, step=1):
+    from tfcourse import checkpoint
+
+    return checkpoint.write_shard(checkpoint.step_folder(folder, step), rank, world, pieces,
+                                  {"rank": rank})
+
+
+def _manifest(shards, arrays, step=1):
+    return {"step": step, "losses": [1.0], "settings": {}, "layout": {"program": "test"},
+            "shards": shards, "arrays": arrays}
+
+
+def test_pieces_from_several_ranks_assemble_the_global_arrays(tmp_path):
+    from tfcourse import checkpoint
+
+    w = np.arange(24.0).reshape(4, 6)
+    step = np.array(3, dtype=np.int64)
+    shards = [  # rank 0: the left half of w and the step; rank 1: the right half
+        _write_pieces(tmp_path, 0, 2, {("param", "w", "0:4,0:3"): w[:, :3],
+                                       ("opt", "step", ""): step}),
+        _write_pieces(tmp_path, 1, 2, {("param", "w", "0:4,3:6"): w[:, 3:]})]
+    arrays = {"param/w": {"shape": [4, 6], "dtype": "float64"},
+              "opt/step": {"shape": [], "dtype": "int64"}}
+    checkpoint.write_manifest(checkpoint.step_folder(tmp_path, 1), _manifest(shards, arrays))
+    params, opt_state, manifest = checkpoint.read_distributed(tmp_path)
+    np.testing.assert_array_equal(params["w"], w)
+    assert opt_state["step"] == 3 and manifest["step"] == 1
+    assert "verified: every shard matches its checksum" in checkpoint.describe(tmp_path)
+
+
+def test_a_gap_or_an_overlap_between_pieces_is_refused(tmp_path):
+    from tfcourse import checkpoint
+
+    w = np.ones((2, 4))
+    shards = [_write_pieces(tmp_path, 0, 1, {("param", "w", "0:2,0:3"): w[:, :3]})]
+    checkpoint.write_manifest(checkpoint.step_folder(tmp_path, 1),
+                              _manifest(shards, {"param/w": {"shape": [2, 4],
+                                                             "dtype": "float64"}}))
+    with pytest.raises(ValueError, match="does not cover param/w exactly once"):
+        checkpoint.read_distributed(tmp_path)
+
+
+def test_only_complete_checkpoints_count_and_keep_prunes_the_oldest(tmp_path):
+    from tfcourse import checkpoint
+
+    arrays = {"param/w": {"shape": [2], "dtype": "float64"}}
+    for step in (1, 2, 3):
+        shard = _write_pieces(tmp_path, 0, 1, {("param", "w", ""): np.full(2, step)}, step)
+        checkpoint.write_manifest(checkpoint.step_folder(tmp_path, step),
+                                  _manifest([shard], arrays, step), keep=2)
+    _write_pieces(tmp_path, 0, 1, {("param", "w", ""): np.zeros(2)}, 4)  # no manifest
+    assert [p.name for p in checkpoint.complete_steps(tmp_path)] == ["step-00000002",
+                                                                   "step-00000003"]
+    assert not checkpoint.step_folder(tmp_path, 1).exists()
+    params, _, manifest = checkpoint.read_distributed(tmp_path)
+    assert manifest["step"] == 3 and params["w"].tolist() == [3.0, 3.0]
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        checkpoint.latest_checkpoint(tmp_path / "step-00000004")

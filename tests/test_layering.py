@@ -10,7 +10,8 @@ Layers, lowest first (a module may import its own layer and the ones below):
   3 parallel.plans                   MPI-free: how to split
   4 perf                             hardware, cost model, planner, FAQ experiments
   5 course.launch                    starting mpiexec jobs (no MPI in the process itself)
-  6 parallel.program, parallel.comm  the program skeleton and the collectives (MPI)
+  6 parallel.program, parallel.comm, the program skeleton, the collectives (MPI), checkpoints
+    parallel.checkpointing
   7 parallel programs                data_parallel, tensor_parallel, ... (MPI)
   8 parallel.study, hello shim       runners over the programs
   9 course                           notebooks' tooling: check, nbtools, widgets, viz
@@ -32,6 +33,7 @@ LAYERS = [  # (module-name prefix, layer); the longest matching prefix wins
     ("tfcourse.perf", 4),
     ("tfcourse.course.launch", 5),
     ("tfcourse.parallel.program", 6), ("tfcourse.parallel.comm", 6),
+    ("tfcourse.parallel.checkpointing", 6),
     ("tfcourse.parallel", 7),
     ("tfcourse.parallel.study", 8), ("tfcourse.hello", 8),
     ("tfcourse.course", 9),

@@ -41,7 +41,7 @@ def test_same_seed_gives_bitwise_identical_losses():
 def test_resume_after_interruption_reproduces_the_uninterrupted_curve(tmp_path, monkeypatch):
     settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=30)
     uninterrupted = run(settings)["losses"]
-    checkpoint = tmp_path / "ckpt.npz"
+    checkpoint = tmp_path / "ckpt"
 
     real_update = train.Progress.update
 
@@ -52,10 +52,55 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_curve(tmp_path, 
 
     monkeypatch.setattr(train.Progress, "update", crash_at_step_25)
     with pytest.raises(KeyboardInterrupt):
-        run(settings, checkpoint_path=str(checkpoint), checkpoint_every=10)
+        run(settings, checkpoint=str(checkpoint), checkpoint_every=10)
     monkeypatch.setattr(train.Progress, "update", real_update)
+    assert [p.name for p in sorted(checkpoint.iterdir())] == ["step-00000010", "step-00000020"]
     resumed = run(settings, resume_from=str(checkpoint))  # restarts from step 20
     assert resumed["losses"] == uninterrupted
+
+
+def test_the_final_state_is_always_saved(tmp_path):
+    """--checkpoint without --checkpoint-every saved nothing; 25 steps every 10 never saved
+    the last 5."""
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=25)
+    run(settings, checkpoint=str(tmp_path / "a"))
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["step-00000025"]
+    run(settings, checkpoint=str(tmp_path / "b"), checkpoint_every=10, keep=5)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "step-00000010", "step-00000020", "step-00000025"]
+
+
+def test_keep_prunes_all_but_the_newest_complete_checkpoints(tmp_path):
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=8)
+    run(settings, checkpoint=str(tmp_path / "c"), checkpoint_every=2, keep=2)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["step-00000006", "step-00000008"]
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--seed", "7", "seed 0 -> 7"), ("--lr", "0.5", "lr 0.01 -> 0.5"),
+    ("--batch-size", "8", "batch_size 16 -> 8"), ("--steps", "9", "steps 6 -> 9"),
+])
+def test_resume_refuses_changed_settings_naming_them(tmp_path, capsys, flag, value, named):
+    folder = str(tmp_path / "ck")
+    assert train.main(["--steps", "6", "--checkpoint-every", "3", "--checkpoint", folder,
+                       "--progress", "none"]) == 0
+    assert train.main(["--steps", "6", "--progress", "none", "--resume", folder,
+                       flag, value]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: this run changes the checkpoint's settings" in err and named in err
+
+
+def test_outputs_never_replace_the_inputs_or_another_run(tmp_path, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text("a learner's own text, long enough to cut windows from. " * 4)
+    assert train.main(["--steps", "2", "--progress", "none", "--seq-len", "8",
+                       "--text", str(book), "--json", str(book)]) == 2
+    assert "--json" in capsys.readouterr().err and book.read_text().startswith("a learner's")
+    folder = str(tmp_path / "ck")
+    assert train.main(["--steps", "2", "--progress", "none", "--checkpoint", folder]) == 0
+    assert train.main(["--steps", "3", "--progress", "none", "--checkpoint", folder]) == 2
+    assert "holds another run's checkpoints" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step-00000002"]
 
 
 def test_learning_rate_warms_up_then_decays():
@@ -95,10 +140,17 @@ def test_cli_bad_arguments_give_clear_errors(args, match, capsys):
 
 
 def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"not a checkpoint")
-    assert train.main(["--steps", "2", "--progress", "none", "--resume", str(bad)]) == 2
-    assert "truncated or corrupt" in capsys.readouterr().err
+    folder = tmp_path / "ck"
+    assert train.main(["--steps", "2", "--progress", "none", "--checkpoint", str(folder)]) == 0
+    shard = next((folder / "step-00000002").glob("shard-*.npz"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    shard.write_bytes(bytes(data))
+    assert train.main(["--steps", "2", "--progress", "none", "--resume", str(folder)]) == 2
+    assert "fails verification" in capsys.readouterr().err
+    (folder / "step-00000002" / "MANIFEST.json").unlink()  # as if the save was interrupted
+    assert train.main(["--steps", "2", "--progress", "none", "--resume", str(folder)]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
 def test_the_notebook_progress_bar_updates_about_a_hundred_times_whatever_the_steps():

@@ -14,9 +14,12 @@ arrays and JSON, never pickled Python objects that would run code when loaded.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -79,9 +82,27 @@ def save_checkpoint(path: str | os.PathLike, params, opt_state=None, meta=None) 
     return write_atomic(path, buffer.getvalue())
 
 
+def _check_sizes(path: Path) -> None:
+    """Every array in the .npz must hold the bytes its header declares: a damaged or crafted
+    header declaring a huge shape would otherwise make np.load allocate it (MemoryError)."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > info.file_size - member.tell():
+                    raise ValueError(f"{info.filename} declares {declared:,d} bytes of data, "
+                                     f"the file holds {info.file_size - member.tell():,d}")
+
+
 def _read_npz(path: Path) -> dict | None:
     """All entries of the .npz at `path`, or None if it holds a single .npy array instead."""
     try:
+        if zipfile.is_zipfile(path):
+            _check_sizes(path)
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return None
@@ -157,3 +178,226 @@ def check_matches(loaded_params, expected_params) -> None:
             "loaded_params: expected the shapes and dtypes of expected_params, got "
             + "; ".join(problems)
         )
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+#
+# A training run's checkpoints, for any number of ranks and any layout (chapter 9's fault
+# tolerance section):
+#
+#     DIR/step-00000040/shard-00001-of-00004.npz   rank 1's pieces of the global arrays
+#     DIR/step-00000040/MANIFEST.json              written last, by rank 0: step, losses,
+#                                                  settings, every shard's size and sha256
+#
+# A piece is a block of one global array - a parameter "param/<name>" or optimiser state
+# "opt/<name>" ("opt/step", "opt/m.<name>", ...) - stored under "<name>@<index>", where the
+# index says which block ("0:16,8:16"; "" for the whole array). Every element of every array
+# is written by exactly one rank, so a checkpoint does not depend on the layout that wrote it:
+# a reader assembles the global arrays and takes its own part (plans.placement). A step folder
+# without a manifest is an interrupted save and is never read; the previous one stays usable.
+
+MANIFEST = "MANIFEST.json"
+STEP_PREFIX = "step-"
+FOLDER_FORMAT = 2
+NO_PIECES = "(none)"  # the placeholder entry of a shard without parameter pieces
+
+
+def step_folder(folder: str | os.PathLike, step: int) -> Path:
+    return Path(folder) / f"{STEP_PREFIX}{step:08d}"
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}.npz"
+
+
+def index_text(index: tuple[slice, ...] | None) -> str:
+    """"0:16,8:16" for a block of an array, "" for all of it."""
+    return "" if index is None else ",".join(f"{s.start}:{s.stop}" for s in index)
+
+
+def _index_from_text(text: str, shape: tuple) -> tuple[slice, ...]:
+    if text == "":
+        return tuple(slice(0, n) for n in shape)
+    bounds = [part.split(":") for part in text.split(",")]
+    return tuple(slice(int(lo), int(hi)) for lo, hi in bounds)
+
+
+def check_checkpoint_folder(name: str, folder: str | os.PathLike) -> Path:
+    """A folder checkpoints can be saved in: an existing writable folder, or a new one in an
+    existing writable folder. ValueError naming `name` otherwise."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise ValueError(f"{name}: expected a folder for checkpoints, got the file "
+                             f"{str(folder)!r}")
+        place = folder
+    else:
+        place = folder.parent
+        if not place.is_dir():
+            raise ValueError(f"{name}: folder {str(place)!r} does not exist")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: folder {str(place)!r} is not writable")
+    return folder
+
+
+def write_shard(folder: Path, rank: int, world_size: int, pieces: dict, meta: dict) -> dict:
+    """Write one rank's pieces {("param" | "opt", name, index text): array} into step folder
+    `folder` (created if needed), durably (fsync, atomic rename); returns its manifest entry
+    {"file", "bytes", "sha256"}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {"param": {}, "opt": {}}
+    for (kind, name, index), array in pieces.items():
+        entries[kind][f"{name}@{index}"] = array
+    path = folder / shard_name(rank, world_size)
+    save_checkpoint(path, entries["param"] or {NO_PIECES: np.zeros(0)}, entries["opt"], meta)
+    data = path.read_bytes()
+    return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, manifest: dict, keep: int | None = None) -> Path:
+    """Complete the step folder's checkpoint: write MANIFEST.json last (after every shard is
+    durable), atomically, then fsync the folder. With `keep`, delete all but the newest
+    `keep` complete checkpoints of the parent folder (and interrupted ones older than this)."""
+    _fsync_folder(folder)
+    path = write_atomic(folder / MANIFEST, json.dumps(
+        {"format": FOLDER_FORMAT, **manifest}, indent=1, sort_keys=True).encode())
+    _fsync_folder(folder)
+    if keep is not None:
+        complete = complete_steps(folder.parent)
+        for old in [p for p in folder.parent.glob(f"{STEP_PREFIX}*")
+                    if p.is_dir() and p.name < folder.name]:
+            if old not in complete[-keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def complete_steps(folder: str | os.PathLike) -> list[Path]:
+    """The step folders of `folder` that hold a manifest, oldest first."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(f"{STEP_PREFIX}*") if (p / MANIFEST).is_file())
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path:
+    """The newest complete step folder of a checkpoint folder (or `folder` itself if it is a
+    step folder with a manifest). ValueError naming `folder` if there is none."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return folder
+    if not folder.is_dir():
+        raise ValueError(f"folder: no checkpoint folder at {str(folder)!r}")
+    steps = complete_steps(folder)
+    if not steps:
+        raise ValueError(f"folder: {str(folder)!r} holds no complete checkpoint (no step "
+                         f"folder with a {MANIFEST}: was every save interrupted?)")
+    return steps[-1]
+
+
+def read_manifest(step: Path) -> dict:
+    try:
+        manifest = json.loads((step / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"folder: {str(step)!r} has an unreadable {MANIFEST} ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FOLDER_FORMAT:
+        raise ValueError(f"folder: {str(step)!r} has checkpoint format "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else '?'}, "
+                         f"expected {FOLDER_FORMAT}")
+    return manifest
+
+
+def verify(step: Path, manifest: dict) -> list[str]:
+    """Problems with the step folder's shards against its manifest ([] = all verified)."""
+    problems = []
+    for shard in manifest["shards"]:
+        path = step / shard["file"]
+        if not path.is_file():
+            problems.append(f"{shard['file']}: missing")
+            continue
+        data = path.read_bytes()
+        if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['file']}: size or sha256 differs from the manifest")
+    return problems
+
+
+def read_distributed(folder: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """(params, opt_state, manifest) of the newest complete checkpoint in `folder`: every
+    shard verified against the manifest's sha256, the global arrays assembled from the
+    pieces, every element present exactly once. ValueError naming `folder` otherwise."""
+    step = latest_checkpoint(folder)
+    manifest = read_manifest(step)
+    problems = verify(step, manifest)
+    if problems:
+        raise ValueError(f"folder: {str(step)!r} fails verification: {'; '.join(problems)}")
+    arrays, filled = {}, {}
+    for shard in manifest["shards"]:
+        params, opt_state, _ = load_checkpoint(step / shard["file"])
+        for kind, pieces in (("param", params), ("opt", opt_state or {})):
+            for key, piece in pieces.items():
+                if key == NO_PIECES:
+                    continue
+                name, _, text = key.rpartition("@")
+                spec = manifest["arrays"].get(f"{kind}/{name}")
+                if spec is None:
+                    raise ValueError(f"folder: {shard['file']} holds {kind}/{name}, which the "
+                                     f"manifest does not list")
+                full = arrays.setdefault((kind, name), np.empty(spec["shape"], spec["dtype"]))
+                count = filled.setdefault((kind, name), np.zeros(full.shape, np.int8))
+                index = _index_from_text(text, full.shape)
+                full[index] = piece
+                count[index] += 1
+    for key in manifest["arrays"]:
+        kind, name = key.split("/", 1)
+        if (kind, name) not in filled or not (filled[kind, name] == 1).all():
+            raise ValueError(f"folder: {str(step)!r} does not cover {key} exactly once")
+    params = {name: a for (kind, name), a in arrays.items() if kind == "param"}
+    opt_state = {name: a for (kind, name), a in arrays.items() if kind == "opt"}
+    return params, opt_state, manifest
+
+
+def describe(folder: str | os.PathLike) -> str:
+    """What `python -m tfcourse.checkpoint inspect DIR` prints: every complete checkpoint's
+    step, layout, settings and shards with their checksums, verified."""
+    folder = Path(folder)
+    steps = [folder] if (folder / MANIFEST).is_file() else complete_steps(folder)
+    if not steps:
+        latest_checkpoint(folder)  # raises the right message
+    lines = []
+    for step in steps:
+        manifest = read_manifest(step)
+        problems = verify(step, manifest)
+        lines.append(f"{step}: step {manifest['step']}, written by {manifest['layout']}")
+        lines.append(f"  settings: {json.dumps(manifest['settings'], sort_keys=True)}")
+        for shard in manifest["shards"]:
+            lines.append(f"  {shard['file']}  {shard['bytes']:>10,d} bytes  "
+                         f"sha256 {shard['sha256'][:16]}...")
+        lines.append("  verified: every shard matches its checksum" if not problems
+                     else "  NOT verified: " + "; ".join(problems))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tfcourse.checkpoint",
+                                     description="Inspect a checkpoint folder.")
+    parser.add_argument("command", choices=["inspect"])
+    parser.add_argument("folder")
+    args = parser.parse_args(argv)
+    try:
+        print(describe(args.folder))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

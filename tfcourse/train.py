@@ -14,13 +14,24 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 
 import numpy as np
 
 from tfcourse.allocator import keep_freed_memory
-from tfcourse.checkpoint import check_matches, load_checkpoint, save_checkpoint
+from tfcourse.checkpoint import (
+    check_checkpoint_folder,
+    check_matches,
+    complete_steps,
+    latest_checkpoint,
+    read_distributed,
+    read_manifest,
+    step_folder,
+    write_manifest,
+    write_shard,
+)
 from tfcourse.data import (
     CharCorpus,
     Seq2SeqData,
@@ -31,7 +42,14 @@ from tfcourse.data import (
 )
 from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.nn import seq2seq
-from tfcourse.nn.model import PRESETS, TransformerConfig, init_params, loss_and_grads, preset
+from tfcourse.nn.model import (
+    PRESETS,
+    TransformerConfig,
+    init_params,
+    loss_and_grads,
+    param_shapes,
+    preset,
+)
 from tfcourse.nn.optim import adamw_init, adamw_step, clip_grad_norm
 from tfcourse.nn.seq2seq import Seq2SeqConfig
 from tfcourse.nn.validate import require_nonnegative_int, require_positive_int, require_real
@@ -162,19 +180,21 @@ def _detect_mode(stream) -> str:
 
 
 def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSettings,
-             checkpoint_path: str | None = None, checkpoint_every: int = 0,
-             resume_from: str | None = None, progress: str = "auto") -> dict:
-    """Train from scratch (or resume) and return a JSON-ready summary with `losses` per step."""
+             checkpoint: str | None = None, checkpoint_every: int = 0,
+             resume_from: str | None = None, progress: str = "auto", keep: int = 2) -> dict:
+    """Train from scratch (or resume) and return a JSON-ready summary with `losses` per step.
+
+    checkpoint: a folder; the final state is always saved there, and with checkpoint_every
+    also every that many steps, keeping the newest `keep` (see checkpoint_now).
+    resume_from: a checkpoint folder written by any training program, any layout."""
     check_fits(config, settings)
     params = init_params(config, settings.seed)
     opt_state = adamw_init(params)
     losses: list[float] = []
     start_step = 0
     if resume_from:
-        params, opt_state, start_step, losses = load_resume_state(resume_from, params)
-        if start_step > settings.steps:
-            raise ValueError(f"steps: expected at least the checkpoint's step {start_step} "
-                             f"(resume_from), got {settings.steps}")
+        params, opt_state, start_step, losses = load_resume_state(resume_from, params, config,
+                                                                  settings)
     bar = Progress(settings.steps, progress)
     start = time.perf_counter()
     for step in range(start_step, settings.steps):
@@ -183,10 +203,9 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         params, opt_state, _ = optimizer_update(params, grads, opt_state, settings, step)
         losses.append(loss)
         bar.update(step, loss)
-        if checkpoint_path and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, params, opt_state,
-                            {"step": step + 1, "losses": losses, "config": config.to_dict(),
-                             "settings": dataclasses.asdict(settings)})
+        if checkpoint and checkpoint_now(step + 1, settings.steps, checkpoint_every):
+            save_whole(checkpoint, params, opt_state, checkpoint_manifest(
+                step + 1, losses, config, settings, {"program": "tfcourse.train"}, []), keep)
     seconds = time.perf_counter() - start
     steps_run = settings.steps - start_step
     return {
@@ -200,41 +219,89 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     }
 
 
-def load_resume_state(path: str, fresh_params: dict) -> tuple[dict, dict, int, list[float]]:
-    """(params, opt_state, step, losses) from a checkpoint `train_lm` wrote.
-
-    Every problem is a ValueError naming `resume_from`: a missing, corrupt or foreign file,
-    another model's shapes or dtype (`fresh_params` are the expected ones), or NaN/inf in
-    the saved arrays (a run that had diverged)."""
+def save_whole(folder: str, params: dict, opt_state: dict, manifest: dict, keep: int) -> None:
+    """One process's whole state as a one-shard checkpoint (the serial trainer's). A failed
+    write (a full disk) is a ValueError naming --checkpoint; the last complete checkpoint is
+    never touched before the new one is complete."""
+    step = step_folder(folder, manifest["step"])
+    pieces = {**{("param", n, ""): a for n, a in params.items()},
+              **{("opt", n, ""): a for n, a in opt_state.items()}}
     try:
-        params, opt_state, meta = load_checkpoint(path)
+        shard = write_shard(step, 0, 1, pieces, {"rank": 0, "step": manifest["step"]})
+        write_manifest(step, {**manifest, "shards": [shard]}, keep)
+    except OSError as err:
+        raise ValueError(f"--checkpoint: saving step {manifest['step']} in {folder!r} failed "
+                         f"({err.strerror or err}); the previous complete checkpoint there is "
+                         f"unchanged") from None
+
+
+def checkpoint_now(done: int, steps: int, every: int) -> bool:
+    """Save after `done` steps? Always after the last one; also every `every` steps (0: never)."""
+    return done == steps or bool(every) and done % every == 0
+
+
+def checkpoint_manifest(step: int, losses: list, config: TransformerConfig,
+                        settings: TrainSettings, layout: dict, shards: list[dict]) -> dict:
+    """The manifest of a checkpoint after `step` steps (tfcourse.checkpoint): what was trained,
+    how, by which layout, and the global arrays that the shards' pieces make up."""
+    dtype = np.dtype(config.dtype).name
+    arrays = {"opt/step": {"shape": [], "dtype": "int64"}}
+    for name, shape in param_shapes(config).items():
+        for key in (f"param/{name}", f"opt/m.{name}", f"opt/v.{name}"):
+            arrays[key] = {"shape": list(shape), "dtype": dtype}
+    return {"step": step, "losses": list(losses), "config": config.to_dict(),
+            "settings": dataclasses.asdict(settings), "layout": layout, "shards": shards,
+            "arrays": arrays}
+
+
+def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings) -> dict:
+    """The manifest of the checkpoint --resume continues from, if that run can continue as
+    this one: the same model and the same settings. A changed seed, learning rate or batch
+    would silently train something else, and so would a changed --steps (the learning rate's
+    cosine decay spans the run's steps), so each is refused, naming every difference. Any
+    layout may resume any other's checkpoint."""
+    try:
+        manifest = read_manifest(latest_checkpoint(folder))
+    except ValueError as err:
+        raise ValueError(f"--resume: {str(err).removeprefix('folder: ')}") from None
+    if manifest.get("config") != config.to_dict():
+        raise ValueError(f"--resume: the checkpoint in {folder!r} is of another model "
+                         f"({manifest.get('config')}), expected {config.to_dict()}")
+    saved, wanted = manifest.get("settings", {}), dataclasses.asdict(settings)
+    changed = [f"{name} {saved.get(name)!r} -> {wanted[name]!r}" for name in wanted
+               if saved.get(name) != wanted[name]]
+    if changed:
+        raise ValueError(f"--resume: this run changes the checkpoint's settings ("
+                         f"{', '.join(changed)}); resume with the settings it was written with, "
+                         f"or start a new run")
+    if manifest["step"] >= settings.steps:
+        raise ValueError(f"--resume: the checkpoint in {folder!r} is at step {manifest['step']}, "
+                         f"the run's last: there is nothing left to train")
+    return manifest
+
+
+def load_resume_state(folder: str, fresh_params: dict, config: TransformerConfig,
+                      settings: TrainSettings) -> tuple[dict, dict, int, list[float]]:
+    """(params, opt_state, step, losses): the global arrays of the newest checkpoint in
+    `folder` (check_resume first). Every problem is a ValueError naming --resume: a missing,
+    corrupt or foreign folder, another model's shapes or dtype (`fresh_params` are the
+    expected ones), or NaN/inf in the saved arrays (a run that had diverged)."""
+    manifest = check_resume(folder, config, settings)
+    try:
+        params, opt_state, manifest = read_distributed(folder)
         check_matches(params, fresh_params)
     except ValueError as err:
-        raise ValueError(f"resume_from: {str(err).removeprefix('path: ')}") from None
-    _check_resume_meta(path, meta, opt_state)
+        raise ValueError(f"--resume: {str(err).removeprefix('folder: ')}") from None
+    expected = set(adamw_init(fresh_params))
+    if set(opt_state) != expected:
+        raise ValueError(f"--resume: {folder!r} holds optimiser state {sorted(opt_state)[:4]}..., "
+                         f"expected AdamW's {sorted(expected)[:4]}...")
     for kind, arrays in (("parameter", params), ("optimiser state", opt_state)):
         for name, value in arrays.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise ValueError(f"resume_from: {path!r} holds NaN or infinite values in "
+                raise ValueError(f"--resume: {folder!r} holds NaN or infinite values in "
                                  f"{kind} {name!r} (saved after training diverged?)")
-    return params, opt_state, meta["step"], meta["losses"]
-
-
-def _check_resume_meta(path: str, meta: dict, opt_state: dict | None) -> None:
-    """What train_lm saves besides the parameters: the step, the losses so far, AdamW state."""
-    foreign = "(not a checkpoint written by train_lm)"
-    for key in ("step", "losses"):
-        if key not in meta:
-            raise ValueError(f"resume_from: {path!r} has no {key!r} in its metadata {foreign}")
-    step, losses = meta["step"], meta["losses"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"resume_from: {path!r} has step {step!r} in its metadata, expected "
-                         f"an integer >= 0 {foreign}")
-    if not isinstance(losses, list):
-        raise ValueError(f"resume_from: {path!r} has losses of type {type(losses).__name__} "
-                         f"in its metadata, expected a list {foreign}")
-    if opt_state is None:
-        raise ValueError(f"resume_from: {path!r} holds no optimiser state {foreign}")
+    return params, opt_state, manifest["step"], manifest["losses"]
 
 
 def train_seq2seq(config: Seq2SeqConfig, train_data: Seq2SeqData, settings: TrainSettings,
@@ -266,6 +333,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = Fals
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="save checkpoints in this folder (always after the last step)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="also save every N steps")
+    parser.add_argument("--keep", type=int, default=2, metavar="K",
+                        help="keep the newest K checkpoints")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue from the newest checkpoint in DIR (written by any layout)")
     if threads:
         parser.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
 
@@ -275,9 +350,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write results here")
-    parser.add_argument("--checkpoint", default=None, metavar="PATH", help="save to this .npz")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N")
-    parser.add_argument("--resume", default=None, metavar="PATH", help="resume from this .npz")
     parser.add_argument("--progress", default="auto", choices=["auto", "lines", "tty", "none"])
     return parser.parse_args(argv)
 
@@ -320,16 +392,43 @@ def training_setup(args: argparse.Namespace, **config_overrides) -> TrainingSetu
     if len(corpus.ids) < settings.seq_len + 1:
         raise ValueError(f"--text: expected at least seq_len + 1 = {settings.seq_len + 1} "
                          f"characters to cut training windows from, got {len(corpus.ids)}")
+    check_checkpoint_args(args, config, settings)
     return TrainingSetup(corpus, config, settings)
 
 
+def check_checkpoint_args(args: argparse.Namespace, config: TransformerConfig,
+                          settings: TrainSettings) -> None:
+    """--checkpoint, --checkpoint-every, --keep, --resume (and --json against --text): all
+    checked before the first step, so nothing a learner saved is lost or overwritten."""
+    require_nonnegative_int("--checkpoint-every", args.checkpoint_every)
+    require_positive_int("--keep", args.keep)
+    if args.checkpoint:
+        check_checkpoint_folder("--checkpoint", args.checkpoint)
+        resuming_there = args.resume and _same_file(args.checkpoint, args.resume)
+        if complete_steps(args.checkpoint) and not resuming_there:
+            raise ValueError(f"--checkpoint: {args.checkpoint!r} holds another run's "
+                             f"checkpoints, which saving would prune: choose a new folder, or "
+                             f"--resume from it")
+    if args.resume:
+        check_resume(args.resume, config, settings)
+    json_path = getattr(args, "json", None)
+    if json_path and args.text and _same_file(json_path, args.text):
+        raise ValueError(f"--json: {json_path!r} is the --text file: writing the result there "
+                         f"would replace your text")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def check_cli_paths(args: argparse.Namespace) -> None:
-    """Output paths must be writable and --checkpoint-every sane before training starts."""
+    """The --json file must be writable before training starts (training_setup checked the
+    checkpoint options)."""
     if args.json:
         check_writable("--json", args.json)
-    if args.checkpoint:
-        check_writable("--checkpoint", args.checkpoint)
-    require_nonnegative_int("--checkpoint-every", args.checkpoint_every)
 
 
 def run_cli(args: argparse.Namespace) -> dict:
@@ -337,7 +436,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     setup = training_setup(args)
     check_cli_paths(args)
     result = train_lm(setup.config, setup.corpus, setup.settings, args.checkpoint,
-                      args.checkpoint_every, args.resume, args.progress)
+                      args.checkpoint_every, args.resume, args.progress, args.keep)
     result.pop("params")
     losses = result["losses"]
     print(f"final loss {losses[-1]:.4f} (unigram baseline {result['unigram_baseline']:.4f}), "

@@ -29,10 +29,12 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from tfcourse.nn.model import init_params, loss_and_grads
-from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.model import loss_and_grads, param_shapes
+from tfcourse.nn.optim import state_nbytes, sum_of_squares
 from tfcourse.nn.validate import require_positive_int, require_real
+from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.comm import ALLREDUCES
+from tfcourse.parallel.plans import placement
 from tfcourse.parallel.plans.batches import (
     batch_rows,
     flatten,
@@ -190,21 +192,22 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
 
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     config, settings = setup.config, setup.settings
-    params = init_params(config, settings.seed)
-    sizes = {n: p.size for n, p in params.items()}
-    owners = partition_params(sizes, comm.size) if args.zero else None
-    owned = params if owners is None else {n: p for n, p in params.items()
-                                           if owners[n] == comm.rank}
+    sizes = {n: math.prod(shape) for n, shape in param_shapes(config).items()}
+    owners = partition_params(sizes, comm.size)  # ZeRO's owners; they also write checkpoints
+    start, saving = start_training(comm, args, setup, placement.replicated(
+        comm.rank, owners, owners if args.zero else None), {"program": "data_parallel",
+                                                            "zero": args.zero})
     dp = DataParallel(config, settings, comm, args.allreduce, args.zero,
-                      make_buckets(list(params), sizes, int(args.bucket_mb * 2**20 // 8)), owners)
-    result = train(comm, setup, State(params, adamw_init(owned)),
-                   functools.partial(train_step, dp=dp), args.split_waiting)
+                      make_buckets(list(sizes), sizes, int(args.bucket_mb * 2**20 // 8)),
+                      owners if args.zero else None)
+    result = train(comm, setup, start, functools.partial(train_step, dp=dp), args.split_waiting,
+                   saving)
     return result_record(
         result, setup, comm, state_nbytes(result.state.params, result.grads,
                                           result.state.opt_state),
         allreduce=args.allreduce, zero=args.zero,
         predicted_memory_bytes=zero_state_bytes_per_rank(
-            sum(sizes.values()), comm.size, args.zero, params["tok_emb"].itemsize))
+            sum(sizes.values()), comm.size, args.zero, np.dtype(config.dtype).itemsize))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -31,15 +31,16 @@ import sys
 
 from mpi4py import MPI
 
-from tfcourse.nn.model import init_params
-from tfcourse.nn.optim import adamw_init, state_nbytes
+from tfcourse.nn.optim import state_nbytes
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel import pipeline_parallel as pipeline
 from tfcourse.parallel import tensor_parallel as tensor
+from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.data_parallel import average_gradients
+from tfcourse.parallel.plans import placement
 from tfcourse.parallel.plans.batches import batch_rows
 from tfcourse.parallel.plans.pipeline import SCHEDULES, microbatch_rows, schedule, stage_layers
-from tfcourse.parallel.plans.tensor import check_world_size, shard_params
+from tfcourse.parallel.plans.tensor import check_world_size
 from tfcourse.parallel.program import State, program_parser, result_record, run_program, train
 from tfcourse.train import TrainingSetup, training_setup
 
@@ -134,14 +135,16 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     dp, per_replica = grid_shape(comm.size, args.dp, args.pp, args.tp)
     replica, model, data = split(comm, per_replica)
     if args.pp > 1:
-        stage, state = pipeline.start(config, settings, model)
+        stage, part = pipeline.start(config, model)
         ops = schedule(args.schedule, args.pp, model.rank, args.microbatches)
     else:
-        local = shard_params(init_params(config, settings.seed), model.rank, model.size)
-        stage, ops, state = None, None, State(local, adamw_init(local))
+        stage, ops, part = None, None, placement.tensor(model.rank, model.size)
+    state, saving = start_training(comm, args, setup, placement.in_replica(part, replica), {
+        "program": "hybrid", "dp": args.dp, "pp": args.pp, "tp": args.tp})
     hy = Hybrid(config, settings, dp, replica, model, data, stage, ops)
     result = train(comm, setup, state, functools.partial(train_step, hy=hy),
-                   split_waiting=True)  # this rank's collectives, in both communicators
+                   split_waiting=True,  # this rank's collectives, in both communicators
+                   saving=saving)
     record = result_record(result, setup, comm, state_nbytes(
         result.state.params, result.grads, result.state.opt_state),
         dp=args.dp, pp=args.pp, tp=args.tp,

@@ -50,9 +50,11 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.nn.layers import cross_entropy_backward, cross_entropy_forward
-from tfcourse.nn.model import backward_pass, forward_pass, init_params
-from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.model import backward_pass, forward_pass
+from tfcourse.nn.optim import state_nbytes, sum_of_squares
 from tfcourse.nn.validate import require_positive_int
+from tfcourse.parallel.checkpointing import start_training
+from tfcourse.parallel.plans import placement
 from tfcourse.parallel.plans.pipeline import (
     SCHEDULES,
     MicrobatchChooser,
@@ -92,15 +94,13 @@ class Stage:
         return self.index == self.world_size - 1
 
 
-def start(config, settings: TrainSettings, comm, layer_counts: list[int] | None = None,
-          slowdown: float = 1.0) -> tuple[Stage, State]:
-    """This rank's stage and its slice of the serial model's parameters, with fresh AdamW
-    state (`layer_counts`: blocks per stage, default as even as possible)."""
-    full = init_params(config, settings.seed)
-    params = {name: full[name]
-              for name in stage_param_names(config, comm.size, comm.rank, layer_counts)}
+def start(config, comm, layer_counts: list[int] | None = None, slowdown: float = 1.0
+          ) -> tuple[Stage, placement.Placement]:
+    """This rank's stage and where its parameters sit among the serial model's (a contiguous
+    part of them; `layer_counts`: blocks per stage, default as even as possible)."""
+    names = stage_param_names(config, comm.size, comm.rank, layer_counts)
     layers = stage_layers(config.n_layers, comm.size, layer_counts)[comm.rank]
-    return Stage(comm.rank, comm.size, layers, slowdown), State(params, adamw_init(params))
+    return Stage(comm.rank, comm.size, layers, slowdown), placement.stage(names)
 
 
 @contextlib.contextmanager
@@ -253,11 +253,13 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
 
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     config, settings, p = setup.config, setup.settings, comm.size
-    stage, state = start(config, settings, comm, args.stage_layers,
-                         args.slowdown[comm.rank] if args.slowdown else 1.0)
+    stage, part = start(config, comm, args.stage_layers,
+                        args.slowdown[comm.rank] if args.slowdown else 1.0)
+    state, saving = start_training(comm, args, setup, part, {
+        "program": "pipeline_parallel", "stage_layers": args.stage_layers})
     chooser = MicrobatchChooser(settings.batch_size, args.microbatches)
     pp = Pipeline(stage, config, settings, comm, args.schedule, chooser)
-    result = train(comm, setup, state, functools.partial(train_step, pp=pp))
+    result = train(comm, setup, state, functools.partial(train_step, pp=pp), saving=saving)
     last = result.logs[-1]  # the last step's timeline, every rank's
     per_rank = comm.gather({"events": last.events, "peak": last.info["peak"],
                             "step": result.step_seconds[-1]}, root=0)

@@ -29,7 +29,7 @@ from tfcourse.allocator import keep_freed_memory
 from tfcourse.course.launch import die_with_parent
 from tfcourse.data import lm_batch
 from tfcourse.files import check_writable, write_json_atomic
-from tfcourse.train import TrainingSetup, add_training_arguments
+from tfcourse.train import TrainingSetup, add_training_arguments, checkpoint_now
 
 T = TypeVar("T")
 
@@ -78,10 +78,17 @@ def agree_on_arguments(comm: MPI.Comm, prepare: Callable[[], T],
             check_writable("--json", json_path)
     except ValueError as err:
         error = str(err)
+    stop_together(comm, error)
+    return result
+
+
+def stop_together(comm: MPI.Comm, error: str | None) -> None:
+    """If any rank has an error, the lowest such rank prints it, and every rank exits with
+    status 2 (after a Barrier, so the message is out first). Every rank must call it."""
     errors = comm.allgather(error)
     failed = [rank for rank, message in enumerate(errors) if message is not None]
     if not failed:
-        return result
+        return
     if comm.rank == failed[0]:
         print(f"error: {errors[failed[0]]}", file=sys.stderr, flush=True)
     comm.Barrier()  # no rank may abort the job before the message is out
@@ -222,6 +229,14 @@ class State(NamedTuple):
     opt_state: dict
 
 
+class Start(NamedTuple):
+    """Where a run starts: this rank's state, the first step to run, the losses so far."""
+
+    state: State
+    step: int = 0
+    losses: tuple = ()
+
+
 @dataclasses.dataclass
 class Run:
     """A finished run as one rank saw it."""
@@ -234,13 +249,17 @@ class Run:
     logs: list  # every step's EventLog
 
 
-def train(comm, setup: TrainingSetup, state: State, step, split_waiting: bool = False) -> Run:
+def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting: bool = False,
+          saving=None) -> Run:
     """The training loop of every MPI training program. At each step all ranks draw the same
     global batch (seeded by (seed, step), as serial training does), start together (Barrier),
-    and run `step(state, x, y, step_index, log) -> (state, loss, grads)`."""
+    and run `step(state, x, y, step_index, log) -> (state, loss, grads)`. `start`: a fresh
+    State, or a Start (resumed); `saving`: a parallel.checkpointing.Checkpointing (when:
+    train.checkpoint_now)."""
     settings = setup.settings
-    run = Run(state, {}, [], [], StepTimes(), [])
-    for index in range(settings.steps):
+    start = start if isinstance(start, Start) else Start(start)
+    run = Run(start.state, {}, list(start.losses), [], StepTimes(), [])
+    for index in range(start.step, settings.steps):
         x, y = lm_batch(setup.corpus.ids, settings.batch_size, settings.seq_len, settings.seed,
                         index)
         comm.Barrier()  # time each step from a common start
@@ -253,6 +272,8 @@ def train(comm, setup: TrainingSetup, state: State, step, split_waiting: bool = 
         run.times.add(run.step_seconds[-1], *log.communication_and_waiting())
         run.losses.append(loss)
         run.logs.append(log)
+        if saving and checkpoint_now(index + 1, settings.steps, saving.every):
+            saving.save(comm, setup, run.state, index + 1, run.losses)
     return run
 
 

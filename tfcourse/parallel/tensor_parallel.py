@@ -29,13 +29,14 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.nn.model import Operator, SublayerOps, init_params, loss_and_grads
-from tfcourse.nn.optim import adamw_init, state_nbytes, sum_of_squares
+from tfcourse.nn.optim import state_nbytes, sum_of_squares
 from tfcourse.nn.validate import require_positive_int
+from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.comm import mpi_allreduce
+from tfcourse.parallel.plans import placement
 from tfcourse.parallel.plans.tensor import (
     check_world_size,
     shard_axis,
-    shard_params,
     unshard_params,
 )
 from tfcourse.parallel.program import (
@@ -133,11 +134,13 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
 
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     config, settings = setup.config, setup.settings
-    full = init_params(config, settings.seed)
-    local = shard_params(full, comm.rank, comm.size)
-    tp = TensorParallel(config, settings, comm, full if args.check_grads else None)
-    result = train(comm, setup, State(local, adamw_init(local)),
-                   functools.partial(train_step, tp=tp), args.split_waiting)
+    start, saving = start_training(comm, args, setup, placement.tensor(comm.rank, comm.size),
+                                   {"program": "tensor_parallel"})
+    local = start.state.params
+    full = init_params(config, settings.seed) if args.check_grads and not args.resume else None
+    tp = TensorParallel(config, settings, comm, full)
+    result = train(comm, setup, start, functools.partial(train_step, tp=tp), args.split_waiting,
+                   saving)
     record = result_record(result, setup, comm, state_nbytes(
         result.state.params, result.grads, result.state.opt_state))
     return {
