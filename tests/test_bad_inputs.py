@@ -26,8 +26,9 @@ import pytest
 from tfcourse import checkpoint, data, files, train
 from tfcourse.course import launch
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
-from tfcourse.nn import attention, model, optim
+from tfcourse.nn import attention, model, optim, seq2seq
 from tfcourse.parallel.plans import batches, pipeline, sequence, tensor
+from tfcourse.perf import costmodel, planner
 
 CORPUS = train.load_corpus()
 TINY = model.preset("tiny", CORPUS.vocab.size)
@@ -106,6 +107,12 @@ def unwritable_folder(tmp_path: Path) -> Path:
     pytest.skip("no unwritable folder available (root, and /sys is writable)")
 
 
+def zero_width_mha_params() -> dict:
+    """Multi-head attention parameters of width d_model = 0 (every array empty)."""
+    return {name: np.zeros((0, 0) if name.startswith("w_") else (0,))
+            for name in attention.MHA_PARAM_NAMES}
+
+
 def assert_not_from_numpy(info: pytest.ExceptionInfo) -> None:
     """The error must be raised by tfcourse's own checks, not deep inside NumPy."""
     raised_in = str(info.traceback[-1].path)
@@ -181,6 +188,22 @@ IN_PROCESS = [
     case("config-unknown-preset",
          r"config: expected one of \['medium', 'small', 'tiny'\], got 'huge'",
          lambda tmp: model.preset("huge", 10)),
+    # issue 17: a NaN init_std made NaN weights, later blamed on "training diverged"
+    case("config-nan-init-std", r"init_std: expected a positive finite number, got nan",
+         lambda tmp: model.TransformerConfig(vocab_size=10, init_std=float("nan"))),
+    case("config-zero-init-std", r"init_std: expected a positive finite number, got 0",
+         lambda tmp: model.TransformerConfig(vocab_size=10, init_std=0)),
+    case("config-str-init-std", r"init_std: expected a positive finite number, got '0.02'",
+         lambda tmp: model.TransformerConfig(vocab_size=10, init_std="0.02")),
+    case("seq2seq-config-inf-init-std", r"init_std: expected a positive finite number, got inf",
+         lambda tmp: seq2seq.Seq2SeqConfig(vocab_size=10, init_std=float("inf"))),
+    # issue 17: init_params(cfg, 1.5) failed deep inside NumPy's SeedSequence
+    case("init-params-float-seed", r"seed: expected a non-negative integer, got 1.5",
+         lambda tmp: model.init_params(TINY, 1.5)),
+    case("init-params-negative-seed", r"seed: expected a non-negative integer, got -1",
+         lambda tmp: model.init_params(TINY, -1)),
+    case("init-params-none-seed", r"seed: expected a non-negative integer, got None",
+         lambda tmp: model.init_params(TINY, None)),
     # training settings and train_lm (incl. --resume problems)
     case("settings-zero-steps", r"steps: expected a positive integer, got 0",
          lambda tmp: train.TrainSettings(steps=0)),
@@ -245,6 +268,39 @@ IN_PROCESS = [
              attention.init_mha_params(8, 2, np.random.default_rng(0)), 0)),
     case("causal-mask-zero", r"n: expected a positive integer, got 0",
          lambda tmp: attention.causal_mask(0)),
+    # issue 17: empty axes and d_k = 0 gave NumPy reduction errors or ZeroDivisionError
+    case("softmax-empty", r"x: expected at least one entry along axis -1, got shape \(0,\)",
+         lambda tmp: attention.softmax(np.zeros(0))),
+    case("softmax-empty-axis-0", r"x: expected at least one entry along axis 0, got shape "
+         r"\(0, 3\)", lambda tmp: attention.softmax(np.zeros((0, 3)), axis=0)),
+    case("softmax-axis-out-of-range", r"axis: expected an axis of x \(an integer in "
+         r"\[-1, 1\)\), got 1 for shape \(3,\)",
+         lambda tmp: attention.softmax(np.zeros(3), axis=1)),
+    case("sdpa-zero-length-sequence", r"q: expected at least one query position along axis "
+         r"-2, got shape \(0, 4\)",
+         lambda tmp: attention.scaled_dot_product_attention(np.ones((0, 4)), np.ones((0, 4)),
+                                                            np.ones((0, 4)))),
+    case("sdpa-zero-keys", r"k: expected at least one key position along axis -2, got shape "
+         r"\(1, 0, 4\)",
+         lambda tmp: attention.sdpa_forward(np.ones((1, 2, 4)), np.ones((1, 0, 4)),
+                                            np.ones((1, 0, 4)))),
+    case("sdpa-zero-d-k", r"q: expected at least one feature \(d_k\) along axis -1, got "
+         r"shape \(3, 0\)",
+         lambda tmp: attention.scaled_dot_product_attention(np.ones((3, 0)), np.ones((3, 0)),
+                                                            np.ones((3, 2)))),
+    case("mha-zero-length-sequence", r"x_q: expected at least one query position along axis "
+         r"1, got shape \(1, 0, 8\)",
+         lambda tmp: attention.mha_forward(
+             np.ones((1, 0, 8)), np.ones((1, 0, 8)),
+             attention.init_mha_params(8, 2, np.random.default_rng(0)), 2)),
+    case("mha-zero-length-memory", r"x_kv: expected at least one key position along axis 1",
+         lambda tmp: attention.mha_forward(
+             np.ones((1, 2, 8)), np.ones((1, 0, 8)),
+             attention.init_mha_params(8, 2, np.random.default_rng(0)), 2)),
+    case("mha-zero-d-model", r"w_q: expected at least one row \(d_model\) along axis 0, got "
+         r"shape \(0, 0\)",
+         lambda tmp: attention.mha_forward(np.ones((1, 2, 0)), np.ones((1, 2, 0)),
+                                           zero_width_mha_params(), 2)),
     # data
     case("lm-batch-zero-seq-len", r"seq_len: expected a positive integer, got 0",
          lambda tmp: data.lm_batch(CORPUS.ids, 2, 0, 0, 0)),
@@ -286,6 +342,41 @@ IN_PROCESS = [
          lambda tmp: sequence.sequence_chunks(3, 4)),
     case("dp-batch-smaller-than-ranks", r"batch_size: expected at least world_size=4 rows",
          lambda tmp: batches.batch_rows(3, 0, 4)),
+    # issue 17: a NaN timing made the run-time choice depend on the dict's key order
+    case("choose-fastest-nan-first", r"measured\[1\]\[0\]: expected a finite real number, "
+         r"got nan", lambda tmp: pipeline.choose_fastest({1: [float("nan")], 2: [1.0]})),
+    case("choose-fastest-nan-last", r"measured\[1\]\[0\]: expected a finite real number, "
+         r"got nan", lambda tmp: pipeline.choose_fastest({2: [1.0], 1: [float("nan")]})),
+    # cost model and planner (issue 17: -0.33 bubbles, divisions by zero, 1.5 micro-batches)
+    case("bubble-zero-stages", r"p: expected a positive integer, got 0",
+         lambda tmp: costmodel.pipeline_bubble_fraction(0, 4)),
+    case("bubble-zero-microbatches", r"m: expected a positive integer, got 0",
+         lambda tmp: costmodel.pipeline_bubble_fraction(4, 0)),
+    case("bubble-float-microbatches", r"m: expected a positive integer, got 2.5",
+         lambda tmp: costmodel.pipeline_bubble_fraction(4, 2.5)),
+    case("ring-allreduce-zero-ranks", r"p: expected a positive integer, got 0",
+         lambda tmp: costmodel.ring_allreduce_time(1e6, 0, 1e-5, 1e-9)),
+    case("ring-allreduce-negative-bytes", r"n_bytes: expected a non-negative finite number, "
+         r"got -1.0", lambda tmp: costmodel.ring_allreduce_time(-1.0, 4, 1e-5, 1e-9)),
+    case("ring-allreduce-negative-alpha", r"alpha: expected a non-negative finite number, "
+         r"got -1e-05", lambda tmp: costmodel.ring_allreduce_time(1e6, 4, -1e-5, 1e-9)),
+    case("ring-allreduce-nan-beta", r"beta: expected a non-negative finite number, got nan",
+         lambda tmp: costmodel.ring_allreduce_time(1e6, 4, 1e-5, float("nan"))),
+    case("allreduce-bytes-zero-ranks", r"p: expected a positive integer, got 0",
+         lambda tmp: costmodel.allreduce_bytes(1e6, 0)),
+    case("plan-float-microbatches", r"microbatches: expected a positive integer, got 1.5",
+         lambda tmp: planner.Plan(8, 8, 16, 1.5)),
+    case("plan-zero-microbatches", r"microbatches: expected a positive integer, got 0",
+         lambda tmp: planner.Plan(1, 1, 1, 0)),
+    case("plan-float-dp", r"dp: expected a positive integer, got 2.0",
+         lambda tmp: planner.Plan(2.0, 1, 1, 1)),
+    case("plan-zero-stage-4", r"zero: expected a ZeRO stage 0, 1, 2 or 3, got 4",
+         lambda tmp: planner.Plan(2, 1, 1, 1, zero=4)),
+    case("validate-against-zero-measured", r"measured_step_s\['a'\]: expected a positive "
+         r"finite number, got 0", lambda tmp: planner.validate_against({"a": 0}, {"a": 1})),
+    case("validate-against-nan-measured", r"measured_step_s\['a'\]: expected a positive "
+         r"finite number, got nan",
+         lambda tmp: planner.validate_against({"a": float("nan")}, {"a": 1})),
 ]
 
 
@@ -343,6 +434,9 @@ TRAIN_CASES = [
                json="."),
     train_case("json-unwritable-folder", [], r"--json: folder '.*' is not writable",
                json="UNWRITABLE"),
+    # issue 17: a 300-character file name was an OSError 36 traceback (name too long)
+    train_case("json-name-too-long", [], r"--json: expected names of at most \d+ bytes.* got "
+               r"a name of 305 bytes", json="a" * 300 + ".json"),
 ]
 
 
@@ -358,10 +452,10 @@ def entries(folder: Path) -> list[str]:
 
 def assert_nothing_written(json_path: Path, before: list[str]) -> None:
     """No result, no leftover temporary file: the folder is exactly as it was."""
-    if json_path.is_dir():  # --json pointed at a folder: it must be untouched
+    if os.path.isdir(json_path):  # --json pointed at a folder: it must be untouched
         assert entries(json_path) == before
         return
-    assert not json_path.exists()
+    assert not os.path.lexists(json_path)
     assert entries(json_path.parent) == before, "a temporary or partial file was left"
 
 
@@ -373,7 +467,7 @@ def command_line_case(kind: str, request, args, json, tmp_path):
     (tmp_path / "out").mkdir()
     args = args(tmp_path) if callable(args) else args
     json_path = json_target(tmp_path, json, tmp_path)
-    target_folder = json_path if json_path.is_dir() else json_path.parent
+    target_folder = json_path if os.path.isdir(json_path) else json_path.parent
     return case_id, args, json_path, entries(target_folder)
 
 

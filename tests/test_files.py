@@ -179,3 +179,44 @@ def test_an_existing_file_keeps_its_mode(tmp_path, umask):
     write_json_atomic(path, {"v": 1})
     assert stat.S_IMODE(path.stat().st_mode) == 0o664
     assert json.loads(path.read_text()) == {"v": 1}
+
+
+# ------------------------------------------------- names too long for the file system (issue 17)
+# `--json $(python -c "print('a'*300)").json` was a traceback: OSError 36, File name too long
+
+
+def _name_max(folder) -> int:
+    return os.pathconf(folder, "PC_NAME_MAX")
+
+
+def test_a_file_name_longer_than_the_file_system_allows_is_named(tmp_path):
+    long_name = "a" * 300 + ".json"
+    limit = _name_max(tmp_path)
+    assert len(long_name) > limit  # 255 on every common Linux file system
+    message = rf"--json: expected names of at most {limit} bytes .* got a name of 305 bytes"
+    with pytest.raises(ValueError, match=message):
+        check_writable("--json", tmp_path / long_name)
+    with pytest.raises(ValueError, match=r"^path: expected names of at most"):
+        write_json_atomic(tmp_path / long_name, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_name_longer_than_the_file_system_allows_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--checkpoint: expected names of at most \d+ bytes"
+                                         r".* got a name of 400 bytes"):
+        check_writable("--checkpoint", tmp_path / ("b" * 400) / "c.npz")
+
+
+def test_a_path_longer_than_the_system_allows_is_named(tmp_path):
+    deep = tmp_path.joinpath(*["c" * 200] * 30, "r.json")  # every name fits, the path not
+    with pytest.raises(ValueError, match=r"--json: expected a path of at most \d+ bytes"):
+        check_writable("--json", deep)
+
+
+def test_the_longest_allowed_name_is_written(tmp_path):
+    """The temporary file beside it must not need a longer name than the file itself."""
+    name = "a" * (_name_max(tmp_path) - len(".json")) + ".json"
+    check_writable("--json", tmp_path / name)
+    write_json_atomic(tmp_path / name, {"v": 1})
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert json.loads((tmp_path / name).read_text()) == {"v": 1}

@@ -1,9 +1,11 @@
 """The MPI launcher and hello world, under real mpiexec with 1-4 ranks."""
 
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +220,72 @@ def test_study_refuses_a_nan_timeout_before_any_job(nothing_may_start, capsys):
 def test_paths_in_args_become_strings():
     assert launch.build_command("tfcourse.hello", ["--json", launch.Path("/x/r.json")],
                                 n_ranks=1)[-2:] == ["--json", "/x/r.json"]
+
+
+# ------------------------------------------- a module that does not exist (issue 17)
+# run_mpi("tfcourse.no_such_module") used to start mpiexec, and the error blamed a signal
+# ("killed by a signal ... a busy machine?") while stderr held the ranks' ImportError.
+
+
+@pytest.fixture
+def mpiexec_may_not_start(monkeypatch, tmp_path):
+    """Like nothing_may_start, but other processes (a Python asked where a module is, or
+    `mpiexec --version`) may start: only a job may not."""
+    real_popen = launch.subprocess.Popen
+
+    def popen(command, *args, **kwargs):
+        if Path(str(command[0])).name == "mpiexec" and "-n" in command:
+            raise AssertionError(f"mpiexec was started: {command}")
+        return real_popen(command, *args, **kwargs)
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch.tempfile, "tempdir", str(tmp_path))
+    yield
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("module", ["tfcourse.no_such_module", "no_such_package.program"])
+def test_run_mpi_refuses_a_module_that_does_not_exist(module, mpiexec_may_not_start):
+    with pytest.raises(ValueError, match=rf"^module: expected a module that "
+                                         rf"{re.escape(sys.executable)} can import, got "
+                                         rf"'{re.escape(module)}'"):
+        run_mpi(module, n_ranks=2, timeout=60)
+
+
+def test_run_mpi_finds_a_module_that_only_the_ranks_path_holds(tmp_path, monkeypatch):
+    """A module on the ranks' PYTHONPATH (set after this process started) is not refused."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "only_on_pythonpath.py").write_text(
+        "import json, sys\n"
+        "json.dump({'ok': True}, open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    assert run_mpi("only_on_pythonpath", n_ranks=1, timeout=60).result == {"ok": True}
+
+
+IMPORT_FAILURE = """Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/venv/lib/python3.11/site-packages/mpi4py/run.py", line 48, in run_command_line
+    run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+  File "<frozen runpy>", line 142, in _get_module_details
+ImportError: No module named tfcourse.no_such_module
+"""
+
+
+def test_failure_note_prefers_the_ranks_traceback_over_a_signal_guess():
+    raised = "raised ImportError: No module named tfcourse.no_such_module"
+    stderr = IMPORT_FAILURE * 2  # both ranks
+    hydra = "BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES\n   EXIT CODE: 1\n"
+    dead = launch.failed_ranks_note(hydra, stderr, dead=[0])
+    assert dead == f"rank 0 died while the others were running: it {raised} (see stderr below)"
+    together = launch.failed_ranks_note(hydra, stderr, together=[0, 1])
+    assert together == f"one of ranks 0, 1 {raised} (see stderr below)"
+    assert launch.failed_ranks_note(hydra, stderr) == f"a rank {raised} (see stderr below)"
+    stopped = launch.failed_ranks_note("", stderr, dead=[1], stopped=True)
+    assert stopped.startswith(f"rank 1 died while the others were running: it {raised}")
+    assert "the launcher stopped the job" in stopped
+    # a rank that lost its partner raises mpi4py.MPI.Exception: a consequence, not the cause
+    lost = IMPORT_FAILURE.replace("ImportError: No module named tfcourse.no_such_module",
+                                  "mpi4py.MPI.Exception: Other MPI error")
+    assert "killed by signal 9" in launch.failed_ranks_note(
+        "EXIT STRING: Killed (signal 9)\n", lost, dead=[2])

@@ -17,6 +17,8 @@ from tfcourse.nn.validate import (
     require_generator,
     require_last_dim,
     require_ndim,
+    require_nonempty_axis,
+    require_nonnegative_real,
     require_positive_int,
     require_real,
     require_shape,
@@ -178,3 +180,24 @@ def test_require_broadcastable():
     # Broadcasting that would enlarge the target is refused too.
     with pytest.raises(ValueError, match=r"^mask: shape \(5, 3, 4\) does not broadcast"):
         require_broadcastable("mask", np.zeros((5, 3, 4)), (1, 3, 4))
+
+
+def test_require_nonempty_axis():
+    """Issue 17: a softmax or maximum over an empty axis was NumPy's "zero-size array to
+    reduction operation maximum which has no identity"."""
+    require_nonempty_axis("x", np.zeros((0, 3)), -1)  # only the named axis must hold entries
+    with pytest.raises(ValueError, match=r"^k: expected at least one key position along axis "
+                                         r"-2, got shape \(2, 0, 4\)$"):
+        require_nonempty_axis("k", np.zeros((2, 0, 4)), -2, "key position")
+    for axis in (2, -3, 1.0, True):
+        with pytest.raises(ValueError, match=r"^axis: expected an axis of x \(an integer in "
+                                             r"\[-2, 2\)\), got "):
+            require_nonempty_axis("x", np.zeros((2, 3)), axis)
+
+
+def test_require_nonnegative_real():
+    assert require_nonnegative_real("alpha", 0) == 0.0
+    assert require_nonnegative_real("n_bytes", np.int64(5)) == 5.0
+    for bad in (-1e-9, float("nan"), float("inf"), "1", True, None):
+        with pytest.raises(ValueError, match=r"^alpha: expected a non-negative finite number"):
+            require_nonnegative_real("alpha", bad)

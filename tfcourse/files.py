@@ -6,11 +6,14 @@ otherwise become a JSON file), a named pipe or a socket. A symbolic link is foll
 target is written (and must itself be a regular file or not exist yet), the link stays a link
 - as the shell's `>` and `open(path, "w")` do. A new file gets the usual mode (0o666 less the
 umask, e.g. 0o644); a file that existed keeps its mode. The replacement is a new file (an
-atomic rename), so another hard link to the old file keeps the old content.
+atomic rename), so another hard link to the old file keeps the old content. A name longer
+than the file system allows (NAME_MAX, 255 bytes on common Linux file systems) or a path
+longer than PATH_MAX is refused with a ValueError too, before anything is tried.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -28,11 +31,60 @@ def _folder_of(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
 
 
+def _limit(path: Path, which: str, default: int) -> int:
+    """os.pathconf's `which` ("PC_NAME_MAX", "PC_PATH_MAX") of the file system `path` is
+    on, read at its nearest existing folder; `default` where the system cannot say."""
+    folder = _folder_of(path)
+    while not os.path.isdir(folder) and folder != folder.parent:  # isdir never raises
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, which)
+    except (OSError, ValueError):
+        return default
+
+
+def _shown(part: str) -> str:
+    return part if len(part) <= 40 else f"{part[:24]}...{part[-12:]}"
+
+
+def _check_lengths(name: str, path: Path) -> None:
+    """ValueError naming `name` if a file or folder name in `path`, or `path` itself, is
+    longer than the file system allows (which the system would report as OSError 36, "File
+    name too long")."""
+    name_max = _limit(path, "PC_NAME_MAX", 255)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise ValueError(f"{name}: expected names of at most {name_max} bytes (the file "
+                             f"system's limit), got a name of {size} bytes: {_shown(part)!r}")
+    path_max = _limit(path, "PC_PATH_MAX", 4096)  # counts the terminating NUL
+    size = len(os.fsencode(path))
+    if size >= path_max:
+        raise ValueError(f"{name}: expected a path of at most {path_max - 1} bytes (the "
+                         f"system's limit), got {size} bytes: {_shown(str(path))!r}")
+
+
+TEMP_NAME_EXTRA = len("." + "." + "12345678" + ".tmp")  # mkstemp's 8 random characters
+
+
+def _temp_prefix(path: Path) -> str:
+    """".NAME." for the temporary file beside `path`, with NAME cut short if the temporary
+    file's name would otherwise be longer than the file system allows."""
+    room = _limit(path, "PC_NAME_MAX", 255) - TEMP_NAME_EXTRA
+    short = path.name
+    while short and len(os.fsencode(short)) > room:
+        short = short[:-1]
+    return f".{short}."
+
+
 def _temp_file_in(name: str, folder: Path, path: Path) -> tuple[int, str]:
     """A new temporary file beside `path` (same folder, so the final rename is atomic)."""
     try:
-        return tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        return tempfile.mkstemp(dir=folder, prefix=_temp_prefix(path), suffix=".tmp")
     except OSError as err:  # no permission, read-only file system, ...
+        if err.errno == errno.ENAMETOOLONG:  # a path a few bytes short of PATH_MAX
+            raise ValueError(f"{name}: expected a shorter path: no temporary file fits beside "
+                             f"{_shown(str(path))!r} ({err.strerror})") from None
         raise ValueError(
             f"{name}: folder {str(folder)!r} is not writable (for {str(path)!r}: "
             f"{err.strerror or err})"
@@ -46,9 +98,10 @@ def _kind(mode: int) -> str:
 def _target(name: str, path: Path) -> tuple[Path, int | None]:
     """The file that writing to `path` replaces - `path`, or the file a symbolic link there
     points to - and the mode it keeps (None: a new file). Raises ValueError naming `name` if
-    that is not a regular file, or if its folder does not exist."""
+    that is not a regular file, if its folder does not exist, or if a name is too long."""
+    _check_lengths(name, path)
     target = path
-    if path.is_symlink():
+    if os.path.islink(path):  # never raises (Path.is_symlink does, for a too-long name)
         try:
             target = Path(os.path.realpath(path, strict=False))
         except (OSError, RuntimeError) as err:  # a loop of links

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import numbers
@@ -154,17 +155,58 @@ def build_command(
     launcher then ends the job itself."""
     n_ranks = require_positive_int("n_ranks", n_ranks)
     args = _checked_args(args)
-    if not isinstance(module, str) or not module or not all(
-            part.isidentifier() for part in module.split(".")):
-        raise ValueError(
-            f"module: expected a dotted module name like 'tfcourse.hello', got {module!r}"
-        )
+    module = _checked_module(module)
     mpiexec = find_mpiexec(python)
     flavour = mpi_flavour(mpiexec)
     flags = launcher_flags(flavour, is_root=os.geteuid() == 0) + hostfile_flags(flavour, hostfile)
     if supervised and flavour == "mpich":
         flags.append("-disable-auto-cleanup")
     return [mpiexec, "-n", str(n_ranks), *flags, python, "-m", "mpi4py", "-m", module, *args]
+
+
+def _checked_module(module) -> str:
+    """`module` if it is a dotted module name (no spaces, no shell syntax)."""
+    if not isinstance(module, str) or not module or not all(
+            part.isidentifier() for part in module.split(".")):
+        raise ValueError(
+            f"module: expected a dotted module name like 'tfcourse.hello', got {module!r}"
+        )
+    return module
+
+
+# exit status 3: no such module (a missing parent package included)
+FIND_MODULE = """import importlib.util, sys
+try:
+    found = importlib.util.find_spec(sys.argv[1]) is not None
+except ImportError:
+    found = False
+sys.exit(0 if found else 3)
+"""
+
+
+def _check_importable(module: str, python: str, env: dict[str, str]) -> None:
+    """ValueError naming `module` if the ranks' Python cannot import it - a misspelt name
+    would otherwise start mpiexec and end in every rank's ImportError.
+
+    The module is looked up, never imported (importing a program initialises MPI): with
+    importlib.util.find_spec in this process first; if this process does not find it (the
+    ranks may have another PYTHONPATH, or another Python), `python` is asked in a subprocess
+    with the ranks' environment and current folder. If neither can tell, the job runs."""
+    try:
+        if python == sys.executable and importlib.util.find_spec(module) is not None:
+            return
+    except Exception:  # noqa: BLE001 - a missing or broken parent package: ask the ranks' Python
+        pass
+    try:
+        answer = subprocess.run([python, "-c", FIND_MODULE, module], env=env,
+                                stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return  # cannot ask: the job's own error will tell
+    if answer.returncode == 3:
+        raise ValueError(
+            f"module: expected a module that {python} can import, got {module!r}: there is no "
+            f"such module (check the spelling; a module of your own must be in the current "
+            f"folder {os.getcwd()!r} or on PYTHONPATH)")
 
 
 def _checked_args(args) -> list[str]:
@@ -224,6 +266,11 @@ def failed_ranks_note(stdout: str, stderr: str, dead: list[int] | None = None,
     PID may be any rank hydra stopped while cleaning up. `stopped`: the launcher ended the
     job because the other ranks were still waiting for the dead one. `together`: ranks
     that had all exited when the launcher first looked (one of them first).
+
+    A rank that raised without calling MPI_Abort (e.g. mpi4py's runner not finding the
+    module: the rank exits with status 1) leaves its Python traceback in stderr: its last
+    line ("ImportError: ...") is given instead of a guess at a signal. mpi4py.MPI.Exception
+    is not: it is a rank's reaction to a partner that died.
     """
     # the programs' own message ("error: ..."), or argparse's ("prog: error: argument ...")
     rejected = re.search(r"(?:^|: )error: (.*)$", stderr, re.MULTILINE)
@@ -243,6 +290,16 @@ def failed_ranks_note(stdout: str, stderr: str, dead: list[int] | None = None,
     if openmpi:
         rank, pid, sig = (int(g) for g in openmpi.groups())
         return f"rank {rank} (PID {pid}) was {_signal_description(sig)}"
+    raised = _first_exception(stderr)
+    if raised and dead:
+        it = "it" if len(dead) == 1 else "one of them"
+        waited = (f"; the others were still waiting for it {GRACE_SECONDS:g} s later, so the "
+                  f"launcher stopped the job" if stopped else "")
+        return (f"{_ranks(dead)} died while the others were running: {it} raised {raised}"
+                f"{waited} (see stderr below)")
+    if raised:
+        who = f"one of {_ranks(together)}" if together else "a rank"
+        return f"{who} raised {raised} (see stderr below)"
     hydra = re.search(r"BAD TERMINATION.*?EXIT CODE: (\d+)", stdout, re.DOTALL)
     # without auto-cleanup, hydra only says how the job ended
     killed = re.search(r"EXIT STRING: .*\(signal (\d+)\)", stdout)
@@ -262,6 +319,19 @@ def failed_ranks_note(stdout: str, stderr: str, dead: list[int] | None = None,
         return (f"a rank was {how}; MPICH names it only by a PID (in its report below), "
                 f"which may be a rank it stopped afterwards")
     return ""
+
+
+TRACEBACK = re.compile(r"^Traceback \(most recent call last\):\n(?:[ \t].*\n)*(\S.*)$",
+                       re.MULTILINE)
+
+
+def _first_exception(stderr: str) -> str | None:
+    """The exception line ("ImportError: No module named x") ending the first Python
+    traceback in `stderr` that is not mpi4py.MPI.Exception, or None."""
+    for line in TRACEBACK.findall(stderr):
+        if not line.startswith("mpi4py.MPI.Exception"):
+            return line.strip()[:500]
+    return None
 
 
 def _signal_description(code: int) -> str:
@@ -692,7 +762,8 @@ def run_mpi(
     rank runs on this machine. With `json_result`, `--json FILE` is appended and the parsed
     FILE is returned as `MPIRun.result`. Raises MPITimeoutError after `timeout` seconds (the
     job is killed, no rank is left behind) and MPIJobError, containing the ranks' stderr, if
-    the job fails. Bad arguments raise a ValueError naming them before anything starts.
+    the job fails. Bad arguments raise a ValueError naming them before anything starts, a
+    module that the ranks' Python cannot find included.
 
     Nothing outlives the call: mpiexec runs in a session of its own, with the job's tag in
     every process's environment (TFCOURSE_MPI_JOB); a timeout, Ctrl-C, SIGTERM or SIGHUP
@@ -706,6 +777,7 @@ def run_mpi(
     n_ranks = require_positive_int("n_ranks", n_ranks)
     timeout = _checked_timeout(timeout)
     env = rank_environment(threads_per_rank, python)
+    _check_importable(_checked_module(module), python, env)
     clean_up_after_dead_launchers()
     guard = _Guard()
     with guard.folder() as tmp:

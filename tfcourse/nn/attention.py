@@ -29,6 +29,7 @@ from tfcourse.nn.validate import (
     require_generator,
     require_last_dim,
     require_ndim,
+    require_nonempty_axis,
     require_positive_int,
     require_shape,
 )
@@ -58,8 +59,11 @@ def softmax(x, axis: int = -1) -> np.ndarray:
 
     Entries equal to -inf get probability 0, and a slice that is entirely -inf gives all
     zeros (not NaN), which is what attention wants for a query with nothing to attend to.
+    The axis must hold at least one entry.
     """
-    return _softmax(as_float_array("x", x, allow_neg_inf=True), axis)
+    x = as_float_array("x", x, allow_neg_inf=True)
+    require_nonempty_axis("x", x, axis)
+    return _softmax(x, axis)
 
 
 def softmax_backward(dout, probs, axis: int = -1) -> np.ndarray:
@@ -103,7 +107,10 @@ def _check_qkv(q, k, v):
     q, k, v = (as_float_array(name, a) for name, a in (("q", q), ("k", k), ("v", v)))
     for name, a in (("q", q), ("k", k), ("v", v)):
         require_ndim(name, a, 2)
+    require_nonempty_axis("q", q, -2, "query position")  # a zero-length sequence
+    require_nonempty_axis("q", q, -1, "feature (d_k)")  # 1 / sqrt(d_k)
     require_last_dim("k", k, q.shape[-1], "d_k of q")
+    require_nonempty_axis("k", k, -2, "key position")  # softmax over no keys
     require_dim("v", v, -2, k.shape[-2], "n_k of k")
     for name, a in (("k", k), ("v", v)):
         require_dtype(name, a, q.dtype, "dtype of q")
@@ -115,9 +122,9 @@ def sdpa_forward(q, k, v, mask=None, check: bool = True):
     """Scaled dot-product attention softmax(q k^T / sqrt(d_k)) v, returning (out, cache).
 
     q: (..., n_q, d_k), k: (..., n_k, d_k), v: (..., n_k, d_v), with identical leading
-    (batch/head) dims. mask: bool, broadcastable to (..., n_q, n_k), True = may attend.
-    out: (..., n_q, d_v). A query row whose mask is all False gets zero output and zero
-    weights. cache["weights"] holds the attention weights (..., n_q, n_k).
+    (batch/head) dims and n_q, n_k, d_k >= 1. mask: bool, broadcastable to (..., n_q, n_k),
+    True = may attend. out: (..., n_q, d_v). A query row whose mask is all False gets zero
+    output and zero weights. cache["weights"] holds the attention weights (..., n_q, n_k).
     check=False skips the input checks: for callers that validated once at their own door
     (the model does, for every layer of every step).
     """
@@ -240,6 +247,7 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
     params = {name: as_float_array(name, params[name]) for name in MHA_PARAM_NAMES}
     require_ndim("w_q", params["w_q"], 2, 2)
     require_ndim("w_k", params["w_k"], 2, 2)
+    require_nonempty_axis("w_q", params["w_q"], 0, "row (d_model)")  # else d_head = 0
     d_model, d_kv_in = params["w_q"].shape[0], params["w_k"].shape[0]
     expected = {
         "w_q": (d_model, d_model),
@@ -257,6 +265,8 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
     x_q, x_kv = as_float_array("x_q", x_q), as_float_array("x_kv", x_kv)
     require_ndim("x_q", x_q, 3, 3)
     require_ndim("x_kv", x_kv, 3, 3)
+    require_nonempty_axis("x_q", x_q, 1, "query position")
+    require_nonempty_axis("x_kv", x_kv, 1, "key position")
     require_last_dim("x_q", x_q, d_model, "d_model = rows of w_q")
     require_last_dim("x_kv", x_kv, d_kv_in, "d_kv_in = rows of w_k")
     require_dim("x_kv", x_kv, 0, x_q.shape[0], "batch size of x_q")

@@ -48,10 +48,12 @@ DTYPES = ("float32", "float64")
 
 def check_config(config, size_names: tuple[str, ...]) -> None:
     """Checks shared by the model configs: positive sizes, heads dividing d_model, a known
-    dtype and activation; ValueError naming the field."""
+    dtype and activation, a positive finite init_std (NaN would make NaN weights, blamed
+    later on a diverged training); ValueError naming the field."""
     for name in size_names:
         require_positive_int(name, getattr(config, name))
     require_divisible("d_model", config.d_model, "n_heads", config.n_heads)
+    require_real("init_std", config.init_std, positive=True)
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {config.dtype!r}")
     if config.activation not in ACTIVATIONS:
@@ -149,8 +151,9 @@ def init_value(name: str, shape: tuple, rng: np.random.Generator, std: float, n_
 
 
 def init_params(config: TransformerConfig, seed: int) -> dict[str, np.ndarray]:
-    """A fresh parameter dict; the same (config, seed) always gives the same arrays."""
-    rng = np.random.default_rng(seed)
+    """A fresh parameter dict; the same (config, seed) always gives the same arrays.
+    seed: a non-negative integer."""
+    rng = np.random.default_rng(require_nonnegative_int("seed", seed))
     return {name: init_value(name, shape, rng, config.init_std, config.n_layers, config.dtype)
             for name, shape in param_shapes(config).items()}
 

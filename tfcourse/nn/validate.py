@@ -95,6 +95,15 @@ def require_real(name: str, value, positive: bool = False) -> float:
     return float(value)
 
 
+def require_nonnegative_real(name: str, value) -> float:
+    """Return `value` as a float if it is a finite real number >= 0, e.g. a size in bytes or a
+    latency in seconds."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or value < 0:
+        raise ValueError(f"{name}: expected a non-negative finite number, got {value!r}")
+    return float(value)
+
+
 def require_divisible(name: str, value: int, divisor_name: str | None, divisor: int) -> None:
     """Check that `divisor` divides `value`, e.g. that n_heads divides d_model.
 
@@ -128,6 +137,18 @@ def require_ndim(name: str, x: np.ndarray, min_ndim: int, max_ndim: int | None =
         else:
             wanted = f"{min_ndim} to {max_ndim} dims"
         raise ValueError(f"{name}: expected {wanted}, got shape {x.shape}")
+
+
+def require_nonempty_axis(name: str, x: np.ndarray, axis: int, what: str = "entry") -> None:
+    """Check that `axis` is an axis of `x` and holds at least one `what` (e.g. "key
+    position"): a softmax, a maximum or a mean over an empty axis has no value."""
+    if (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)
+            or not -x.ndim <= axis < x.ndim):
+        raise ValueError(f"axis: expected an axis of {name} (an integer in [{-x.ndim}, "
+                         f"{x.ndim})), got {axis!r} for shape {x.shape}")
+    if x.shape[axis] == 0:
+        raise ValueError(f"{name}: expected at least one {what} along axis {axis}, got shape "
+                         f"{x.shape}")
 
 
 def require_dim(name: str, x: np.ndarray, axis: int, size: int, reason: str | None = None) -> None:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from tfcourse.nn.model import block_param_shapes
-from tfcourse.nn.validate import require_positive_int
+from tfcourse.nn.validate import require_nonnegative_real, require_positive_int
 from tfcourse.parallel.plans.pipeline import check_schedule_args
 from tfcourse.parallel.plans.sequence import sequence_chunks
 from tfcourse.perf.hardware import matmul_flops
@@ -219,12 +219,14 @@ def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: 
 
 
 def allreduce_bytes(n_bytes: float, p: int) -> float:
-    """Bytes each rank sends in a ring all-reduce: 2 (p - 1) / p * n."""
+    """Bytes each rank sends in a ring all-reduce: 2 (p - 1) / p * n (n may be an array)."""
+    p = require_positive_int("p", p)
     return 2.0 * (p - 1) / p * n_bytes
 
 
 def allgather_bytes(n_bytes: float, p: int) -> float:
     """Bytes each rank sends in a ring all-gather of an n-byte result: (p - 1) / p * n."""
+    p = require_positive_int("p", p)
     return (p - 1) / p * n_bytes
 
 
@@ -233,7 +235,10 @@ reduce_scatter_bytes = allgather_bytes  # the same traffic, run in reverse
 
 def ring_allreduce_time(n_bytes: float, p: int, alpha: float, beta: float) -> float:
     """alpha-beta model of a ring all-reduce: 2 (p - 1) messages of latency alpha, and
-    2 (p - 1) / p * n bytes at beta seconds per byte."""
+    2 (p - 1) / p * n bytes at beta seconds per byte. p >= 1; n_bytes, alpha, beta >= 0."""
+    p = require_positive_int("p", p)
+    for name, value in (("n_bytes", n_bytes), ("alpha", alpha), ("beta", beta)):
+        require_nonnegative_real(name, value)
     if p == 1:
         return 0.0
     return 2 * (p - 1) * alpha + allreduce_bytes(n_bytes, p) * beta
@@ -275,6 +280,7 @@ def fit_ring_links(sizes_bytes, ring_seconds, p: int) -> tuple[float, float]:
 
 def pipeline_bubble_fraction(p: int, m: int) -> float:
     """Idle fraction of a GPipe/1F1B schedule with p stages and m micro-batches: (p-1)/(m+p-1)."""
+    p, m = require_positive_int("p", p), require_positive_int("m", m)
     return (p - 1) / (m + p - 1)
 
 

@@ -46,7 +46,7 @@ import dataclasses
 
 import numpy as np
 
-from tfcourse.nn.validate import require_positive_int, require_real
+from tfcourse.nn.validate import require_nonnegative_int, require_positive_int, require_real
 from tfcourse.parallel.plans.pipeline import stage_layers
 from tfcourse.parallel.plans.tensor import check_world_size
 from tfcourse.perf import costmodel as cm
@@ -180,13 +180,21 @@ A100_CLUSTER = Cluster(n_devices=1024, devices_per_node=8, memory_bytes=80e9,
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """dp x tp x pp devices, m micro-batches per replica and step, ZeRO stage `zero`."""
+    """dp x tp x pp devices, m micro-batches per replica and step, ZeRO stage `zero`.
+    Positive integers and a stage in 0-3; whether the plan suits a model and a cluster is
+    plan_problem's question."""
 
     dp: int
     tp: int
     pp: int
     microbatches: int
     zero: int = 0
+
+    def __post_init__(self):
+        for name in ("dp", "tp", "pp", "microbatches"):
+            require_positive_int(name, getattr(self, name))
+        if require_nonnegative_int("zero", self.zero) > 3:
+            raise ValueError(f"zero: expected a ZeRO stage 0, 1, 2 or 3, got {self.zero!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,8 +235,8 @@ class PlanEstimate:
 
 def plan_problem(model: ModelSpec, cluster: Cluster, plan: Plan) -> str:
     """Why `plan` is not a valid layout of `model` on `cluster` ("" if it is)."""
-    dp, tp, pp, m = plan.dp, plan.tp, plan.pp, plan.microbatches
-    if min(dp, tp, pp, m) < 1 or dp * tp * pp != cluster.n_devices:
+    dp, tp, pp, m = plan.dp, plan.tp, plan.pp, plan.microbatches  # positive (Plan checks)
+    if dp * tp * pp != cluster.n_devices:
         return f"plan: expected dp*tp*pp == n_devices={cluster.n_devices}, got {plan}"
     try:
         check_world_size(model, tp)  # heads and FFN columns split evenly
@@ -242,8 +250,8 @@ def plan_problem(model: ModelSpec, cluster: Cluster, plan: Plan) -> str:
     if model.global_batch % (dp * m):
         return (f"plan: expected dp*microbatches to divide global_batch={model.global_batch}, "
                 f"got dp={dp}, microbatches={m}")
-    if plan.zero not in (0, 1, 2, 3) or (plan.zero > 0 and dp == 1):
-        return f"plan.zero: expected 0-3 (0 when dp == 1: nothing to shard), got {plan.zero}"
+    if plan.zero > 0 and dp == 1:
+        return f"plan.zero: expected 0 when dp == 1 (nothing to shard), got {plan.zero}"
     return ""
 
 
@@ -416,9 +424,13 @@ def stage_times(bounds, stage_speeds) -> list[float]:
 
 
 def validate_against(measured_step_s: dict, predicted_step_s: dict) -> dict:
-    """Relative error (predicted - measured) / measured of every measured key."""
+    """Relative error (predicted - measured) / measured of every measured key; measured
+    seconds must be positive and finite, predicted ones finite."""
     missing = set(measured_step_s) - set(predicted_step_s)
     if missing:
         raise ValueError(f"predicted_step_s: expected a prediction for every measured key, "
                          f"missing {sorted(missing, key=str)}")
+    for key, t in measured_step_s.items():
+        require_real(f"measured_step_s[{key!r}]", t, positive=True)
+        require_real(f"predicted_step_s[{key!r}]", predicted_step_s[key])
     return {key: (predicted_step_s[key] - t) / t for key, t in measured_step_s.items()}

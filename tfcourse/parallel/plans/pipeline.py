@@ -156,10 +156,16 @@ def busy_seconds(events: list[dict]) -> float:
 
 def choose_fastest(measured: dict) -> object:
     """The run-time selection rule (e.g. of the micro-batch count): the key whose measured
-    step seconds have the lowest median (robust to one slow outlier); ties: first key."""
+    step seconds have the lowest median (robust to one slow outlier); ties: first key.
+
+    A NaN timing is refused (a bug upstream): it compares False with everything, so the
+    choice would depend on the order of the keys."""
     if not measured or any(len(times) == 0 for times in measured.values()):
         raise ValueError(f"measured: expected a non-empty dict of non-empty lists of seconds, "
                          f"got {measured!r}")
+    for key, times in measured.items():
+        for i, seconds in enumerate(times):
+            require_real(f"measured[{key!r}][{i}]", seconds)
     return min(measured, key=lambda key: statistics.median(measured[key]))
 
 
