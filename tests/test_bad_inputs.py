@@ -12,6 +12,7 @@ recorded; `test_summary` (last) prints how many inputs were tried and the longes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -56,28 +57,44 @@ def poisoned(value: float):
     return change
 
 
-def train_checkpoint(folder: Path, params: dict | None = None, name: str = "ckpt.npz",
-                     **meta) -> str:
-    """A checkpoint as train_lm writes it (step 1), optionally with other params or meta."""
+CLI_SETTINGS = train.TRAIN_PRESETS["tiny"]  # what `python -m tfcourse.train` trains
+SHORT = train.TrainSettings(steps=2)  # the in-process cases' settings
+
+
+def train_checkpoint(folder: Path, params: dict | None = None, settings=CLI_SETTINGS,
+                     step: int = 1, name: str = "ckpt") -> str:
+    """A checkpoint folder as train_lm writes it after `step` steps of `settings`,
+    optionally with other params."""
     params = PARAMS if params is None else params
-    meta = {"step": 1, "losses": [3.0], **meta}
-    path = folder / name
     fresh_state = optim.adamw_init({k: np.zeros_like(v) for k, v in params.items()})
-    checkpoint.save_checkpoint(path, params, fresh_state, meta)
-    return str(path)
+    manifest = train.checkpoint_manifest(step, [3.0], TINY, settings, {"program": "test"}, [])
+    train.save_whole(str(folder / name), params, fresh_state, manifest, keep=5)
+    return str(folder / name)
 
 
 def foreign_checkpoint(folder: Path) -> str:
-    """A valid checkpoint that train_lm did not write: no step, no losses, no AdamW state."""
-    return str(checkpoint.save_checkpoint(folder / "other.npz", PARAMS, None, {"note": "mine"}))
+    """A folder that looks like a checkpoint but was written by another format version."""
+    step = checkpoint.step_folder(folder / "other", 1)
+    step.mkdir(parents=True)
+    (step / checkpoint.MANIFEST).write_text('{"format": 1, "step": 1}')
+    return str(folder / "other")
 
 
-def nan_checkpoint(folder: Path) -> str:
-    return train_checkpoint(folder, with_param("blocks.1.ffn.w2", poisoned(np.nan)))
+def nan_checkpoint(folder: Path, settings=CLI_SETTINGS) -> str:
+    return train_checkpoint(folder, with_param("blocks.1.ffn.w2", poisoned(np.nan)), settings)
 
 
-def float32_checkpoint(folder: Path) -> str:
-    return train_checkpoint(folder, {k: v.astype(np.float32) for k, v in PARAMS.items()})
+def float32_checkpoint(folder: Path, settings=CLI_SETTINGS) -> str:
+    return train_checkpoint(folder, {k: v.astype(np.float32) for k, v in PARAMS.items()},
+                            settings)
+
+
+def corrupt_checkpoint(folder: Path) -> str:
+    """A checkpoint folder whose newest manifest is not JSON."""
+    step = checkpoint.step_folder(folder / "bad", 1)
+    step.mkdir(parents=True)
+    (step / checkpoint.MANIFEST).write_bytes(b"\x00 not json")
+    return str(folder / "bad")
 
 
 def corrupt_file(folder: Path, name: str = "bad.npz") -> str:
@@ -218,32 +235,38 @@ IN_PROCESS = [
     case("train-seq-len-over-max-len", r"seq_len: expected at most max_len=32, got 64",
          lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=1, seq_len=64),
                                     progress="none")),
-    case("train-resume-missing", r"resume_from: no checkpoint file at '.*nope.npz'",
-         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
-                                    resume_from=str(tmp / "nope.npz"), progress="none")),
-    case("train-resume-corrupt", r"resume_from: '.*bad.npz' is truncated or corrupt",
-         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
-                                    resume_from=corrupt_file(tmp), progress="none")),
-    case("train-resume-nan", r"resume_from: .* NaN or infinite values in parameter "
+    case("train-resume-missing", r"--resume: no checkpoint folder at '.*nope'",
+         lambda tmp: train.train_lm(TINY, CORPUS, SHORT, resume_from=str(tmp / "nope"),
+                                    progress="none")),
+    case("train-resume-corrupt", r"--resume: '.*bad/step-00000001' has an unreadable "
+         r"MANIFEST.json",
+         lambda tmp: train.train_lm(TINY, CORPUS, SHORT, resume_from=corrupt_checkpoint(tmp),
+                                    progress="none")),
+    case("train-resume-nan", r"--resume: .* NaN or infinite values in parameter "
          r"'blocks.1.ffn.w2'",
-         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
-                                    resume_from=nan_checkpoint(tmp), progress="none")),
-    case("train-resume-other-dtype", r"resume_from: .*'tok_emb' has dtype float32 instead "
-         r"of float64",
-         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
-                                    resume_from=float32_checkpoint(tmp), progress="none")),
-    case("train-resume-foreign", r"resume_from: '.*other.npz' has no 'step' in its metadata "
-         r"\(not a checkpoint written by train_lm\)",
-         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
-                                    resume_from=foreign_checkpoint(tmp), progress="none")),
-    case("train-resume-bad-step", r"resume_from: .* has step -3 in its metadata",
-         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
-                                    resume_from=train_checkpoint(tmp, step=-3),
+         lambda tmp: train.train_lm(TINY, CORPUS, SHORT, progress="none",
+                                    resume_from=nan_checkpoint(tmp, SHORT))),
+    case("train-resume-other-dtype", r"--resume: .*param/tok_emb is float32 in the shard, "
+         r"float64 in the manifest",
+         lambda tmp: train.train_lm(TINY, CORPUS, SHORT, progress="none",
+                                    resume_from=float32_checkpoint(tmp, SHORT))),
+    case("train-resume-foreign", r"--resume: '.*other/step-00000001' has checkpoint format 1, "
+         r"expected 2",
+         lambda tmp: train.train_lm(TINY, CORPUS, SHORT, resume_from=foreign_checkpoint(tmp),
                                     progress="none")),
-    case("train-resume-past-steps", r"steps: expected at least the checkpoint's step 5",
-         lambda tmp: train.train_lm(TINY, CORPUS, train.TrainSettings(steps=2),
-                                    resume_from=train_checkpoint(tmp, step=5),
-                                    progress="none")),
+    case("train-resume-bad-step", r"--resume: .* has step -3 in its manifest, expected an "
+         r"integer >= 0",
+         lambda tmp: train.train_lm(TINY, CORPUS, SHORT, progress="none",
+                                    resume_from=train_checkpoint(tmp, settings=SHORT, step=-3))),
+    case("train-resume-past-steps", r"--resume: the checkpoint .* is at step 5, the run's "
+         r"last: there is nothing left to train",
+         lambda tmp: train.train_lm(TINY, CORPUS, SHORT, progress="none",
+                                    resume_from=train_checkpoint(tmp, settings=SHORT, step=5))),
+    case("train-resume-changed-lr", r"--resume: this run changes the checkpoint's settings "
+         r"\(lr 0.003 -> 0.5\)",
+         lambda tmp: train.train_lm(TINY, CORPUS, dataclasses.replace(SHORT, lr=0.5),
+                                    progress="none",
+                                    resume_from=train_checkpoint(tmp, settings=SHORT))),
     # attention (NaN/inf in activations, shapes, dtypes)
     case("softmax-nan", r"x: expected finite values or -inf, got nan at index \(0, 1\)",
          lambda tmp: attention.softmax(np.array([[0.0, np.nan]]))),
@@ -413,16 +436,23 @@ TRAIN_CASES = [
     train_case("checkpoint-every-negative", ["--checkpoint-every", "-1"],
                r"--checkpoint-every: expected a non-negative integer, got -1"),
     train_case("checkpoint-missing-folder",
-               lambda d: ["--checkpoint", str(d / "missing" / "c.npz"), "--checkpoint-every",
+               lambda d: ["--checkpoint", str(d / "missing" / "ck"), "--checkpoint-every",
                           "1"], r"--checkpoint: folder '.*missing' does not exist"),
-    train_case("resume-missing", lambda d: ["--resume", str(d / "nope.npz")],
-               r"resume_from: no checkpoint file at"),
-    train_case("resume-corrupt", lambda d: ["--resume", corrupt_file(d)],
-               r"resume_from: '.*bad.npz' is truncated or corrupt"),
+    train_case("checkpoint-is-a-file", lambda d: ["--checkpoint", text_file(d, "mine")],
+               r"--checkpoint: expected a folder for checkpoints, got the file"),
+    train_case("checkpoint-keep-zero", ["--keep", "0"], r"--keep: expected a positive integer"),
+    train_case("checkpoint-of-another-run", lambda d: ["--checkpoint", train_checkpoint(d)],
+               r"--checkpoint: .* holds another run's checkpoints"),
+    train_case("resume-missing", lambda d: ["--resume", str(d / "nope")],
+               r"--resume: no checkpoint folder at"),
+    train_case("resume-corrupt", lambda d: ["--resume", corrupt_checkpoint(d)],
+               r"--resume: .* has an unreadable MANIFEST.json"),
     train_case("resume-nan-checkpoint", lambda d: ["--resume", nan_checkpoint(d)],
-               r"resume_from: .* NaN or infinite values in parameter 'blocks.1.ffn.w2'"),
+               r"--resume: .* NaN or infinite values in parameter 'blocks.1.ffn.w2'"),
     train_case("resume-other-model", lambda d: ["--resume", float32_checkpoint(d)],
-               r"resume_from: .*has dtype float32 instead of float64"),
+               r"--resume: .*param/tok_emb is float32 in the shard, float64 in the manifest"),
+    train_case("resume-other-seed", lambda d: ["--resume", train_checkpoint(d), "--seed", "4"],
+               r"--resume: this run changes the checkpoint's settings \(seed 0 -> 4\)"),
     train_case("text-missing", lambda d: ["--text", str(d / "missing.txt")],
                r"path: no text file at '.*missing.txt'"),
     train_case("text-empty", lambda d: ["--text", text_file(d, "")], r"path: '.*' is empty"),

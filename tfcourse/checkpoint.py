@@ -350,6 +350,11 @@ def read_distributed(folder: str | os.PathLike) -> tuple[dict, dict, dict]:
                 full = arrays.setdefault((kind, name), np.empty(spec["shape"], spec["dtype"]))
                 count = filled.setdefault((kind, name), np.zeros(full.shape, np.int8))
                 index = _index_from_text(text, full.shape)
+                if piece.dtype != full.dtype or piece.shape != full[index].shape:
+                    raise ValueError(
+                        f"folder: {shard['file']}: {kind}/{name} is {piece.dtype} in the shard, "
+                        f"{full.dtype} in the manifest (piece {piece.shape} at [{text}] of "
+                        f"{full.shape})")
                 full[index] = piece
                 count[index] += 1
     for key in manifest["arrays"]:

@@ -264,6 +264,10 @@ def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings
         manifest = read_manifest(latest_checkpoint(folder))
     except ValueError as err:
         raise ValueError(f"--resume: {str(err).removeprefix('folder: ')}") from None
+    step = manifest.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"--resume: the checkpoint in {folder!r} has step {step!r} in its "
+                         f"manifest, expected an integer >= 0")
     if manifest.get("config") != config.to_dict():
         raise ValueError(f"--resume: the checkpoint in {folder!r} is of another model "
                          f"({manifest.get('config')}), expected {config.to_dict()}")
@@ -274,8 +278,8 @@ def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings
         raise ValueError(f"--resume: this run changes the checkpoint's settings ("
                          f"{', '.join(changed)}); resume with the settings it was written with, "
                          f"or start a new run")
-    if manifest["step"] >= settings.steps:
-        raise ValueError(f"--resume: the checkpoint in {folder!r} is at step {manifest['step']}, "
+    if step >= settings.steps:
+        raise ValueError(f"--resume: the checkpoint in {folder!r} is at step {step}, "
                          f"the run's last: there is nothing left to train")
     return manifest
 
