@@ -441,6 +441,9 @@ TRAIN_CASES = [
     train_case("checkpoint-is-a-file", lambda d: ["--checkpoint", text_file(d, "mine")],
                r"--checkpoint: expected a folder for checkpoints, got the file"),
     train_case("checkpoint-keep-zero", ["--keep", "0"], r"--keep: expected a positive integer"),
+    train_case("batch-size-huge", ["--batch-size", "1000000000"],
+               r"batch_size: a step of 1000000000 x 32 tokens needs at least .* GiB for its "
+               r"logits alone, more than this machine's"),
     train_case("checkpoint-of-another-run", lambda d: ["--checkpoint", train_checkpoint(d)],
                r"--checkpoint: .* holds another run's checkpoints"),
     train_case("resume-missing", lambda d: ["--resume", str(d / "nope")],
@@ -684,3 +687,15 @@ def test_summary():
           f"time to a clean error: {TIMINGS[slowest]:.2f} s ({slowest})")
     assert len(TRIED) >= 40
     assert TIMINGS[slowest] < FAST
+
+
+@pytest.mark.parametrize("module", [DP, TP, PP])
+def test_a_diverging_parallel_run_stops_with_one_clean_message(module):
+    """--lr 1e300 (issue 17): every rank sees the same non-finite loss and all stop with one
+    "error:" line naming --lr, exit status 2, no traceback."""
+    with pytest.raises(MPIJobError) as info:
+        run_mpi(module, ["--steps", "5", "--lr", "1e300"], n_ranks=2, timeout=60)
+    err = info.value.stderr
+    assert info.value.returncode == 2, err
+    assert err.count("error: loss: expected a finite value") == 1, err
+    assert "lower --lr, now 1e+300" in err and "Traceback" not in err, err

@@ -206,7 +206,7 @@ def test_only_complete_checkpoints_count_and_keep_prunes_the_oldest(tmp_path):
 
     arrays = {"param/w": {"shape": [2], "dtype": "float64"}}
     for step in (1, 2, 3):
-        shard = _write_pieces(tmp_path, 0, 1, {("param", "w", ""): np.full(2, step)}, step)
+        shard = _write_pieces(tmp_path, 0, 1, {("param", "w", ""): np.full(2, float(step))}, step)
         checkpoint.write_manifest(checkpoint.step_folder(tmp_path, step),
                                   _manifest([shard], arrays, step), keep=2)
     _write_pieces(tmp_path, 0, 1, {("param", "w", ""): np.zeros(2)}, 4)  # no manifest

@@ -140,16 +140,20 @@ def test_cli_bad_arguments_give_clear_errors(args, match, capsys):
 
 
 def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    import shutil
+
     folder = tmp_path / "ck"
-    assert train.main(["--steps", "2", "--progress", "none", "--checkpoint", str(folder)]) == 0
+    args = ["--steps", "4", "--progress", "none"]
+    assert train.main([*args, "--checkpoint", str(folder), "--checkpoint-every", "2"]) == 0
+    shutil.rmtree(folder / "step-00000004")  # resume from step 2, corrupted:
     shard = next((folder / "step-00000002").glob("shard-*.npz"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     shard.write_bytes(bytes(data))
-    assert train.main(["--steps", "2", "--progress", "none", "--resume", str(folder)]) == 2
+    assert train.main([*args, "--resume", str(folder)]) == 2
     assert "fails verification" in capsys.readouterr().err
     (folder / "step-00000002" / "MANIFEST.json").unlink()  # as if the save was interrupted
-    assert train.main(["--steps", "2", "--progress", "none", "--resume", str(folder)]) == 2
+    assert train.main([*args, "--resume", str(folder)]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
@@ -168,3 +172,24 @@ def test_the_notebook_progress_bar_updates_about_a_hundred_times_whatever_the_st
     for step in range(7):
         short.update(step, 1.0)
         assert short.bar.value == step + 1
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_keeps_the_last_checkpoint(
+        tmp_path, monkeypatch):
+    import errno
+
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=4)
+    folder = tmp_path / "ck"
+    real_write = train.write_shard
+
+    def full_after_the_first(step_folder, *args):
+        if step_folder.name != "step-00000002":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(step_folder, *args)
+
+    monkeypatch.setattr(train, "write_shard", full_after_the_first)
+    with pytest.raises(ValueError, match=r"--checkpoint: saving step 4 in .* failed \(No space "
+                                         r"left on device\); the previous complete checkpoint"):
+        run(settings, checkpoint=str(folder), checkpoint_every=2)
+    from tfcourse import checkpoint
+    assert checkpoint.latest_checkpoint(folder).name == "step-00000002"

@@ -97,10 +97,26 @@ class TrainSettings:
 
 
 def check_fits(config: TransformerConfig, settings: TrainSettings) -> None:
-    """The training windows must fit the model's position table."""
+    """The training windows must fit the model's position table, and one step's logits (a
+    lower bound on its memory: the activations come on top) this machine's memory."""
     if settings.seq_len > config.max_len:
         raise ValueError(f"seq_len: expected at most max_len={config.max_len}, "
                          f"got {settings.seq_len}")
+    logits = (settings.batch_size * settings.seq_len * config.vocab_size
+              * np.dtype(config.dtype).itemsize)
+    memory = _physical_memory()
+    if memory and logits > memory:
+        raise ValueError(f"batch_size: a step of {settings.batch_size} x {settings.seq_len} "
+                         f"tokens needs at least {logits / 2**30:,.0f} GiB for its logits alone, "
+                         f"more than this machine's {memory / 2**30:,.0f} GiB: use a smaller "
+                         f"batch")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not available on this system
+        return None
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:

@@ -267,8 +267,8 @@ def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting:
         run.state, loss, run.grads = step(run.state, x, y, index, log)
         run.step_seconds.append(time.perf_counter() - log.t0)
         if not math.isfinite(loss):  # the same loss on every rank: all stop together
-            raise FloatingPointError(f"loss: expected a finite value, got {loss} at step "
-                                     f"{index} (training diverged: lower the learning rate)")
+            stop_together(comm, f"loss: expected a finite value, got {loss} at step {index} "
+                                f"(training diverged: lower --lr, now {settings.lr})")
         run.times.add(run.step_seconds[-1], *log.communication_and_waiting())
         run.losses.append(loss)
         run.logs.append(log)
