@@ -441,6 +441,8 @@ TRAIN_CASES = [
     train_case("checkpoint-is-a-file", lambda d: ["--checkpoint", text_file(d, "mine")],
                r"--checkpoint: expected a folder for checkpoints, got the file"),
     train_case("checkpoint-keep-zero", ["--keep", "0"], r"--keep: expected a positive integer"),
+    train_case("checkpoint-name-too-long", lambda d: ["--checkpoint", str(d / ("c" * 300))],
+               r"--checkpoint: expected names of at most \d+ bytes"),
     train_case("batch-size-huge", ["--batch-size", "1000000000"],
                r"batch_size: a step of 1000000000 x 32 tokens needs at least .* GiB for its "
                r"logits alone, more than this machine's"),

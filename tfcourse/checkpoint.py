@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfcourse.files import write_atomic
+from tfcourse.files import check_path_lengths, write_atomic
 from tfcourse.nn.validate import require_same_keys
 
 FORMAT_KEY = "__tfcourse_checkpoint__"
@@ -226,6 +226,7 @@ def check_checkpoint_folder(name: str, folder: str | os.PathLike) -> Path:
     """A folder checkpoints can be saved in: an existing writable folder, or a new one in an
     existing writable folder. ValueError naming `name` otherwise."""
     folder = Path(folder)
+    check_path_lengths(name, folder / step_folder(".", 0) / shard_name(0, 1))
     if folder.exists():
         if not folder.is_dir():
             raise ValueError(f"{name}: expected a folder for checkpoints, got the file "

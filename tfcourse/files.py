@@ -47,7 +47,7 @@ def _shown(part: str) -> str:
     return part if len(part) <= 40 else f"{part[:24]}...{part[-12:]}"
 
 
-def _check_lengths(name: str, path: Path) -> None:
+def check_path_lengths(name: str, path: Path) -> None:
     """ValueError naming `name` if a file or folder name in `path`, or `path` itself, is
     longer than the file system allows (which the system would report as OSError 36, "File
     name too long")."""
@@ -99,7 +99,7 @@ def _target(name: str, path: Path) -> tuple[Path, int | None]:
     """The file that writing to `path` replaces - `path`, or the file a symbolic link there
     points to - and the mode it keeps (None: a new file). Raises ValueError naming `name` if
     that is not a regular file, if its folder does not exist, or if a name is too long."""
-    _check_lengths(name, path)
+    check_path_lengths(name, path)
     target = path
     if os.path.islink(path):  # never raises (Path.is_symlink does, for a too-long name)
         try:
