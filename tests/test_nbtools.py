@@ -23,10 +23,13 @@ def test_solution_block_becomes_indented_stub():
     )
     assert exercise_source(source) == (
         "def f(x):\n"
-        "    # YOUR CODE HERE\n"
-        "    raise NotImplementedError()\n"
+        "    # YOUR CODE HERE: write the body of f (the exercise above says what it returns)\n"
+        '    raise NotImplementedError("exercise: write the body of f, then run the check '
+        'cell below it")\n'
         "print('after')"
     )
+    top_level = exercise_source("### BEGIN SOLUTION\nanswer = 42\n### END SOLUTION")
+    assert top_level.startswith("# YOUR CODE HERE: write the code the exercise asks for")
 
 
 def test_hidden_tests_are_removed_and_visible_code_kept():
@@ -64,7 +67,7 @@ def _solution_notebook():
 def test_make_exercise_strips_outputs_keeps_tags_and_markdown():
     exercise = make_exercise(_solution_notebook())
     assert exercise.cells[0].source == "# Title"
-    assert "raise NotImplementedError()" in exercise.cells[1].source
+    assert "raise NotImplementedError(" in exercise.cells[1].source
     assert "return 1" not in exercise.cells[1].source
     assert exercise.cells[1].outputs == [] and exercise.cells[1].execution_count is None
     assert exercise.cells[2].metadata["tags"] == ["check"]

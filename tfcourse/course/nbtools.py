@@ -5,8 +5,8 @@
     python -m tfcourse.course.nbtools execute notebooks/*.ipynb solutions/*.ipynb
 
 Solution notebooks are the single source. Code between `### BEGIN SOLUTION` and
-`### END SOLUTION` (nbgrader's markers) becomes `# YOUR CODE HERE` and
-`raise NotImplementedError()` in the exercise; `### BEGIN HIDDEN TESTS` ...
+`### END SOLUTION` (nbgrader's markers) becomes a `# YOUR CODE HERE` line saying what to write
+and a NotImplementedError saying so (`stub_for`) in the exercise; `### BEGIN HIDDEN TESTS` ...
 `### END HIDDEN TESTS` blocks are removed. A markdown cell tagged `solution` (a worked
 derivation) becomes ANSWER_PROMPT in the exercise. Cells tagged `check` hold the self-checks that
 must pass on the solution and fail on the stub (tests/test_exercises.py runs both).
@@ -28,23 +28,36 @@ END_SOLUTION = "### END SOLUTION"
 BEGIN_HIDDEN = "### BEGIN HIDDEN TESTS"
 END_HIDDEN = "### END HIDDEN TESTS"
 STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
+
+
+def stub_for(function: str | None) -> tuple[str, ...]:
+    """The lines that replace a solution: what to write, and an error saying so if run."""
+    what = f"the body of {function}" if function else "this part"
+    return ("# YOUR CODE HERE: " + (f"write {what} (the exercise above says what it returns)"
+                                    if function else "write the code the exercise asks for"),
+            f'raise NotImplementedError("exercise: write {what}, then run the check cell '
+            f'below it")')
 CHECK_TAG = "check"
 SOLUTION_TAG = "solution"
 ANSWER_PROMPT = "*Your derivation here.*"
 
 
-def _replace_blocks(source: str, begin: str, end: str, stub: tuple[str, ...], where: str) -> str:
-    """Replace every begin..end block (markers included) by `stub` lines at the marker's indent."""
+def _replace_blocks(source: str, begin: str, end: str, stub, where: str) -> str:
+    """Replace every begin..end block (markers included) by stub lines at the marker's indent;
+    `stub`: the lines, or a function of the name of the enclosing `def` (None outside one)."""
     out: list[str] = []
-    inside = False
+    inside, function = False, None
     for number, line in enumerate(source.splitlines(), start=1):
         stripped = line.strip()
+        if stripped.startswith("def ") and not inside:
+            function = stripped[4:].split("(", 1)[0]
         if stripped == begin:
             if inside:
                 raise ValueError(f"{where}, line {number}: {begin!r} inside another block")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
-            out.extend(indent + s for s in stub)
+            lines = stub(function if indent else None) if callable(stub) else stub
+            out.extend(indent + s for s in lines)
         elif stripped == end:
             if not inside:
                 raise ValueError(f"{where}, line {number}: {end!r} without {begin!r}")
@@ -58,7 +71,7 @@ def _replace_blocks(source: str, begin: str, end: str, stub: tuple[str, ...], wh
 
 def exercise_source(source: str, where: str = "cell") -> str:
     """The exercise version of one code cell's source."""
-    source = _replace_blocks(source, BEGIN_SOLUTION, END_SOLUTION, STUB, where)
+    source = _replace_blocks(source, BEGIN_SOLUTION, END_SOLUTION, stub_for, where)
     return _replace_blocks(source, BEGIN_HIDDEN, END_HIDDEN, (), where)
 
 

@@ -1,0 +1,39 @@
+MUTATIONS = {
+    "softmax": {
+        "no max subtracted (overflows at 1e4)": """
+e = np.exp(x)
+return e / np.sum(e, axis=axis, keepdims=True)
+""",
+        "global max instead of the max along the axis": """
+e = np.exp(x - np.max(x))
+return e / np.sum(e, axis=axis, keepdims=True)
+""",
+        "normalised along the wrong axis": """
+e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+return e / np.sum(e, axis=0, keepdims=True)
+""",
+    },
+    "attend": {
+        "no 1/sqrt(d_k)": """
+scores = q @ np.swapaxes(k, -1, -2)
+if mask is not None:
+    scores = np.where(mask, scores, -np.inf)
+weights = softmax(scores, axis=-1)
+return weights @ v, weights
+""",
+        "inverted mask (True = masked out)": """
+scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+if mask is not None:
+    scores = np.where(mask, -np.inf, scores)
+weights = softmax(scores, axis=-1)
+return weights @ v, weights
+""",
+        "softmax over the queries": """
+scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+if mask is not None:
+    scores = np.where(mask, scores, -np.inf)
+weights = softmax(scores, axis=-2)
+return weights @ v, weights
+""",
+    },
+}
