@@ -49,3 +49,17 @@ def test_check_function_propagates_not_implemented():
 def test_check_true():
     with pytest.raises(AssertionError, match="must hold"):
         check.check_true("p", False, "must hold")
+
+
+def test_a_hint_follows_the_failure_and_is_optional(capsys):
+    with pytest.raises(AssertionError, match=r"values differ.*\n  hint: how many steps\?"):
+        check.check_close("x", [1.0], [2.0], hint="how many steps?")
+    with pytest.raises(AssertionError, match=r"in case 0.*\n  hint: sum or mean\?"):
+        check.check_function("f", lambda x: x, lambda x: 2 * x, [(1.0,)], hint="sum or mean?")
+    with pytest.raises(AssertionError, match=r"must hold\n  hint: ties\?"):
+        check.check_true("p", False, "must hold", hint="ties?")
+    with pytest.raises(AssertionError) as err:
+        check.check_close("x", [1.0], [2.0])
+    assert "hint" not in str(err.value)
+    check.check_close("x", [1.0], [1.0], hint="unused")
+    assert capsys.readouterr().out == "\u2713 x matches\n"

@@ -21,13 +21,29 @@ def _describe(x) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
+def _with_hint(message: str, hint: str) -> str:
+    """`message` followed by an indented 'hint:' line when there is a hint."""
+    return f"{message}\n  hint: {hint}" if hint else message
+
+
 def check_close(
-    name: str, actual, expected, rtol: float = 1e-6, atol: float = 1e-9, quiet: bool = False
+    name: str, actual, expected, rtol: float = 1e-6, atol: float = 1e-9, quiet: bool = False,
+    hint: str = "",
 ) -> None:
     """Assert `actual` equals `expected` element-wise within tolerance, explaining any gap.
 
-    Prints '<tick> name matches' on success unless `quiet`.
+    Prints '<tick> name matches' on success unless `quiet`. On failure, `hint` (the likely
+    cause, without the answer) is added to the message.
     """
+    try:
+        _check_close(name, actual, expected, rtol, atol)
+    except AssertionError as err:
+        raise AssertionError(_with_hint(str(err), hint)) from None
+    if not quiet:
+        print(f"{PASS} {name} matches")
+
+
+def _check_close(name: str, actual, expected, rtol: float, atol: float) -> None:
     if actual is None:
         raise AssertionError(f"{FAIL} {name}: got None - did you forget to return the result?")
     actual_arr = np.asarray(actual)
@@ -53,8 +69,6 @@ def check_close(
             f"at index {worst} expected {float(expected_arr[worst]):.6g}, "
             f"got {float(actual_arr[worst]):.6g}"
         )
-    if not quiet:
-        print(f"{PASS} {name} matches")
 
 
 def check_function(
@@ -64,10 +78,11 @@ def check_function(
     cases: Iterable[Sequence],
     rtol: float = 1e-6,
     atol: float = 1e-9,
+    hint: str = "",
 ) -> None:
     """Call `candidate(*case)` and `reference(*case)` for every case and compare them.
 
-    Prints '<tick> name: N cases match the reference' when all agree.
+    Prints '<tick> name: N cases match the reference' when all agree; `hint` as in check_close.
     """
     cases = list(cases)
     for i, case in enumerate(cases):
@@ -77,12 +92,13 @@ def check_function(
             check_close(name, actual, expected, rtol=rtol, atol=atol, quiet=True)
         except AssertionError as err:
             shapes = ", ".join(_describe(arg) for arg in case)
-            raise AssertionError(f"{err}\n  in case {i} with arguments: {shapes}") from None
+            raise AssertionError(_with_hint(f"{err}\n  in case {i} with arguments: {shapes}",
+                                            hint)) from None
     print(f"{PASS} {name}: {len(cases)} cases match the reference")
 
 
-def check_true(name: str, condition: bool, explanation: str) -> None:
-    """Assert a property; `explanation` says what should hold."""
+def check_true(name: str, condition: bool, explanation: str, hint: str = "") -> None:
+    """Assert a property; `explanation` says what should hold (`hint`: as in check_close)."""
     if not condition:
-        raise AssertionError(f"{FAIL} {name}: {explanation}")
+        raise AssertionError(_with_hint(f"{FAIL} {name}: {explanation}", hint))
     print(f"{PASS} {name}: {explanation}")
