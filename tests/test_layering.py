@@ -13,7 +13,8 @@ Layers, lowest first (a module may import its own layer and the ones below):
   6 parallel.program, parallel.comm, the program skeleton, the collectives (MPI), checkpoints
     parallel.checkpointing
   7 parallel programs                data_parallel, tensor_parallel, ... (MPI)
-  8 parallel.study, hello shim       runners over the programs
+  8 parallel.study, hello shim,      runners over the programs
+    check (learner code under MPI)
   9 course                           notebooks' tooling: check, nbtools, widgets, viz
 """
 
@@ -35,7 +36,7 @@ LAYERS = [  # (module-name prefix, layer); the longest matching prefix wins
     ("tfcourse.parallel.program", 6), ("tfcourse.parallel.comm", 6),
     ("tfcourse.parallel.checkpointing", 6),
     ("tfcourse.parallel", 7),
-    ("tfcourse.parallel.study", 8), ("tfcourse.hello", 8),
+    ("tfcourse.parallel.study", 8), ("tfcourse.hello", 8), ("tfcourse.check", 8),
     ("tfcourse.course", 9),
 ]
 MPI_ALLOWED = ("tfcourse.parallel.program", "tfcourse.parallel.comm", "tfcourse.parallel.")

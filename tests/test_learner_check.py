@@ -1,0 +1,92 @@
+"""`python -m tfcourse.check NAME FILE` runs a learner's MPI function under real mpiexec: the
+library's own algorithm passes at 1-4 ranks, and classic wrong answers are rejected with a
+message that points at the cause (issue 18)."""
+
+import inspect
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tfcourse import check as mpi_check
+from tfcourse.parallel import comm
+
+pytestmark = pytest.mark.mpi
+
+
+def library_source(name: str) -> str:
+    source = inspect.getsource(getattr(comm, name))
+    return mpi_check.HEADER + source.replace("tuple[int, int]", "tuple").replace(
+        "np.ndarray", "object").replace("MPI.Comm", "object")
+
+
+def write(tmp_path, name: str, source: str):
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    return path
+
+
+@pytest.mark.parametrize("name", mpi_check.NAMES)
+def test_the_library_algorithm_passes_at_one_to_four_ranks(tmp_path, name):
+    path = write(tmp_path, name, library_source(name))
+    proc = subprocess.run([sys.executable, "-m", "tfcourse.check", name, str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"✓ {name}: equals the library under mpiexec with 1, 2, 3, 4")
+
+
+DEADLOCK = r"no answer within \d+ s - a deadlock\? Every rank must send and receive"
+WRONG = {  # name: (function, right line, wrong line, what the message must say)
+    "p steps instead of p - 1": ("ring_reduce_scatter", "for step in range(p - 1):",
+                                 "for step in range(p):",
+                                 r", rank \d: .*sent 4 messages, expected p - 1 = 3"),
+    # the chunks sent and expected differ in size: the ranks wait for each other forever
+    "the wrong neighbour": ("ring_reduce_scatter", "right, left = (r + 1) % p, (r - 1) % p",
+                            "right, left = (r - 1) % p, (r + 1) % p", DEADLOCK),
+    "received chunk overwrites instead of adding": (
+        "ring_reduce_scatter", "buf[recv_lo:recv_hi] += incoming",
+        "buf[recv_lo:recv_hi] = incoming",
+        r", rank \d: .*(is wrong at|every step must add exactly one received chunk)"),
+    "all-gather forwards the wrong chunk": (
+        "ring_all_gather", "bounds[(r + 1 - step) % p]", "bounds[(r - step) % p]", DEADLOCK),
+    "all-gather stops one step early": (
+        "ring_all_gather", "for step in range(p - 1):", "for step in range(p - 2):",
+        r", rank \d: .*expected"),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG)
+def test_classic_wrong_answers_are_rejected_with_a_pointer(tmp_path, wrong):
+    name, right, mistake, says = WRONG[wrong]
+    source = library_source(name)
+    assert right in source
+    path = write(tmp_path, name, source.replace(right, mistake))
+    with pytest.raises(AssertionError, match=f"{name} under mpiexec -n 4{says}"
+                       if says != DEADLOCK else f"{name} under mpiexec -n 4: {says}"):
+        mpi_check.run_check(name, path, ranks=(4,), timeout=15)
+
+
+def test_bad_arguments_exit_2_before_any_job(tmp_path):
+    no_function = write(tmp_path, "x", "y = 1\n")
+    for args, says in [(["nope", str(no_function)], "NAME: expected one of"),
+                       (["ring_all_gather", str(tmp_path / "missing.py")], "FILE: no file"),
+                       (["ring_all_gather", str(no_function)], "defines no function")]:
+        proc = subprocess.run([sys.executable, "-m", "tfcourse.check", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode in (1, 2) and says in proc.stderr, proc.stderr
+
+
+def test_a_notebook_function_is_saved_with_its_imports_and_checked(tmp_path, capsys):
+    namespace = {}
+    exec(textwrap.dedent(library_source("ring_all_gather")), namespace)
+    fn = namespace["ring_all_gather"]
+    fn.__module__ = "__main__"
+    # inspect.getsource needs a file: give the function one, as IPython does for cells
+    path = write(tmp_path, "cell", library_source("ring_all_gather"))
+    code = compile(path.read_text(), str(path), "exec")
+    namespace = {}
+    exec(code, namespace)
+    line = mpi_check.check_under_mpi("ring_all_gather", namespace["ring_all_gather"],
+                                     ranks=(3,))
+    assert line.startswith("✓ ring_all_gather") and line in capsys.readouterr().out

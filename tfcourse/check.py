@@ -1,0 +1,84 @@
+"""Check a learner's MPI function under real mpiexec, at 1 to 4 ranks (odd sizes included).
+
+    python -m tfcourse.check ring_reduce_scatter my_ring.py
+
+FILE defines a function with the library function's name and signature (see
+tfcourse.parallel.comm). Exit status 0 with one line when it equals the library at every rank
+count and data-parallel training with it equals serial training; 1 with what differs (ranks,
+rank, chunk, expected and got) otherwise; 2 for bad arguments. From a notebook,
+`check_under_mpi(name, function)` saves the function's source to a file and does the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
+
+NAMES = ("ring_reduce_scatter", "ring_all_gather")
+RANKS = (1, 2, 3, 4)
+HEADER = ("import numpy as np\nfrom mpi4py import MPI\n\n"
+          "from tfcourse.parallel.plans.batches import chunk_bounds\n\n\n")
+
+
+def run_check(name: str, path: str | Path, ranks=RANKS, timeout: float = 60.0) -> str:
+    """Run the learner's `name` from `path` at each number of ranks; returns the success line,
+    raises AssertionError with what differs (or ValueError for bad arguments)."""
+    if name not in NAMES:
+        raise ValueError(f"NAME: expected one of {list(NAMES)}, got {name!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"FILE: no file at {str(path)!r}")
+    for n in ranks:
+        try:
+            result = run_mpi("tfcourse.parallel.learner", [name, str(path)], n_ranks=n,
+                             timeout=timeout).result
+        except MPITimeoutError:
+            raise AssertionError(
+                f"{name} under mpiexec -n {n}: no answer within {timeout:.0f} s - a deadlock? "
+                f"Every rank must send and receive in every step (Sendrecv does both)"
+            ) from None
+        except MPIJobError as err:
+            raise AssertionError(f"{name} under mpiexec -n {n} failed: {err}") from None
+        if not result["ok"]:
+            raise AssertionError(f"{name} under mpiexec -n {n}, {result['problem']}")
+    return (f"✓ {name}: equals the library under mpiexec with {', '.join(map(str, ranks))} "
+            f"ranks, and data-parallel training with it equals serial training")
+
+
+def check_under_mpi(name: str, function, ranks=RANKS, timeout: float = 60.0) -> str:
+    """For notebooks: save `function`'s source (with numpy, MPI and chunk_bounds imported) to
+    a temporary file and run_check it; prints and returns the success line."""
+    if not callable(function) or function.__name__ != name:
+        raise ValueError(f"function: expected a function named {name!r}, got {function!r}")
+    with tempfile.TemporaryDirectory(prefix="tfcourse-learner-") as folder:
+        path = Path(folder) / f"{name}.py"
+        path.write_text(HEADER + textwrap.dedent(inspect.getsource(function)))
+        line = run_check(name, path, ranks, timeout)
+    print(line)
+    return line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tfcourse.check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", metavar="NAME", help=f"one of {', '.join(NAMES)}")
+    parser.add_argument("file", metavar="FILE")
+    args = parser.parse_args(argv)
+    try:
+        print(run_check(args.name, args.file))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except AssertionError as err:
+        print(f"✗ {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Run a learner's version of one of the course's MPI functions for real, under mpiexec, and
+compare it with the library's (issue 18: the learner writes the algorithms).
+
+    mpiexec -n 3 python -m mpi4py -m tfcourse.parallel.learner ring_reduce_scatter my_ring.py
+
+`my_ring.py` defines a function with the library function's name and signature. Every rank
+runs it on the same inputs as the library function and compares, buffer for buffer; it also
+counts the messages each rank sends (a ring of p ranks needs p - 1 steps), then trains the
+model with data parallelism using the learner's function in the library's place and compares
+the losses with serial training. Rank 0 prints one line and writes --json: {"ok", "problem"}.
+Start it with `python -m tfcourse.check NAME FILE` (all rank counts, one command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from tfcourse.files import write_json_atomic
+from tfcourse.parallel import comm as collectives
+from tfcourse.parallel.plans.batches import chunk_bounds
+from tfcourse.parallel.program import agree_on_arguments, program_parser
+
+LENGTHS = (1, 2, 3, 7, 1001)
+
+
+class CountingComm:
+    """A communicator that counts the point-to-point messages this rank sends (and their
+    bytes) and passes everything to the real one."""
+
+    SENDS = ("Send", "Isend", "Sendrecv", "Ssend", "send", "isend", "sendrecv", "ssend")
+
+    def __init__(self, comm):
+        self._comm, self.messages, self.bytes = comm, 0, 0
+
+    def __getattr__(self, name):
+        attribute = getattr(self._comm, name)
+        if name not in self.SENDS:
+            return attribute
+
+        def counted(buf, *args, **kwargs):
+            self.messages += 1
+            self.bytes += int(getattr(buf, "nbytes", 0))
+            return attribute(buf, *args, **kwargs)
+        return counted
+
+
+def _data(comm, n: int, dtype) -> np.ndarray:
+    rng = np.random.default_rng([comm.rank, n])
+    return (rng.standard_normal(n) * 100).astype(dtype)
+
+
+def _differs(got: np.ndarray, want: np.ndarray) -> str | None:
+    """Where `got` first differs from `want`, or None."""
+    close = (got == want) if got.dtype.kind in "iu" else np.isclose(got, want, rtol=1e-12,
+                                                                     atol=1e-9)
+    if close.all():
+        return None
+    i = int(np.argmin(close))
+    return f"element {i}: expected {want[i].item()!r}, got {got[i].item()!r}"
+
+
+def _messages(counter: CountingComm, p: int) -> str | None:
+    if counter.messages != p - 1:
+        return (f"sent {counter.messages} messages, expected p - 1 = {p - 1} (one per ring "
+                f"step): how many steps does a ring of p ranks need?")
+    return None
+
+
+def check_ring_reduce_scatter(fn, comm):
+    """Yields, case by case, this rank's problem (None if the case passed)."""
+    p, r = comm.size, comm.rank
+    for n in LENGTHS:
+        for dtype in (np.int64, np.float64):
+            data = _data(comm, n, dtype)
+            want = data.copy()
+            want_bounds = collectives.ring_reduce_scatter(want, comm)
+            got, counter = data.copy(), CountingComm(comm)
+            got_bounds = fn(got, counter)
+            owned = chunk_bounds(n, p)[(r + 1) % p]
+            where = f"n={n} {np.dtype(dtype).name}"
+            lo, hi = owned
+            if tuple(got_bounds) != tuple(want_bounds):
+                yield f"{where}: returned bounds {tuple(got_bounds)}, expected {owned}"
+            elif problem := _differs(got[lo:hi], want[lo:hi]):
+                yield f"{where}: the owned chunk {(r + 1) % p} ({lo}:{hi}) is wrong at {problem}"
+            elif problem := _messages(counter, p):
+                yield f"{where}: {problem}"
+            elif problem := _differs(got, want):
+                yield (f"{where}: a chunk this rank does not own differs from the library's "
+                       f"ring ({problem}): every step must add exactly one received chunk")
+            else:
+                yield None
+
+
+def check_ring_all_gather(fn, comm):
+    """Yields, case by case, this rank's problem (None if the case passed)."""
+    p, r = comm.size, comm.rank
+    for n in LENGTHS:
+        for dtype in (np.int64, np.float64):
+            full = np.arange(n, dtype=dtype) * 3 + 1  # what every rank must end with
+            lo, hi = chunk_bounds(n, p)[(r + 1) % p]
+            got = np.full(n, -7, dtype=dtype)
+            got[lo:hi] = full[lo:hi]  # each rank starts owning chunk (rank + 1) % p
+            counter = CountingComm(comm)
+            fn(got, counter)
+            problem = _differs(got, full) or _messages(counter, p)
+            yield f"n={n} {np.dtype(dtype).name}: {problem}" if problem else None
+
+
+CHECKS = {"ring_reduce_scatter": check_ring_reduce_scatter,
+          "ring_all_gather": check_ring_all_gather}
+
+
+def load_function(name: str, path: str):
+    """The function `name` that the learner's file defines (ValueError naming the file)."""
+    source = Path(path)
+    if not source.is_file():
+        raise ValueError(f"FILE: no file at {path!r}")
+    namespace = {"__name__": "learner"}
+    try:
+        exec(compile(source.read_text(), str(source), "exec"), namespace)
+    except Exception as err:  # noqa: BLE001 - any error in the learner's file is reported
+        raise ValueError(f"FILE: {path!r} does not run: {type(err).__name__}: {err}") from None
+    fn = namespace.get(name)
+    if not callable(fn):
+        raise ValueError(f"FILE: {path!r} defines no function {name!r}")
+    return fn
+
+
+def train_with(name: str, fn, comm) -> str | None:
+    """Data-parallel training (3 steps, ring all-reduce) with the learner's function in the
+    library's place must give the serial losses."""
+    from tfcourse import train
+    from tfcourse.parallel import data_parallel
+
+    setattr(collectives, name, fn)  # ring_allreduce looks its steps up here at each call
+    args = data_parallel.parse_args(["--config", "tiny", "--steps", "3", "--allreduce", "ring",
+                                     "--batch-size", "6"])
+    setup = data_parallel.prepare(args, comm.size)
+    losses = data_parallel.run(args, setup, comm)["losses"]
+    if comm.rank != 0:
+        return None
+    serial = train.train_lm(setup.config, setup.corpus, setup.settings, progress="none")["losses"]
+    if not np.allclose(losses, serial, rtol=1e-10, atol=0):
+        return (f"data-parallel training with it gives losses {np.round(losses, 6).tolist()}, "
+                f"serial training {np.round(serial, 6).tolist()}")
+    return None
+
+
+def first_failure(comm, cases) -> list[tuple[int, str]]:
+    """Run the cases in step on every rank (all ranks agree after each, so none goes on to the
+    next collective alone); [(rank, problem), ...] of the first case that failed anywhere."""
+    while True:
+        try:
+            problem = next(cases)
+        except StopIteration:
+            problem, done = None, True
+        except Exception as err:  # noqa: BLE001 - the learner's code failed on this rank
+            problem, done = f"raised {type(err).__name__}: {err}", True
+        else:
+            done = False
+        problems = comm.allgather(problem)
+        failed = [(rank, p) for rank, p in enumerate(problems) if p]
+        if failed or all(comm.allgather(done)):
+            return failed
+
+
+def main(argv=None) -> int:
+    parser = program_parser("tfcourse.parallel.learner", __doc__, training=False)
+    parser.add_argument("name", choices=sorted(CHECKS))
+    parser.add_argument("file")
+    args: argparse.Namespace = parser.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    fn = agree_on_arguments(comm, lambda: load_function(args.name, args.file), args.json)
+    failed = first_failure(comm, CHECKS[args.name](fn, comm))
+    if not failed:
+        problems = comm.allgather(train_with(args.name, fn, comm))
+        failed = [(rank, p) for rank, p in enumerate(problems) if p]
+    if comm.rank == 0:
+        result = {"ok": not failed, "world_size": comm.size,
+                  "problem": f"rank {failed[0][0]}: {failed[0][1]}" if failed else None}
+        print(f"{args.name} on {comm.size} rank(s): " + ("equals the library, and training "
+              "with it equals serial" if not failed else result["problem"]), flush=True)
+        if args.json:
+            write_json_atomic(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
