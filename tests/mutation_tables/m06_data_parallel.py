@@ -1,0 +1,80 @@
+"""Classic wrong answers to chapter 6's exercises (see __init__.py)."""
+MUTATIONS = {
+    "ring_reduce_scatter": {
+        "p steps instead of p - 1": """
+for step in range(p):
+    messages = []
+    for r in range(p):
+        lo, hi = bounds[(r - step) % p]
+        messages.append(((r + 1) % p, lo, hi, bufs[r][lo:hi].copy()))
+    for dest, lo, hi, chunk in messages:
+        bufs[dest][lo:hi] += chunk
+""",
+        "sends to the left neighbour": """
+for step in range(p - 1):
+    messages = []
+    for r in range(p):
+        lo, hi = bounds[(r - step) % p]
+        messages.append(((r - 1) % p, lo, hi, bufs[r][lo:hi].copy()))
+    for dest, lo, hi, chunk in messages:
+        bufs[dest][lo:hi] += chunk
+""",
+        "received chunk copied instead of added (all-gather's step)": """
+for step in range(p - 1):
+    messages = []
+    for r in range(p):
+        lo, hi = bounds[(r - step) % p]
+        messages.append(((r + 1) % p, lo, hi, bufs[r][lo:hi].copy()))
+    for dest, lo, hi, chunk in messages:
+        bufs[dest][lo:hi] = chunk
+""",
+        "sends chunk (r + s) instead of (r - s)": """
+for step in range(p - 1):
+    messages = []
+    for r in range(p):
+        lo, hi = bounds[(r + step) % p]
+        messages.append(((r + 1) % p, lo, hi, bufs[r][lo:hi].copy()))
+    for dest, lo, hi, chunk in messages:
+        bufs[dest][lo:hi] += chunk
+""",
+    },
+    "average_gradients": {
+        "plain mean over ranks (ignores uneven slices)": """
+return {name: sum(g[name] for g in grads) / len(grads) for name in grads[0]}
+""",
+        "sum over ranks (no averaging)": """
+return {name: sum(g[name] for g in grads) for name in grads[0]}
+""",
+        "weighted by n_r, then divided by the number of ranks": """
+return {name: sum(g[name] * n for g, n in zip(grads, sizes)) / len(grads) for name in grads[0]}
+""",
+    },
+    "assign_owners": {
+        "contiguous blocks of names, same count per rank": """
+names = list(sizes)
+return {name: i * world_size // len(names) for i, name in enumerate(names)}
+""",
+        "round-robin over the largest-first order": """
+order = sorted(sizes, key=lambda n: -sizes[n])
+return {name: i % world_size for i, name in enumerate(order)}
+""",
+        "least loaded rank, but in the dict's order (not largest first)": """
+load = [0] * world_size
+owners = {}
+for name in sizes:
+    rank = int(np.argmin(load))
+    owners[name] = rank
+    load[rank] += sizes[name]
+return owners
+""",
+        "balances the number of tensors, not their sizes": """
+count = [0] * world_size
+owners = {}
+for name in sorted(sizes, key=lambda n: -sizes[n]):
+    rank = int(np.argmin(count))
+    owners[name] = rank
+    count[rank] += 1
+return owners
+""",
+    },
+}

@@ -1,0 +1,82 @@
+"""Classic wrong answers to chapter 7's exercises (see __init__.py)."""
+MUTATIONS = {
+    "row_parallel_forward": {
+        "bias added on every rank": """
+return sum(x @ w + b for x, w in zip(x_parts, w_parts))
+""",
+        "bias forgotten": """
+return sum(x @ w for x, w in zip(x_parts, w_parts))
+""",
+        "partial products averaged instead of summed": """
+return sum(x @ w for x, w in zip(x_parts, w_parts)) / len(w_parts) + b
+""",
+    },
+    "row_parallel_backward": {
+        "dX divided by the number of ranks": """
+dy_2d = dy.reshape(-1, dy.shape[-1])
+dx_parts = [dy @ w.T / len(w_parts) for w in w_parts]
+dw_parts = [x.reshape(-1, x.shape[-1]).T @ dy_2d for x in x_parts]
+return dx_parts, dw_parts, dy_2d.sum(axis=0)
+""",
+        "bias gradient averaged over the batch": """
+dy_2d = dy.reshape(-1, dy.shape[-1])
+dx_parts = [dy @ w.T for w in w_parts]
+dw_parts = [x.reshape(-1, x.shape[-1]).T @ dy_2d for x in x_parts]
+return dx_parts, dw_parts, dy_2d.mean(axis=0)
+""",
+        "bias gradient counted once per rank": """
+dy_2d = dy.reshape(-1, dy.shape[-1])
+dx_parts = [dy @ w.T for w in w_parts]
+dw_parts = [x.reshape(-1, x.shape[-1]).T @ dy_2d for x in x_parts]
+return dx_parts, dw_parts, len(w_parts) * dy_2d.sum(axis=0)
+""",
+        "dW from the first batch element only": """
+dy_2d = dy.reshape(-1, dy.shape[-1])
+dx_parts = [dy @ w.T for w in w_parts]
+dw_parts = [x[0].T @ dy[0] for x in x_parts]
+return dx_parts, dw_parts, dy_2d.sum(axis=0)
+""",
+    },
+    "g_forward": {
+        "no all-reduce: each rank keeps its partial": """
+return [p.copy() for p in partials]
+""",
+        "all-reduce mean instead of sum": """
+mean = sum(partials) / len(partials)
+return [mean.copy() for _ in partials]
+""",
+        "one array instead of one per rank": """
+return sum(partials)
+""",
+    },
+    "g_backward": {
+        "all-reduce sum (f's backward)": """
+total = sum(douts)
+return [total.copy() for _ in douts]
+""",
+        "all-reduce mean": """
+mean = sum(douts) / len(douts)
+return [mean.copy() for _ in douts]
+""",
+        "each rank's share: divided by the number of ranks": """
+return [d / len(douts) for d in douts]
+""",
+        "every rank takes rank 0's gradient (a broadcast)": """
+return [douts[0].copy() for _ in douts]
+""",
+    },
+    "gpipe_schedule": {
+        "each micro-batch's backward right after its forward": """
+return [op for i in range(m) for op in (("F", i), ("B", i))]
+""",
+        "backwards in forward order": """
+return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+""",
+        "backwards before forwards (deadlocks)": """
+return [("B", i) for i in reversed(range(m))] + [("F", i) for i in range(m)]
+""",
+        "last micro-batch forgotten": """
+return [("F", i) for i in range(m - 1)] + [("B", i) for i in reversed(range(m - 1))]
+""",
+    },
+}

@@ -1,0 +1,88 @@
+"""Classic wrong answers to chapter 8's exercises (see __init__.py)."""
+MUTATIONS = {
+    "master_worker": {
+        "static round-robin (task i to worker i mod n)": """
+free_at = [0.0] * n_workers
+timeline = []
+for task_id, cost in enumerate(costs):
+    worker = task_id % n_workers
+    timeline.append({"id": task_id, "worker": worker, "start": free_at[worker],
+                     "end": free_at[worker] + cost})
+    free_at[worker] += cost
+return timeline
+""",
+        "ties go to the highest worker number": """
+free_at = [0.0] * n_workers
+timeline = []
+for task_id, cost in enumerate(costs):
+    worker = min(range(n_workers), key=lambda w: (free_at[w], -w))
+    timeline.append({"id": task_id, "worker": worker, "start": free_at[worker],
+                     "end": free_at[worker] + cost})
+    free_at[worker] += cost
+return timeline
+""",
+        "worker with the fewest tasks, not the first free": """
+done = [0] * n_workers
+free_at = [0.0] * n_workers
+timeline = []
+for task_id, cost in enumerate(costs):
+    worker = min(range(n_workers), key=lambda w: (done[w], w))
+    timeline.append({"id": task_id, "worker": worker, "start": free_at[worker],
+                     "end": free_at[worker] + cost})
+    free_at[worker] += cost
+    done[worker] += 1
+return timeline
+""",
+        "end = cost (the start forgotten)": """
+free_at = [0.0] * n_workers
+timeline = []
+for task_id, cost in enumerate(costs):
+    worker = min(range(n_workers), key=lambda w: (free_at[w], w))
+    timeline.append({"id": task_id, "worker": worker, "start": free_at[worker], "end": cost})
+    free_at[worker] += cost
+return timeline
+""",
+    },
+    "merge": {
+        "no rescale: l and acc simply added": """
+m_a, l_a, acc_a = a
+m_b, l_b, acc_b = b
+return np.maximum(m_a, m_b), l_a + l_b, acc_a + acc_b
+""",
+        "a's maximum instead of the larger (overflows)": """
+m_a, l_a, acc_a = a
+m_b, l_b, acc_b = b
+m = m_a
+scale_a, scale_b = np.exp(m_a - m), np.exp(m_b - m)
+return m, scale_a * l_a + scale_b * l_b, scale_a * acc_a + scale_b * acc_b
+""",
+        "the smaller maximum (overflows)": """
+m_a, l_a, acc_a = a
+m_b, l_b, acc_b = b
+m = np.minimum(m_a, m_b)
+scale_a, scale_b = np.exp(m_a - m), np.exp(m_b - m)
+return m, scale_a * l_a + scale_b * l_b, scale_a * acc_a + scale_b * acc_b
+""",
+        "rescaled by exp(m - m_side) (sign inverted)": """
+m_a, l_a, acc_a = a
+m_b, l_b, acc_b = b
+m = np.maximum(m_a, m_b)
+scale_a, scale_b = np.exp(m - m_a), np.exp(m - m_b)
+return m, scale_a * l_a + scale_b * l_b, scale_a * acc_a + scale_b * acc_b
+""",
+        "l rescaled but acc not": """
+m_a, l_a, acc_a = a
+m_b, l_b, acc_b = b
+m = np.maximum(m_a, m_b)
+scale_a, scale_b = np.exp(m_a - m), np.exp(m_b - m)
+return m, scale_a * l_a + scale_b * l_b, acc_a + acc_b
+""",
+        "returns a's maximum with sums relative to the larger": """
+m_a, l_a, acc_a = a
+m_b, l_b, acc_b = b
+m = np.maximum(m_a, m_b)
+scale_a, scale_b = np.exp(m_a - m), np.exp(m_b - m)
+return m_a, scale_a * l_a + scale_b * l_b, scale_a * acc_a + scale_b * acc_b
+""",
+    },
+}

@@ -1,0 +1,45 @@
+"""Classic wrong answers to chapter 9's exercises (see __init__.py)."""
+MUTATIONS = {
+    "speedup_and_efficiency": {
+        "speed-up inverted (t_p / t_1)": """
+speedup = t_p / t_1
+return speedup, speedup / p
+""",
+        "efficiency multiplied by p": """
+speedup = t_1 / t_p
+return speedup, speedup * p
+""",
+        "efficiency as 1 - 1/speed-up": """
+speedup = t_1 / t_p
+return speedup, 1 - 1 / speedup
+""",
+    },
+    "implied_serial_fraction": {
+        "1 - efficiency": """
+return 1 - speedup / p
+""",
+        "inverted: (speed-up - 1) / (p - 1)": """
+return (speedup - 1) / (p - 1)
+""",
+        "not divided by p - 1": """
+return p / speedup - 1
+""",
+        "1 / speed-up (the serial share of the time)": """
+return 1 / speedup
+""",
+    },
+    "predict_data_parallel_step": {
+        "compute not divided by p": """
+return compute_s + cm.ring_allreduce_time(grad_bytes, p, alpha, beta)
+""",
+        "bandwidth term without 1/p: 2 (p - 1) grad_bytes beta": """
+return compute_s / p + 2 * (p - 1) * (alpha + grad_bytes * beta)
+""",
+        "latency term forgotten": """
+return compute_s / p + 2 * (p - 1) / p * grad_bytes * beta
+""",
+        "communication overlapped (max)": """
+return max(compute_s / p, cm.ring_allreduce_time(grad_bytes, p, alpha, beta))
+""",
+    },
+}
