@@ -6,6 +6,7 @@ themselves must pass the same way (the control)."""
 import contextlib
 import importlib
 import io
+import linecache
 import os
 import re
 import textwrap
@@ -74,9 +75,11 @@ def run(nb, replaced: dict[int, str] | None = None) -> tuple[int | None, str]:
             if cell.cell_type != "code":
                 continue
             source = (replaced or {}).get(index, cell.source)
+            name = f"<solution cell {index}>"  # as IPython does, so inspect.getsource works
+            linecache.cache[name] = (len(source), None, source.splitlines(True), name)
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
-                    exec(compile(source, f"cell {index}", "exec"), namespace)
+                    exec(compile(source, name, "exec"), namespace)
             except Exception as err:  # noqa: BLE001 - any failure is reported
                 return index, f"{type(err).__name__}: {err}"
     finally:

@@ -50,17 +50,15 @@ def run_check(name: str, path: str | Path, ranks=RANKS, timeout: float = 60.0) -
             f"ranks, and data-parallel training with it equals serial training")
 
 
-def check_under_mpi(name: str, function, ranks=RANKS, timeout: float = 60.0) -> str:
+def check_under_mpi(name: str, function, ranks=RANKS, timeout: float = 60.0) -> None:
     """For notebooks: save `function`'s source (with numpy, MPI and chunk_bounds imported) to
-    a temporary file and run_check it; prints and returns the success line."""
+    a temporary file and run_check it; prints the success line (AssertionError otherwise)."""
     if not callable(function) or function.__name__ != name:
         raise ValueError(f"function: expected a function named {name!r}, got {function!r}")
     with tempfile.TemporaryDirectory(prefix="tfcourse-learner-") as folder:
         path = Path(folder) / f"{name}.py"
         path.write_text(HEADER + textwrap.dedent(inspect.getsource(function)))
-        line = run_check(name, path, ranks, timeout)
-    print(line)
-    return line
+        print(run_check(name, path, ranks, timeout))
 
 
 def main(argv=None) -> int:

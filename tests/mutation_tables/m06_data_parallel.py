@@ -1,6 +1,6 @@
 """Classic wrong answers to chapter 6's exercises (see __init__.py)."""
 MUTATIONS = {
-    "ring_reduce_scatter": {
+    "simulate_reduce_scatter": {
         "p steps instead of p - 1": """
 for step in range(p):
     messages = []
@@ -36,6 +36,56 @@ for step in range(p - 1):
         messages.append(((r + 1) % p, lo, hi, bufs[r][lo:hi].copy()))
     for dest, lo, hi, chunk in messages:
         bufs[dest][lo:hi] += chunk
+""",
+    },
+    "ring_reduce_scatter": {  # on real ranks, under mpiexec (tfcourse.check)
+        "p steps instead of p - 1": """
+right, left = (r + 1) % p, (r - 1) % p
+incoming = np.empty(max(hi - lo for lo, hi in bounds), dtype=buf.dtype)
+for step in range(p):
+    send_lo, send_hi = bounds[(r - step) % p]
+    recv_lo, recv_hi = bounds[(r - step - 1) % p]
+    chunk = incoming[: recv_hi - recv_lo]
+    comm.Sendrecv(buf[send_lo:send_hi], dest=right, recvbuf=chunk, source=left)
+    buf[recv_lo:recv_hi] += chunk
+return bounds[(r + 1) % p]
+""",
+        "received chunk overwrites instead of adding": """
+right, left = (r + 1) % p, (r - 1) % p
+for step in range(p - 1):
+    send_lo, send_hi = bounds[(r - step) % p]
+    recv_lo, recv_hi = bounds[(r - step - 1) % p]
+    comm.Sendrecv(buf[send_lo:send_hi].copy(), dest=right, recvbuf=buf[recv_lo:recv_hi],
+                  source=left)
+return bounds[(r + 1) % p]
+""",
+        "returns the chunk it sent first": """
+right, left = (r + 1) % p, (r - 1) % p
+incoming = np.empty(max(hi - lo for lo, hi in bounds), dtype=buf.dtype)
+for step in range(p - 1):
+    send_lo, send_hi = bounds[(r - step) % p]
+    recv_lo, recv_hi = bounds[(r - step - 1) % p]
+    chunk = incoming[: recv_hi - recv_lo]
+    comm.Sendrecv(buf[send_lo:send_hi], dest=right, recvbuf=chunk, source=left)
+    buf[recv_lo:recv_hi] += chunk
+return bounds[r]
+""",
+    },
+    "ring_all_gather": {
+        "one step short": """
+right, left = (r + 1) % p, (r - 1) % p
+for step in range(p - 2):
+    send_lo, send_hi = bounds[(r + 1 - step) % p]
+    recv_lo, recv_hi = bounds[(r - step) % p]
+    comm.Sendrecv(buf[send_lo:send_hi], dest=right, recvbuf=buf[recv_lo:recv_hi], source=left)
+""",
+        "forwards every chunk to everyone (p - 1 messages per step)": """
+for step in range(p - 1):
+    for other in range(p):
+        if other != r:
+            lo, hi = bounds[(r + 1) % p]
+            comm.Sendrecv(buf[lo:hi].copy(), dest=other, recvbuf=np.empty(hi - lo, buf.dtype),
+                          source=other)
 """,
     },
     "average_gradients": {
