@@ -2,11 +2,15 @@
 
     python -m tfcourse.check ring_reduce_scatter my_ring.py
 
-FILE defines a function with the library function's name and signature (see
-tfcourse.parallel.comm). Exit status 0 with one line when it equals the library at every rank
-count and data-parallel training with it equals serial training; 1 with what differs (ranks,
-rank, chunk, expected and got) otherwise; 2 for bad arguments. From a notebook,
-`check_under_mpi(name, function)` saves the function's source to a file and does the same.
+FILE defines a function with the library function's name and signature:
+ring_reduce_scatter(buf, comm) and ring_all_gather(buf, comm) as in tfcourse.parallel.comm;
+merge_partials(a, b) as in tfcourse.nn.attention; schedule_1f1b(p, stage, m) returning the
+list of ("F" | "B", micro-batch) that plans.pipeline.schedule("1f1b", ...) returns.
+Exit status 0 with one line when it equals the library at every rank count and the program
+that uses it (data-parallel or pipeline training, ring attention) still equals its serial
+reference; 1 with what differs (ranks, rank, case, expected and got) otherwise; 2 for bad
+arguments. From a notebook, `check_under_mpi(name, function)` saves the function's source
+to a file and does the same.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ from pathlib import Path
 
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 
-NAMES = ("ring_reduce_scatter", "ring_all_gather")
+NAMES = ("ring_reduce_scatter", "ring_all_gather", "merge_partials", "schedule_1f1b")
 RANKS = (1, 2, 3, 4)
+CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial training",
+           "ring_all_gather": "data-parallel training with it equals serial training",
+           "merge_partials": "ring attention with it equals full attention",
+           "schedule_1f1b": "pipeline training with it equals serial training"}
 HEADER = ("import numpy as np\nfrom mpi4py import MPI\n\n"
           "from tfcourse.parallel.plans.batches import chunk_bounds\n\n\n")
 
@@ -47,7 +55,7 @@ def run_check(name: str, path: str | Path, ranks=RANKS, timeout: float = 60.0) -
         if not result["ok"]:
             raise AssertionError(f"{name} under mpiexec -n {n}, {result['problem']}")
     return (f"✓ {name}: equals the library under mpiexec with {', '.join(map(str, ranks))} "
-            f"ranks, and data-parallel training with it equals serial training")
+            f"ranks, and {CONTEXT[name]}")
 
 
 def check_under_mpi(name: str, function, ranks=RANKS, timeout: float = 60.0) -> None:

@@ -112,8 +112,55 @@ def check_ring_all_gather(fn, comm):
             yield f"n={n} {np.dtype(dtype).name}: {problem}" if problem else None
 
 
+def check_merge_partials(fn, comm):
+    """The online-softmax merge of ring attention (chapter 8): partial results (m, l, acc) of
+    random score blocks - maxima far apart both ways (exp underflows unless rescaled to the
+    larger one), and a side with no keys yet (m = -inf) - against the library's merge."""
+    from tfcourse.nn.attention import merge_partials, partial_softmax
+
+    rng = np.random.default_rng(comm.rank)
+    for gap in (0.0, 5.0, -800.0, 800.0, None):
+        q, k1, k2, v1, v2 = (rng.standard_normal((2, 3, 4, 5)) for _ in range(5))
+        a = partial_softmax(q @ np.swapaxes(k1, -1, -2), v1)
+        b = partial_softmax(q @ np.swapaxes(k2, -1, -2) + (gap or 0.0), v2)
+        if gap is None:  # nothing seen yet on one side
+            a = (np.full_like(a[0], -np.inf), np.zeros_like(a[1]), np.zeros_like(a[2]))
+        want, got = merge_partials(a, b), fn(a, b)
+        case = "one side empty" if gap is None else f"maxima {gap:+g} apart"
+        problem = None
+        for part, w, g in zip(("m", "l", "acc"), want, got, strict=True):
+            if np.shape(g) != np.shape(w) or not np.allclose(g, w, rtol=1e-12, atol=0):
+                first = float(np.ravel(g)[0]), float(np.ravel(w)[0])
+                problem = (f"{case}: {part} differs from the exact merge (first value "
+                           f"{first[0]!r} instead of {first[1]!r}): rescale both sides to the "
+                           f"larger maximum")
+                break
+        yield problem
+
+
+def check_schedule_1f1b(fn, comm):
+    """1F1B's operations per stage against the library's, for 1-5 stages and 1-8
+    micro-batches."""
+    from tfcourse.parallel.plans.pipeline import schedule
+
+    for p in range(1, 6):
+        problem = None
+        for stage in range(p):
+            for m in range(1, 9):
+                got, want = [tuple(op) for op in fn(p, stage, m)], schedule("1f1b", p, stage, m)
+                if got != want:
+                    problem = (f"p={p}, stage {stage}, m={m}: {got} instead of {want}: how many "
+                               f"forwards does stage s run before its first backward?")
+                    break
+            if problem:
+                break
+        yield problem
+
+
 CHECKS = {"ring_reduce_scatter": check_ring_reduce_scatter,
-          "ring_all_gather": check_ring_all_gather}
+          "ring_all_gather": check_ring_all_gather,
+          "merge_partials": check_merge_partials,
+          "schedule_1f1b": check_schedule_1f1b}
 
 
 def load_function(name: str, path: str):
@@ -133,16 +180,26 @@ def load_function(name: str, path: str):
 
 
 def train_with(name: str, fn, comm) -> str | None:
-    """Data-parallel training (3 steps, ring all-reduce) with the learner's function in the
-    library's place must give the serial losses."""
+    """The learner's function in the library's place, in the program that uses it: ring
+    attention must equal full attention; data-parallel (ring all-reduce) or pipeline (1F1B)
+    training must give the serial losses."""
     from tfcourse import train
-    from tfcourse.parallel import data_parallel
 
-    setattr(collectives, name, fn)  # ring_allreduce looks its steps up here at each call
-    args = data_parallel.parse_args(["--config", "tiny", "--steps", "3", "--allreduce", "ring",
-                                     "--batch-size", "6"])
-    setup = data_parallel.prepare(args, comm.size)
-    losses = data_parallel.run(args, setup, comm)["losses"]
+    if name == "merge_partials":
+        return attention_with(fn, comm)
+    if name == "schedule_1f1b":
+        from tfcourse.parallel import pipeline_parallel as program
+        library = program.schedule
+        program.schedule = lambda kind, p, stage, m: (fn(p, stage, m) if kind == "1f1b"
+                                                      else library(kind, p, stage, m))
+        flags = ["--schedule", "1f1b", "--microbatches", "3", "--layers", "4"]
+    else:
+        from tfcourse.parallel import data_parallel as program
+        setattr(collectives, name, fn)  # ring_allreduce looks its steps up here at each call
+        flags = ["--allreduce", "ring"]
+    args = program.parse_args(["--config", "tiny", "--steps", "3", "--batch-size", "6", *flags])
+    setup = program.prepare(args, comm.size)
+    losses = program.run(args, setup, comm)["losses"]
     if comm.rank != 0:
         return None
     serial = train.train_lm(setup.config, setup.corpus, setup.settings, progress="none")["losses"]
@@ -170,6 +227,20 @@ def first_failure(comm, cases) -> list[tuple[int, str]]:
             return failed
 
 
+def attention_with(fn, comm) -> str | None:
+    """Ring attention (forward and backward, causal, uneven chunks) with the learner's merge."""
+    from tfcourse.parallel import sequence_parallel
+
+    sequence_parallel.merge_partials = fn
+    args = sequence_parallel.parse_args(["--seq-len", str(4 * comm.size + 3)])
+    result = sequence_parallel.run(args, sequence_parallel.prepare(args, comm.size), comm)
+    if comm.rank == 0 and max(result["max_abs_err_out"], result["max_abs_err_grad"]) > 1e-10:
+        return (f"ring attention with it differs from full attention by "
+                f"{result['max_abs_err_out']:.3g} (output), {result['max_abs_err_grad']:.3g} "
+                f"(gradients)")
+    return None
+
+
 def main(argv=None) -> int:
     parser = program_parser("tfcourse.parallel.learner", __doc__, training=False)
     parser.add_argument("name", choices=sorted(CHECKS))
@@ -184,8 +255,8 @@ def main(argv=None) -> int:
     if comm.rank == 0:
         result = {"ok": not failed, "world_size": comm.size,
                   "problem": f"rank {failed[0][0]}: {failed[0][1]}" if failed else None}
-        print(f"{args.name} on {comm.size} rank(s): " + ("equals the library, and training "
-              "with it equals serial" if not failed else result["problem"]), flush=True)
+        print(f"{args.name} on {comm.size} rank(s): " + ("equals the library, and its "
+              "program runs right with it" if not failed else result["problem"]), flush=True)
         if args.json:
             write_json_atomic(args.json, result)
     return 0
