@@ -64,14 +64,18 @@ def replace_solution(source: str, function: str, code: str) -> str:
     return "\n".join(out)
 
 
-def run(nb, replaced: dict[int, str] | None = None) -> tuple[int | None, str]:
-    """Run the notebook's code cells in order in one namespace (cwd: solutions/); returns
-    (index of the first failing cell or None, the failure). Stops at the first failure."""
+def run(nb, replaced: dict[int, str] | None = None, stop_before: int | None = None
+        ) -> tuple[int | None, str]:
+    """Run the notebook's code cells in order in one namespace (cwd: solutions/), up to cell
+    `stop_before`; returns (index of the first failing cell or None, the failure). Stops at
+    the first failure."""
     namespace = {"__name__": "__main__"}
     cwd = os.getcwd()
     os.chdir(SOLUTIONS)
     try:
         for index, cell in enumerate(nb.cells):
+            if stop_before is not None and index >= stop_before:
+                break
             if cell.cell_type != "code":
                 continue
             source = (replaced or {}).get(index, cell.source)
@@ -88,11 +92,24 @@ def run(nb, replaced: dict[int, str] | None = None) -> tuple[int | None, str]:
     return None, ""
 
 
-CASES = [(stem, function, wrong) for stem in notebooks_with_tables()
+def under_mpi(stem: str, function: str | None = None) -> bool:
+    """Exercises checked under mpiexec (tfcourse.check) - the whole notebook, or one function."""
+    nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
+    calls = [c.source for c in nb.cells if "check_under_mpi(" in c.source]
+    return any(f'"{function}"' in call for call in calls) if function else bool(calls)
+
+
+def case(stem: str, function: str, wrong: str):
+    marks = [pytest.mark.mpi] if under_mpi(stem, function) else []
+    return pytest.param(stem, function, wrong, marks=marks, id=f"{stem}-{function}-{wrong}")
+
+
+CASES = [case(stem, function, wrong) for stem in notebooks_with_tables()
          for function, answers in table(stem).items() for wrong in answers]
 
 
-@pytest.mark.parametrize("stem", notebooks_with_tables())
+@pytest.mark.parametrize("stem", [pytest.param(s, marks=[pytest.mark.mpi] if under_mpi(s) else [])
+                                  for s in notebooks_with_tables()])
 def test_the_solution_passes_and_every_exercise_has_wrong_answers(stem):
     nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
     failed, why = run(nb)
@@ -104,13 +121,14 @@ def test_the_solution_passes_and_every_exercise_has_wrong_answers(stem):
     assert set(table(stem)) <= set(functions), "the table names functions the notebook lacks"
 
 
-@pytest.mark.parametrize("stem, function, wrong", CASES,
-                         ids=[f"{s}-{f}-{w}" for s, f, w in CASES])
+@pytest.mark.parametrize("stem, function, wrong", CASES)
 def test_a_check_rejects_the_wrong_answer(stem, function, wrong):
+    """Runs up to the next exercise: its own checks must reject the wrong answer."""
     nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
     index = solution_functions(nb)[function]
     source = replace_solution(nb.cells[index].source, function, table(stem)[function][wrong])
-    failed, why = run(nb, {index: source})
+    later = [i for i in solution_functions(nb).values() if i > index]
+    failed, why = run(nb, {index: source}, stop_before=min(later, default=None))
     assert failed is not None, f"no check rejected it: {wrong!r} passes {stem}'s checks"
     assert CHECK_TAG in nb.cells[failed].metadata.get("tags", []), (
         f"it failed outside a check cell (cell {failed}: {why}), so no check caught it")
