@@ -100,7 +100,7 @@ def test_resuming_the_same_layout_is_bit_for_bit_the_uninterrupted_run(tmp_path,
 def test_a_job_killed_with_sigkill_resumes_from_its_last_complete_checkpoint(tmp_path):
     """A real kill: the launcher (and with it mpiexec and the ranks) dies mid-training; the
     folder keeps only complete checkpoints readable, and TP 2 continues the DP 2 run."""
-    folder, steps = tmp_path / "ck", 400  # far more than run before the kill
+    folder, steps = tmp_path / "ck", 150  # far more than run before the kill
     code = ("import sys; from tfcourse.course.launch import run_mpi; "
             "run_mpi('tfcourse.parallel.data_parallel', sys.argv[1:], n_ranks=2, timeout=300)")
     launcher = subprocess.Popen([sys.executable, "-c", code, "--steps", str(steps), "--layers",
