@@ -127,4 +127,18 @@ for name in sorted(sizes, key=lambda n: -sizes[n]):
 return owners
 """,
     },
+    "predicted_zero_fractions": {  # the experiment: a rank's state under ZeRO-1, -2 on 3 ranks
+        "everything divided by p": """
+return 1 / 3, 1 / 3
+""",
+        "no saving: ZeRO only moves the work": """
+return 1.0, 1.0
+""",
+        "stages off by one: ZeRO-1 shards the gradients too": """
+return (1 + (1 + 2) / 3) / 4, 1 / 3
+""",
+        "AdamW keeps one moment (3 values per parameter)": """
+return (1 + 1 + 1 / 3) / 3, (1 + 2 / 3) / 3
+""",
+    },
 }

@@ -69,14 +69,39 @@ return [douts[0].copy() for _ in douts]
         "each micro-batch's backward right after its forward": """
 return [op for i in range(m) for op in (("F", i), ("B", i))]
 """,
-        "backwards in forward order": """
-return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+        "stages disagree on the order of the backwards": """
+backwards = range(m) if stage % 2 else reversed(range(m))
+return [("F", i) for i in range(m)] + [("B", i) for i in backwards]
+""",
+        "1F1B instead of a flush": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+return ops + [("B", i) for i in range(m - warmup, m)]
 """,
         "backwards before forwards (deadlocks)": """
 return [("B", i) for i in reversed(range(m))] + [("F", i) for i in range(m)]
 """,
         "last micro-batch forgotten": """
 return [("F", i) for i in range(m - 1)] + [("B", i) for i in reversed(range(m - 1))]
+""",
+    },
+    "predicted_peaks": {  # the experiment: micro-batches in flight per stage, p = 3
+        "1F1B keeps one micro-batch at a time": """
+return [6, 6, 6], [1, 1, 1], [1, 1, 1]
+""",
+        "1F1B keeps p on every stage": """
+return [6, 6, 6], [3, 3, 3], [3, 3, 3]
+""",
+        "stages reversed: the last stage holds the most": """
+return [6, 6, 6], [1, 2, 3], [1, 2, 2]
+""",
+        "m < p ignored": """
+return [6, 6, 6], [3, 2, 1], [3, 2, 1]
+""",
+        "GPipe frees as it goes (m - s)": """
+return [6, 5, 4], [3, 2, 1], [2, 2, 1]
 """,
     },
 }

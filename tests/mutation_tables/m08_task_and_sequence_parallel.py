@@ -85,4 +85,21 @@ scale_a, scale_b = np.exp(m_a - m), np.exp(m_b - m)
 return m_a, scale_a * l_a + scale_b * l_b, scale_a * acc_a + scale_b * acc_b
 """,
     },
+    "predicted_bytes_sent": {  # the experiment: ring attention, L = 48, p = 3; blocks of 4096 bytes
+        "the forward pass only": """
+return 2 * 2 * 4096
+""",
+        "the gradients never sent home": """
+return (2 * 2 + 4 * 2) * 4096
+""",
+        "p steps in each pass": """
+return (2 * 3 + 4 * 3) * 4096
+""",
+        "the backward passes only dK and dV": """
+return (2 * 2 + 2 * 2 + 2) * 4096
+""",
+        "4 bytes a value": """
+return 14 * 4096 // 2
+""",
+    },
 }

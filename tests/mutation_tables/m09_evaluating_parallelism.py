@@ -41,5 +41,25 @@ return compute_s / p + 2 * (p - 1) / p * grad_bytes * beta
         "communication overlapped (max)": """
 return max(compute_s / p, cm.ring_allreduce_time(grad_bytes, p, alpha, beta))
 """,
+        "p steps per phase instead of p - 1": """
+return compute_s / p + 2 * p * (alpha + grad_bytes / p * beta)
+""",
+        "one latency for the whole all-reduce": """
+return compute_s / p + alpha + 2 * (p - 1) / p * grad_bytes * beta
+""",
+    },
+    "predicted_pipeline_amdahl": {  # the experiment: GPipe, p = 4, m = 8, simulated
+        "ideal: p times faster, nothing serial": """
+return 4.0, 0.0
+""",
+        "the bubble taken for the serial fraction": """
+return 32 / 11, 3 / 11
+""",
+        "the bubble as (p - 1) / m": """
+return 4 * (1 - 3 / 8), 0.2
+""",
+        "micro-batches counted as processes": """
+return 8.0, 0.0
+""",
     },
 }

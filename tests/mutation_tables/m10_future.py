@@ -67,4 +67,12 @@ return min(statistics.median(times) for times in measured.values())
 return max(measured, key=lambda key: statistics.median(measured[key]))
 """,
     },
+    "predicted_zero3_fit": {  # the experiment: GPT-3, dp 128 x tp 8, m = 1, ZeRO-3
+        "ZeRO-3 makes it fit": """
+return "a"
+""",
+        "the training state does not fit": """
+return "b"
+""",
+    },
 }

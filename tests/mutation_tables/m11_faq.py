@@ -36,6 +36,15 @@ for t in range(length):
     h[:, t] = np.tanh(pre)
 return h
 """,
+        "the input projection inside the loop (T products with W_xh)": """
+batch, length, _ = x.shape
+h = np.zeros((batch, length, w_hh.shape[0]))
+h_prev = np.zeros((batch, w_hh.shape[0]))
+for t in range(length):
+    h_prev = np.tanh(x[:, t] @ w_xh + h_prev @ w_hh + b)
+    h[:, t] = h_prev
+return h
+""",
     },
     "attention_crossover": {
         "d_model instead of d_ff": """
@@ -95,6 +104,20 @@ return T // (k - 1)
 """,
         "T - 1 layers, like the RNN's steps": """
 return T - 1
+""",
+    },
+    "predicted_dilated_layers": {  # the experiment: T = 512, k = 2 and 3
+        "the plain convolution's count": """
+return 511, 256
+""",
+        "log rounded down": """
+return 9, 5
+""",
+        "one layer too many": """
+return 10, 7
+""",
+        "log base 2 for every k": """
+return 9, 9
 """,
     },
 }
