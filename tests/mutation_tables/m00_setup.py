@@ -24,6 +24,9 @@ return bandwidth_gbs * np.asarray(intensity, dtype=float)
         "Python's min (fails on arrays)": """
 return min(peak_gflops, bandwidth_gbs * intensity)
 """,
+        "compute and memory times added (no overlap): a lower bound, not the roof": """
+return 1 / (1 / peak_gflops + 1 / (bandwidth_gbs * np.asarray(intensity, dtype=float)))
+""",
     },
     "ridge_point": {
         "inverted (bytes per FLOP)": """

@@ -1,16 +1,34 @@
+"""Classic wrong answers to solutions/01_attention.ipynb (see __init__.py)."""
 MUTATIONS = {
     "softmax": {
-        "no max subtracted (overflows at 1e4)": """
+        "no shift (overflows at 1e4)": """
 e = np.exp(x)
 return e / np.sum(e, axis=axis, keepdims=True)
 """,
-        "global max instead of the max along the axis": """
+        "one maximum for the whole array instead of one per slice": """
 e = np.exp(x - np.max(x))
 return e / np.sum(e, axis=axis, keepdims=True)
 """,
         "normalised along the wrong axis": """
 e = np.exp(x - np.max(x, axis=axis, keepdims=True))
 return e / np.sum(e, axis=0, keepdims=True)
+""",
+        "the mean subtracted instead of the maximum": """
+e = np.exp(x - np.mean(x, axis=axis, keepdims=True))
+return e / np.sum(e, axis=axis, keepdims=True)
+""",
+        "the minimum subtracted instead of the maximum": """
+e = np.exp(x - np.min(x, axis=axis, keepdims=True))
+return e / np.sum(e, axis=axis, keepdims=True)
+""",
+        "max subtracted, but an all -inf slice gives nan": """
+e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+return e / np.sum(e, axis=axis, keepdims=True)
+""",
+        "-inf replaced by a large negative number (an all -inf slice becomes uniform)": """
+x = np.maximum(x, -1e30)
+e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+return e / np.sum(e, axis=axis, keepdims=True)
 """,
     },
     "attend": {

@@ -43,17 +43,32 @@ return 3 * n_params * bytes_per_value
 """,
     },
     "model_flops_utilisation": {
-        "inverted": """
-return peak_flops_per_s / (tokens_per_s * flops_per_token)
+        "recomputed FLOPs counted (8N + 16LTd: that is HFU)": """
+per_token = 8 * n_matmul_params + 16 * n_layers * seq_len * d_model
+return batch * seq_len * per_token / step_s / (n_devices * peak_flops_per_s)
+""",
+        "attention term forgotten (6N per token)": """
+return batch * seq_len * 6 * n_matmul_params / step_s / (n_devices * peak_flops_per_s)
+""",
+        "one device's peak for the whole run": """
+per_token = 6 * n_matmul_params + 12 * n_layers * seq_len * d_model
+return batch * seq_len * per_token / step_s / peak_flops_per_s
+""",
+        "one device's share of the batch over the whole run's peak": """
+per_token = 6 * n_matmul_params + 12 * n_layers * seq_len * d_model
+return batch / n_devices * seq_len * per_token / step_s / (n_devices * peak_flops_per_s)
+""",
+        "forward FLOPs only (2N + 4LTd)": """
+per_token = 2 * n_matmul_params + 4 * n_layers * seq_len * d_model
+return batch * seq_len * per_token / step_s / (n_devices * peak_flops_per_s)
 """,
         "a percentage instead of a fraction": """
-return 100 * tokens_per_s * flops_per_token / peak_flops_per_s
+per_token = 6 * n_matmul_params + 12 * n_layers * seq_len * d_model
+return 100 * batch * seq_len * per_token / step_s / (n_devices * peak_flops_per_s)
 """,
-        "6 applied again to FLOPs that already include it": """
-return 6 * tokens_per_s * flops_per_token / peak_flops_per_s
-""",
-        "forward FLOPs only (a third of the training FLOPs)": """
-return tokens_per_s * flops_per_token / 3 / peak_flops_per_s
+        "tokens counted per sequence, not per batch": """
+per_token = 6 * n_matmul_params + 12 * n_layers * seq_len * d_model
+return seq_len * per_token / step_s / (n_devices * peak_flops_per_s)
 """,
     },
     "combine_blocks": {
@@ -87,6 +102,44 @@ loss = float(sum(share * block_loss for share, (block_loss, _) in zip(shares, re
 grads = {name: sum(share * block_grads[name] for share, (_, block_grads) in zip(shares, results))
          for name in results[0][1]}
 return loss, grads
+""",
+    },
+    "my_prediction": {
+        "the run's count copied instead of predicted": """
+return counted[128], counted[256] / counted[128]
+""",
+        "growth 2: FLOPs per token taken as independent of T": """
+V, d, L, f = lm_config.vocab_size, lm_config.d_model, lm_config.n_layers, lm_config.d_ff
+n = L * (4 * d * d + 2 * d * f) + d * V
+return 2 * 128 * (6 * n + 12 * L * 128 * d), 2.0
+""",
+        "growth 4: attention is quadratic": """
+V, d, L, f = lm_config.vocab_size, lm_config.d_model, lm_config.n_layers, lm_config.d_ff
+n = L * (4 * d * d + 2 * d * f) + d * V
+return 2 * 128 * (6 * n + 12 * L * 128 * d), 4.0
+""",
+        "attention term forgotten (6N per token)": """
+V, d, L, f = lm_config.vocab_size, lm_config.d_model, lm_config.n_layers, lm_config.d_ff
+n = L * (4 * d * d + 2 * d * f) + d * V
+return 2 * 128 * 6 * n, 2.0
+""",
+        "forward FLOPs only": """
+V, d, L, f = lm_config.vocab_size, lm_config.d_model, lm_config.n_layers, lm_config.d_ff
+n = L * (4 * d * d + 2 * d * f) + d * V
+step = {T: 2 * T * (2 * n + 4 * L * T * d) for T in (128, 256)}
+return step[128], step[256] / step[128]
+""",
+        "FLOPs of one token instead of the step": """
+V, d, L, f = lm_config.vocab_size, lm_config.d_model, lm_config.n_layers, lm_config.d_ff
+n = L * (4 * d * d + 2 * d * f) + d * V
+per_token = {T: 6 * n + 12 * L * T * d for T in (128, 256)}
+return per_token[128], 2 * per_token[256] / per_token[128]
+""",
+        "N = every parameter (embeddings, biases, LayerNorms counted)": """
+V, d, L, f = lm_config.vocab_size, lm_config.d_model, lm_config.n_layers, lm_config.d_ff
+n = costmodel.lm_params(V, d, L, f, lm_config.max_len)
+step = {T: 2 * T * (6 * n + 12 * L * T * d) for T in (128, 256)}
+return step[128], step[256] / step[128]
 """,
     },
 }
