@@ -104,4 +104,23 @@ return [6, 6, 6], [3, 2, 1], [3, 2, 1]
 return [6, 5, 4], [3, 2, 1], [2, 2, 1]
 """,
     },
+    "schedule_1f1b": {  # run under mpiexec by tfcourse.check
+        "warm-up of p - s forwards": """
+warmup = min(p - stage, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+return ops + [("B", i) for i in range(m - warmup, m)]
+""",
+        "GPipe's order (no interleaving)": """
+return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+""",
+        "backward before the forward in the steady state": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("B", i), ("F", warmup + i)]
+return ops + [("B", i) for i in range(m - warmup, m)]
+""",
+    },
 }
