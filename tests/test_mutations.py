@@ -93,10 +93,15 @@ def run(nb, replaced: dict[int, str] | None = None, stop_before: int | None = No
 
 
 def under_mpi(stem: str, function: str | None = None) -> bool:
-    """Exercises checked under mpiexec (tfcourse.check) - the whole notebook, or one function."""
+    """Whether running the notebook (or one function's exercise, up to the next exercise)
+    starts mpiexec jobs: a check under tfcourse.check, or an experiment cell's run_mpi."""
     nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
-    calls = [c.source for c in nb.cells if "check_under_mpi(" in c.source]
-    return any(f'"{function}"' in call for call in calls) if function else bool(calls)
+    if function is None:
+        return any("run_mpi(" in c.source or "check_under_mpi(" in c.source for c in nb.cells)
+    starts = solution_functions(nb)
+    later = [i for i in starts.values() if i > starts[function]]
+    segment = nb.cells[starts[function]:min(later, default=len(nb.cells))]
+    return any("run_mpi(" in c.source or "check_under_mpi(" in c.source for c in segment)
 
 
 def case(stem: str, function: str, wrong: str):
