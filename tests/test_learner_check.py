@@ -98,9 +98,30 @@ MORE_WRONG = {  # name: (function, right source, right line, wrong line, what it
 }
 
 
-@pytest.mark.parametrize("name", ["merge_partials", "schedule_1f1b"])
-def test_the_right_merge_and_schedule_pass_in_their_programs(tmp_path, name):
-    source = RIGHT_MERGE if name == "merge_partials" else RIGHT_1F1B
+RIGHT_BROADCAST = """
+def broadcast_from_owners(params, owners, comm):
+    out = {}
+    for name, value in params.items():
+        buf = np.ascontiguousarray(value).copy()
+        comm.Bcast(buf, root=owners[name])
+        out[name] = buf
+    return out
+"""
+MORE_WRONG.update({
+    "broadcast from rank 0 always": ("broadcast_from_owners", RIGHT_BROADCAST,
+                                     "root=owners[name]", "root=0",
+                                     "expected the owner's value"),
+    "broadcast into the caller's arrays": ("broadcast_from_owners", RIGHT_BROADCAST,
+                                           "np.ascontiguousarray(value).copy()", "value",
+                                           "changed in place"),
+})
+RIGHT = {"merge_partials": RIGHT_MERGE, "schedule_1f1b": RIGHT_1F1B,
+         "broadcast_from_owners": RIGHT_BROADCAST}
+
+
+@pytest.mark.parametrize("name", RIGHT)
+def test_the_right_merge_schedule_and_broadcast_pass_in_their_programs(tmp_path, name):
+    source = RIGHT[name]
     path = write(tmp_path, name, mpi_check.HEADER + source)
     line = mpi_check.run_check(name, path, ranks=(1, 3))
     assert line.startswith(f"✓ {name}: equals the library under mpiexec with 1, 3 ranks")

@@ -4,6 +4,8 @@
 
 FILE defines a function with the library function's name and signature:
 ring_reduce_scatter(buf, comm) and ring_all_gather(buf, comm) as in tfcourse.parallel.comm;
+broadcast_from_owners(params, owners, comm), ZeRO's update: every rank gets each tensor's
+owner's values, in a new dict (tfcourse.parallel.data_parallel's, without its log);
 merge_partials(a, b) as in tfcourse.nn.attention; schedule_1f1b(p, stage, m) returning the
 list of ("F" | "B", micro-batch) that plans.pipeline.schedule("1f1b", ...) returns.
 Exit status 0 with one line when it equals the library at every rank count and the program
@@ -24,10 +26,12 @@ from pathlib import Path
 
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 
-NAMES = ("ring_reduce_scatter", "ring_all_gather", "merge_partials", "schedule_1f1b")
+NAMES = ("ring_reduce_scatter", "ring_all_gather", "broadcast_from_owners", "merge_partials",
+         "schedule_1f1b")
 RANKS = (1, 2, 3, 4)
 CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial training",
            "ring_all_gather": "data-parallel training with it equals serial training",
+           "broadcast_from_owners": "ZeRO-1 training with it equals serial training",
            "merge_partials": "ring attention with it equals full attention",
            "schedule_1f1b": "pipeline training with it equals serial training"}
 HEADER = ("import numpy as np\nfrom mpi4py import MPI\n\n"

@@ -157,7 +157,36 @@ def check_schedule_1f1b(fn, comm):
         yield problem
 
 
+def check_broadcast_from_owners(fn, comm):
+    """ZeRO's parameter update: each owner's updated tensors reach every rank. Every rank
+    starts with different values; afterwards every tensor must hold its owner's, and the
+    caller's dict must be left as it was."""
+    from tfcourse.parallel.plans.batches import partition_params
+
+    shapes = {"w": (3, 4), "b": (4,), "emb": (5, 2), "ln": (2,)}
+    for world_sized in (False, True):
+        owners = partition_params({n: int(np.prod(s)) for n, s in shapes.items()}, comm.size)
+        if world_sized:  # more tensors than ranks, and one rank owning nothing
+            owners = {n: (i * 3) % comm.size for i, n in enumerate(shapes)}
+        mine = {n: np.full(s, 10.0 * comm.rank + i) for i, (n, s) in enumerate(shapes.items())}
+        before = {n: a.copy() for n, a in mine.items()}
+        got = fn(mine, owners, comm)
+        problem = None
+        for i, name in enumerate(shapes):
+            want = 10.0 * owners[name] + i
+            if name not in got or not np.array_equal(got[name], np.full(shapes[name], want)):
+                value = got[name].flat[0] if name in got else "nothing"
+                problem = (f"{name!r} (owner rank {owners[name]}): expected the owner's value "
+                           f"{want}, got {value}: did the owner send it to every rank?")
+                break
+            if not np.array_equal(mine[name], before[name]):
+                problem = f"{name!r}: the caller's dict was changed in place; return a new dict"
+                break
+        yield problem
+
+
 CHECKS = {"ring_reduce_scatter": check_ring_reduce_scatter,
+          "broadcast_from_owners": check_broadcast_from_owners,
           "ring_all_gather": check_ring_all_gather,
           "merge_partials": check_merge_partials,
           "schedule_1f1b": check_schedule_1f1b}
@@ -193,6 +222,11 @@ def train_with(name: str, fn, comm) -> str | None:
         program.schedule = lambda kind, p, stage, m: (fn(p, stage, m) if kind == "1f1b"
                                                       else library(kind, p, stage, m))
         flags = ["--schedule", "1f1b", "--microbatches", "3", "--layers", "4"]
+    elif name == "broadcast_from_owners":
+        from tfcourse.parallel import data_parallel as program
+        program.broadcast_from_owners = lambda params, owners, comm, log: fn(params, owners,
+                                                                              comm)
+        flags = ["--zero", "1"]
     else:
         from tfcourse.parallel import data_parallel as program
         setattr(collectives, name, fn)  # ring_allreduce looks its steps up here at each call
