@@ -4,6 +4,7 @@ cell tagged `check` must fail. A check that a misconception passes is a bug. The
 themselves must pass the same way (the control)."""
 
 import contextlib
+import functools
 import importlib
 import io
 import linecache
@@ -28,6 +29,12 @@ MIN_WRONG_ANSWERS = 2
 def notebooks_with_tables() -> list[str]:
     return sorted(p.stem.removeprefix("m") for p in (REPO_ROOT / "tests" / "mutation_tables")
                   .glob("m*.py"))
+
+
+@functools.cache
+def solution(stem: str):
+    """The solution notebook (read once: the cases below all consult it)."""
+    return nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
 
 
 def table(stem: str) -> dict:
@@ -95,7 +102,7 @@ def run(nb, replaced: dict[int, str] | None = None, stop_before: int | None = No
 def under_mpi(stem: str, function: str | None = None) -> bool:
     """Whether running the notebook (or one function's exercise, up to the next exercise)
     starts mpiexec jobs: a check under tfcourse.check, or an experiment cell's run_mpi."""
-    nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
+    nb = solution(stem)
     if function is None:
         return any("run_mpi(" in c.source or "check_under_mpi(" in c.source for c in nb.cells)
     starts = solution_functions(nb)
@@ -116,7 +123,7 @@ CASES = [case(stem, function, wrong) for stem in notebooks_with_tables()
 @pytest.mark.parametrize("stem", [pytest.param(s, marks=[pytest.mark.mpi] if under_mpi(s) else [])
                                   for s in notebooks_with_tables()])
 def test_the_solution_passes_and_every_exercise_has_wrong_answers(stem):
-    nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
+    nb = solution(stem)
     failed, why = run(nb)
     assert failed is None, f"the solution fails in cell {failed}: {why}"
     functions = solution_functions(nb)
@@ -129,7 +136,7 @@ def test_the_solution_passes_and_every_exercise_has_wrong_answers(stem):
 @pytest.mark.parametrize("stem, function, wrong", CASES)
 def test_a_check_rejects_the_wrong_answer(stem, function, wrong):
     """Runs up to the next exercise: its own checks must reject the wrong answer."""
-    nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
+    nb = solution(stem)
     index = solution_functions(nb)[function]
     source = replace_solution(nb.cells[index].source, function, table(stem)[function][wrong])
     later = [i for i in solution_functions(nb).values() if i > index]

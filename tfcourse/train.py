@@ -52,15 +52,12 @@ from tfcourse.nn.model import (
 )
 from tfcourse.nn.optim import adamw_init, adamw_step, clip_grad_norm
 from tfcourse.nn.seq2seq import Seq2SeqConfig
-from tfcourse.nn.validate import require_nonnegative_int, require_positive_int, require_real
-
-
-def _require_nonnegative_real(name: str, value) -> float:
-    value = require_real(name, value)
-    if value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    return value
-
+from tfcourse.nn.validate import (
+    require_nonnegative_int,
+    require_nonnegative_real,
+    require_positive_int,
+    require_real,
+)
 
 # How each setting is checked; the CLIs reuse it with the flag's name ("--steps").
 SETTING_CHECKS = {
@@ -69,7 +66,7 @@ SETTING_CHECKS = {
     "seq_len": require_positive_int,
     "lr": functools.partial(require_real, positive=True),
     "warmup_steps": require_nonnegative_int,
-    "weight_decay": _require_nonnegative_real,
+    "weight_decay": require_nonnegative_real,
     "clip": functools.partial(require_real, positive=True),
     "seed": require_nonnegative_int,
 }

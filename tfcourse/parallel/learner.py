@@ -208,29 +208,13 @@ def load_function(name: str, path: str):
     return fn
 
 
-def train_with(name: str, fn, comm) -> str | None:
-    """The learner's function in the library's place, in the program that uses it: ring
-    attention must equal full attention; data-parallel (ring all-reduce) or pipeline (1F1B)
-    training must give the serial losses."""
+def training_equals_serial(module: str, flags: list[str], comm) -> str | None:
+    """Train `module` (3 steps of the tiny model) and compare its losses with serial training."""
+    import importlib
+
     from tfcourse import train
 
-    if name == "merge_partials":
-        return attention_with(fn, comm)
-    if name == "schedule_1f1b":
-        from tfcourse.parallel import pipeline_parallel as program
-        library = program.schedule
-        program.schedule = lambda kind, p, stage, m: (fn(p, stage, m) if kind == "1f1b"
-                                                      else library(kind, p, stage, m))
-        flags = ["--schedule", "1f1b", "--microbatches", "3", "--layers", "4"]
-    elif name == "broadcast_from_owners":
-        from tfcourse.parallel import data_parallel as program
-        program.broadcast_from_owners = lambda params, owners, comm, log: fn(params, owners,
-                                                                              comm)
-        flags = ["--zero", "1"]
-    else:
-        from tfcourse.parallel import data_parallel as program
-        setattr(collectives, name, fn)  # ring_allreduce looks its steps up here at each call
-        flags = ["--allreduce", "ring"]
+    program = importlib.import_module(module)
     args = program.parse_args(["--config", "tiny", "--steps", "3", "--batch-size", "6", *flags])
     setup = program.prepare(args, comm.size)
     losses = program.run(args, setup, comm)["losses"]
@@ -238,9 +222,45 @@ def train_with(name: str, fn, comm) -> str | None:
         return None
     serial = train.train_lm(setup.config, setup.corpus, setup.settings, progress="none")["losses"]
     if not np.allclose(losses, serial, rtol=1e-10, atol=0):
-        return (f"data-parallel training with it gives losses {np.round(losses, 6).tolist()}, "
-                f"serial training {np.round(serial, 6).tolist()}")
+        return (f"training with it gives losses {np.round(losses, 6).tolist()}, serial "
+                f"training {np.round(serial, 6).tolist()}")
     return None
+
+
+def attention_equals_full(comm) -> str | None:
+    """Ring attention (forward and backward, causal, uneven chunks) against full attention."""
+    from tfcourse.parallel import sequence_parallel
+
+    args = sequence_parallel.parse_args(["--seq-len", str(4 * comm.size + 3)])
+    result = sequence_parallel.run(args, sequence_parallel.prepare(args, comm.size), comm)
+    if comm.rank == 0 and max(result["max_abs_err_out"], result["max_abs_err_grad"]) > 1e-10:
+        return (f"ring attention with it differs from full attention by "
+                f"{result['max_abs_err_out']:.3g} (output), {result['max_abs_err_grad']:.3g} "
+                f"(gradients)")
+    return None
+
+
+def in_its_program(name: str, fn, comm) -> str | None:
+    """Put the learner's function where the library's is looked up, then run the program
+    that uses it against its serial reference."""
+    from tfcourse.parallel import data_parallel, pipeline_parallel, sequence_parallel
+
+    if name == "schedule_1f1b":
+        library = pipeline_parallel.schedule
+        pipeline_parallel.schedule = lambda kind, p, stage, m: (
+            fn(p, stage, m) if kind == "1f1b" else library(kind, p, stage, m))
+    elif name == "broadcast_from_owners":  # the library's also takes the EventLog
+        data_parallel.broadcast_from_owners = lambda params, owners, c, log: fn(params, owners,
+                                                                                 c)
+    elif name == "merge_partials":
+        sequence_parallel.merge_partials = fn
+        return attention_equals_full(comm)
+    else:  # the ring collectives: ring_allreduce looks its steps up in comm at each call
+        setattr(collectives, name, fn)
+    flags = {"schedule_1f1b": ["--schedule", "1f1b", "--microbatches", "3", "--layers", "4"],
+             "broadcast_from_owners": ["--zero", "1"]}.get(name, ["--allreduce", "ring"])
+    module = "pipeline_parallel" if name == "schedule_1f1b" else "data_parallel"
+    return training_equals_serial(f"tfcourse.parallel.{module}", flags, comm)
 
 
 def first_failure(comm, cases) -> list[tuple[int, str]]:
@@ -261,20 +281,6 @@ def first_failure(comm, cases) -> list[tuple[int, str]]:
             return failed
 
 
-def attention_with(fn, comm) -> str | None:
-    """Ring attention (forward and backward, causal, uneven chunks) with the learner's merge."""
-    from tfcourse.parallel import sequence_parallel
-
-    sequence_parallel.merge_partials = fn
-    args = sequence_parallel.parse_args(["--seq-len", str(4 * comm.size + 3)])
-    result = sequence_parallel.run(args, sequence_parallel.prepare(args, comm.size), comm)
-    if comm.rank == 0 and max(result["max_abs_err_out"], result["max_abs_err_grad"]) > 1e-10:
-        return (f"ring attention with it differs from full attention by "
-                f"{result['max_abs_err_out']:.3g} (output), {result['max_abs_err_grad']:.3g} "
-                f"(gradients)")
-    return None
-
-
 def main(argv=None) -> int:
     parser = program_parser("tfcourse.parallel.learner", __doc__, training=False)
     parser.add_argument("name", choices=sorted(CHECKS))
@@ -284,7 +290,7 @@ def main(argv=None) -> int:
     fn = agree_on_arguments(comm, lambda: load_function(args.name, args.file), args.json)
     failed = first_failure(comm, CHECKS[args.name](fn, comm))
     if not failed:
-        problems = comm.allgather(train_with(args.name, fn, comm))
+        problems = comm.allgather(in_its_program(args.name, fn, comm))
         failed = [(rank, p) for rank, p in enumerate(problems) if p]
     if comm.rank == 0:
         result = {"ok": not failed, "world_size": comm.size,

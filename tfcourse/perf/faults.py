@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from tfcourse.nn.validate import require_positive_int, require_real
+from tfcourse.nn.validate import require_nonnegative_real, require_positive_int, require_real
 
 # Llama 3 (Dubey et al. 2024, section 3.3.4): 466 job interruptions in a 54-day snapshot of
 # pre-training on 16,384 H100 GPUs, 419 of them unexpected (78 % hardware).
@@ -27,13 +27,6 @@ LLAMA3_FAILURES = {"gpus": 16_384, "days": 54, "unexpected_interruptions": 419}
 
 def _positive(name: str, value) -> float:
     return require_real(name, value, positive=True)
-
-
-def _nonnegative(name: str, value) -> float:
-    value = require_real(name, value)
-    if value < 0:
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-    return value
 
 
 def job_mtbf(device_mtbf_s: float, n_devices: int) -> float:
@@ -51,8 +44,8 @@ def expected_waste(interval_s: float, checkpoint_s: float, mtbf_s: float,
                    restart_s: float = 0.0) -> float:
     """First-order fraction of extra time per second of work: saving, lost work, restarts."""
     interval_s, mtbf_s = _positive("interval_s", interval_s), _positive("mtbf_s", mtbf_s)
-    return (_nonnegative("checkpoint_s", checkpoint_s) / interval_s
-            + (interval_s / 2 + _nonnegative("restart_s", restart_s)) / mtbf_s)
+    return (require_nonnegative_real("checkpoint_s", checkpoint_s) / interval_s
+            + (interval_s / 2 + require_nonnegative_real("restart_s", restart_s)) / mtbf_s)
 
 
 def simulate_run(work_s: float, interval_s: float, checkpoint_s: float, mtbf_s: float,
@@ -63,8 +56,8 @@ def simulate_run(work_s: float, interval_s: float, checkpoint_s: float, mtbf_s: 
     checkpoint after `restart_s`."""
     work_s, interval_s = _positive("work_s", work_s), _positive("interval_s", interval_s)
     mtbf_s = _positive("mtbf_s", mtbf_s)
-    checkpoint_s, restart_s = (_nonnegative("checkpoint_s", checkpoint_s),
-                               _nonnegative("restart_s", restart_s))
+    checkpoint_s, restart_s = (require_nonnegative_real("checkpoint_s", checkpoint_s),
+                               require_nonnegative_real("restart_s", restart_s))
     rng = np.random.default_rng(seed)
     wall, done = 0.0, 0.0
     while done < work_s:
