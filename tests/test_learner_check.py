@@ -115,25 +115,91 @@ MORE_WRONG.update({
                                            "np.ascontiguousarray(value).copy()", "value",
                                            "changed in place"),
 })
+RIGHT_MEGATRON = """
+def megatron_ops(comm):
+    def summed(x):
+        out = np.empty_like(x)
+        comm.Allreduce(np.ascontiguousarray(x), out, op=MPI.SUM)
+        return out
+    return SublayerOps(enter=Operator(backward=summed), exit=Operator(forward=summed))
+"""
+RIGHT_MASTER = """
+def master(tasks, comm, t0):
+    if comm.size == 1:
+        return run_serial(tasks)
+    outcomes, started, idle, status = {}, set(), list(range(1, comm.size)), MPI.Status()
+    while len(outcomes) < len(tasks):
+        for task in ready_tasks(tasks, set(outcomes), started):
+            inputs, failure = dependency_inputs(task, outcomes)
+            if failure:
+                outcomes[task["id"]] = skipped(task, failure, t0)
+                started.add(task["id"])
+            elif idle:
+                comm.send((task, inputs), dest=idle.pop(0), tag=WORK)
+                started.add(task["id"])
+        if len(outcomes) == len(tasks):
+            break
+        wait_for_message(comm, MPI.ANY_SOURCE, RESULT, status)
+        outcome = comm.recv(source=status.Get_source(), tag=RESULT)
+        outcomes[outcome["id"]] = outcome
+        idle.append(status.Get_source())
+    for worker in range(1, comm.size):
+        comm.send(None, dest=worker, tag=STOP)
+    return outcomes
+"""
+MORE_WRONG.update({
+    "f's gradient averaged over the ranks": (
+        "megatron_ops", RIGHT_MEGATRON, "out, op=MPI.SUM)\n",
+        "out, op=MPI.SUM)\n        out /= comm.size\n",
+        "enter \\(f\\) backward returned the mean over the ranks, expected the sum"),
+    "f and g swapped": ("megatron_ops", RIGHT_MEGATRON,
+                        "enter=Operator(backward=summed), exit=Operator(forward=summed)",
+                        "enter=Operator(forward=summed), exit=Operator(backward=summed)",
+                        "enter \\(f\\) forward returned the sum over the ranks, expected "
+                        "this rank's own array"),
+    "no all-reduce in f": ("megatron_ops", RIGHT_MEGATRON, "enter=Operator(backward=summed)",
+                           "enter=Operator()", "enter \\(f\\) backward returned this rank's "
+                           "own array"),
+    "tasks dealt round-robin": ("master", RIGHT_MASTER, "dest=idle.pop(0)",
+                                "dest=1 + task['id'] % (comm.size - 1)",
+                                "worker 1 spent 1 s on task 0 .* also given tasks"),
+    "results collected in a fixed order": (
+        "master", RIGHT_MASTER, "wait_for_message(comm, MPI.ANY_SOURCE, RESULT, status)",
+        "wait_for_message(comm, min(set(range(1, comm.size)) - set(idle)), RESULT, status)",
+        "also given tasks"),
+    "dependencies ignored": ("master", RIGHT_MASTER,
+                             "ready_tasks(tasks, set(outcomes), started)",
+                             "[t for t in tasks if t['id'] not in started]",
+                             "raised KeyError"),
+})
 RIGHT = {"merge_partials": RIGHT_MERGE, "schedule_1f1b": RIGHT_1F1B,
-         "broadcast_from_owners": RIGHT_BROADCAST}
+         "broadcast_from_owners": RIGHT_BROADCAST, "megatron_ops": RIGHT_MEGATRON,
+         "master": RIGHT_MASTER}
 
 
 @pytest.mark.parametrize("name", RIGHT)
-def test_the_right_merge_schedule_and_broadcast_pass_in_their_programs(tmp_path, name):
+def test_the_right_merge_schedule_broadcast_f_g_and_master_pass_in_their_programs(tmp_path, name):
     source = RIGHT[name]
-    path = write(tmp_path, name, mpi_check.HEADER + source)
+    path = write(tmp_path, name, mpi_check.header(name) + source)
     line = mpi_check.run_check(name, path, ranks=(1, 3))
     assert line.startswith(f"✓ {name}: equals the library under mpiexec with 1, 3 ranks")
 
 
 @pytest.mark.parametrize("wrong", MORE_WRONG)
-def test_wrong_merges_and_schedules_are_rejected(tmp_path, wrong):
+def test_classic_wrong_answers_to_the_other_functions_are_rejected(tmp_path, wrong):
     name, source, right, mistake, says = MORE_WRONG[wrong]
     assert right in source
-    path = write(tmp_path, name, mpi_check.HEADER + source.replace(right, mistake))
+    path = write(tmp_path, name, mpi_check.header(name) + source.replace(right, mistake))
     with pytest.raises(AssertionError, match=f"{name} under mpiexec -n 3, rank \\d: .*{says}"):
         mpi_check.run_check(name, path, ranks=(3,), timeout=30)
+
+
+def test_a_master_that_never_stops_its_workers_is_a_deadlock_with_a_pointer(tmp_path):
+    path = write(tmp_path, "master", mpi_check.header("master") + RIGHT_MASTER.replace(
+        "comm.send(None, dest=worker, tag=STOP)", "pass"))
+    with pytest.raises(AssertionError, match="no answer within 10 s - a deadlock. Did the "
+                       "master send STOP to every worker"):
+        mpi_check.run_check("master", path, ranks=(3,), timeout=10)
 
 
 def test_bad_arguments_exit_2_before_any_job(tmp_path):

@@ -25,7 +25,7 @@ def test_an_mpi_program_s_function_is_read_without_importing_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.split() == ["False", "False"]  # the kernel never starts MPI to show it
-    method = source("tfcourse.parallel.learner.CountingComm.__getattr__")
+    method = source("tfcourse.parallel.learner_cases.CountingComm.__getattr__")
     assert method.startswith("def __getattr__(self, name):")
 
 

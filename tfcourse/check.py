@@ -6,13 +6,16 @@ FILE defines a function with the library function's name and signature:
 ring_reduce_scatter(buf, comm) and ring_all_gather(buf, comm) as in tfcourse.parallel.comm;
 broadcast_from_owners(params, owners, comm), ZeRO's update: every rank gets each tensor's
 owner's values, in a new dict (tfcourse.parallel.data_parallel's, without its log);
-merge_partials(a, b) as in tfcourse.nn.attention; schedule_1f1b(p, stage, m) returning the
-list of ("F" | "B", micro-batch) that plans.pipeline.schedule("1f1b", ...) returns.
+megatron_ops(comm) returning the SublayerOps (enter = f, exit = g) of tensor parallelism
+(tfcourse.parallel.tensor_parallel's, without its log); schedule_1f1b(p, stage, m) returning
+the list of ("F" | "B", micro-batch) that plans.pipeline.schedule("1f1b", ...) returns;
+merge_partials(a, b) as in tfcourse.nn.attention; master(tasks, comm, t0), the master of
+dynamic scheduling in tfcourse.parallel.task_parallel (its workers are the library's).
 Exit status 0 with one line when it equals the library at every rank count and the program
-that uses it (data-parallel or pipeline training, ring attention) still equals its serial
-reference; 1 with what differs (ranks, rank, case, expected and got) otherwise; 2 for bad
-arguments. From a notebook, `check_under_mpi(name, function)` saves the function's source
-to a file and does the same.
+that uses it (data-parallel, ZeRO, tensor-parallel or pipeline training, ring attention, the
+task graph) still equals its serial reference; 1 with what differs (ranks, rank, case,
+expected and got) otherwise; 2 for bad arguments. From a notebook,
+`check_under_mpi(name, function)` saves the function's source to a file and does the same.
 """
 
 from __future__ import annotations
@@ -26,16 +29,33 @@ from pathlib import Path
 
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 
-NAMES = ("ring_reduce_scatter", "ring_all_gather", "broadcast_from_owners", "merge_partials",
-         "schedule_1f1b")
+NAMES = ("ring_reduce_scatter", "ring_all_gather", "broadcast_from_owners", "megatron_ops",
+         "schedule_1f1b", "merge_partials", "master")
 RANKS = (1, 2, 3, 4)
 CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial training",
            "ring_all_gather": "data-parallel training with it equals serial training",
            "broadcast_from_owners": "ZeRO-1 training with it equals serial training",
            "merge_partials": "ring attention with it equals full attention",
-           "schedule_1f1b": "pipeline training with it equals serial training"}
+           "schedule_1f1b": "pipeline training with it equals serial training",
+           "megatron_ops": "tensor-parallel training with it equals serial training (at 1, 2 "
+                           "and 4 ranks: the tiny model's 4 heads do not split over 3)",
+           "master": "the chapter's task graph run by it equals a serial run"}
+HINTS = {"master": "Did the master send STOP to every worker once every task had its outcome, "
+                   "and can it run the tasks itself when there is no worker (one rank)?",
+         "megatron_ops": "Every rank must call the same collectives in the same order."}
 HEADER = ("import numpy as np\nfrom mpi4py import MPI\n\n"
-          "from tfcourse.parallel.plans.batches import chunk_bounds\n\n\n")
+          "from tfcourse.parallel.plans.batches import chunk_bounds\n")
+IMPORTS = {  # what a function written in a notebook may use besides numpy and MPI
+    "megatron_ops": "from tfcourse.nn.model import Operator, SublayerOps\n",
+    "master": ("from tfcourse.parallel.plans.tasks import (\n    dependency_inputs, ready_tasks, "
+               "run_serial, skipped)\nfrom tfcourse.parallel.task_parallel import RESULT, "
+               "STOP, WORK, wait_for_message\n"),
+}
+
+
+def header(name: str) -> str:
+    """The imports a learner's function of this name is saved with."""
+    return HEADER + IMPORTS.get(name, "") + "\n\n"
 
 
 def run_check(name: str, path: str | Path, ranks=RANKS, timeout: float = 60.0) -> str:
@@ -52,7 +72,8 @@ def run_check(name: str, path: str | Path, ranks=RANKS, timeout: float = 60.0) -
         except MPITimeoutError:
             raise AssertionError(
                 f"{name} under mpiexec -n {n}: no answer within {timeout:.0f} s - a deadlock? "
-                f"Every rank must send and receive in every step (Sendrecv does both)"
+                + HINTS.get(name, "Every rank must send and receive in every step (Sendrecv "
+                                  "does both)")
             ) from None
         except MPIJobError as err:
             raise AssertionError(f"{name} under mpiexec -n {n} failed: {err}") from None
@@ -63,15 +84,15 @@ def run_check(name: str, path: str | Path, ranks=RANKS, timeout: float = 60.0) -
 
 
 def check_under_mpi(name: str, function, ranks=RANKS, timeout: float = 60.0) -> None:
-    """For notebooks: save `function`'s source (with numpy, MPI and chunk_bounds imported) to
-    a temporary file, under the name `name` too if it has another, and run_check it; prints
-    the success line (AssertionError otherwise)."""
+    """For notebooks: save `function`'s source (with numpy, MPI, chunk_bounds and what
+    IMPORTS lists for `name` imported) to a temporary file, under the name `name` too if it
+    has another, and run_check it; prints the success line (AssertionError otherwise)."""
     if not inspect.isfunction(function):
         raise ValueError(f"function: expected a function, got {function!r}")
     alias = "" if function.__name__ == name else f"\n\n{name} = {function.__name__}\n"
     with tempfile.TemporaryDirectory(prefix="tfcourse-learner-") as folder:
         path = Path(folder) / f"{name}.py"
-        path.write_text(HEADER + textwrap.dedent(inspect.getsource(function)) + alias)
+        path.write_text(header(name) + textwrap.dedent(inspect.getsource(function)) + alias)
         print(run_check(name, path, ranks, timeout))
 
 

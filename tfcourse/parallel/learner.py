@@ -4,10 +4,12 @@ compare it with the library's (issue 18: the learner writes the algorithms).
     mpiexec -n 3 python -m mpi4py -m tfcourse.parallel.learner ring_reduce_scatter my_ring.py
 
 `my_ring.py` defines a function with the library function's name and signature. Every rank
-runs it on the same inputs as the library function and compares, buffer for buffer; it also
-counts the messages each rank sends (a ring of p ranks needs p - 1 steps), then trains the
-model with data parallelism using the learner's function in the library's place and compares
-the losses with serial training. Rank 0 prints one line and writes --json: {"ok", "problem"}.
+runs it on the same inputs as the library function and compares (learner_cases: buffer for
+buffer, and for a ring the messages each rank sends, p - 1 steps); then the program that uses
+the function runs with the learner's in the library's place and is compared with its serial
+reference: data-parallel, ZeRO-1, tensor-parallel or pipeline training against serial
+training, ring attention against full attention, the master/worker task graph against a
+serial run. Rank 0 prints one line and writes --json: {"ok", "problem"}.
 Start it with `python -m tfcourse.check NAME FILE` (all rank counts, one command).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,174 +25,8 @@ from mpi4py import MPI
 
 from tfcourse.files import write_json_atomic
 from tfcourse.parallel import comm as collectives
-from tfcourse.parallel.plans.batches import chunk_bounds
+from tfcourse.parallel.learner_cases import CHECKS
 from tfcourse.parallel.program import agree_on_arguments, program_parser
-
-LENGTHS = (1, 2, 3, 7, 1001)
-
-
-class CountingComm:
-    """A communicator that counts the point-to-point messages this rank sends (and their
-    bytes) and passes everything to the real one."""
-
-    SENDS = ("Send", "Isend", "Sendrecv", "Ssend", "send", "isend", "sendrecv", "ssend")
-
-    def __init__(self, comm):
-        self._comm, self.messages, self.bytes = comm, 0, 0
-
-    def __getattr__(self, name):
-        attribute = getattr(self._comm, name)
-        if name not in self.SENDS:
-            return attribute
-
-        def counted(buf, *args, **kwargs):
-            self.messages += 1
-            self.bytes += int(getattr(buf, "nbytes", 0))
-            return attribute(buf, *args, **kwargs)
-        return counted
-
-
-def _data(comm, n: int, dtype) -> np.ndarray:
-    rng = np.random.default_rng([comm.rank, n])
-    return (rng.standard_normal(n) * 100).astype(dtype)
-
-
-def _differs(got: np.ndarray, want: np.ndarray) -> str | None:
-    """Where `got` first differs from `want`, or None."""
-    close = (got == want) if got.dtype.kind in "iu" else np.isclose(got, want, rtol=1e-12,
-                                                                     atol=1e-9)
-    if close.all():
-        return None
-    i = int(np.argmin(close))
-    return f"element {i}: expected {want[i].item()!r}, got {got[i].item()!r}"
-
-
-def _messages(counter: CountingComm, p: int) -> str | None:
-    if counter.messages != p - 1:
-        return (f"sent {counter.messages} messages, expected p - 1 = {p - 1} (one per ring "
-                f"step): how many steps does a ring of p ranks need?")
-    return None
-
-
-def check_ring_reduce_scatter(fn, comm):
-    """Yields, case by case, this rank's problem (None if the case passed)."""
-    p, r = comm.size, comm.rank
-    for n in LENGTHS:
-        for dtype in (np.int64, np.float64):
-            data = _data(comm, n, dtype)
-            want = data.copy()
-            want_bounds = collectives.ring_reduce_scatter(want, comm)
-            got, counter = data.copy(), CountingComm(comm)
-            got_bounds = fn(got, counter)
-            owned = chunk_bounds(n, p)[(r + 1) % p]
-            where = f"n={n} {np.dtype(dtype).name}"
-            lo, hi = owned
-            if tuple(got_bounds) != tuple(want_bounds):
-                yield f"{where}: returned bounds {tuple(got_bounds)}, expected {owned}"
-            elif problem := _differs(got[lo:hi], want[lo:hi]):
-                yield f"{where}: the owned chunk {(r + 1) % p} ({lo}:{hi}) is wrong at {problem}"
-            elif problem := _messages(counter, p):
-                yield f"{where}: {problem}"
-            elif problem := _differs(got, want):
-                yield (f"{where}: a chunk this rank does not own differs from the library's "
-                       f"ring ({problem}): every step must add exactly one received chunk")
-            else:
-                yield None
-
-
-def check_ring_all_gather(fn, comm):
-    """Yields, case by case, this rank's problem (None if the case passed)."""
-    p, r = comm.size, comm.rank
-    for n in LENGTHS:
-        for dtype in (np.int64, np.float64):
-            full = np.arange(n, dtype=dtype) * 3 + 1  # what every rank must end with
-            lo, hi = chunk_bounds(n, p)[(r + 1) % p]
-            got = np.full(n, -7, dtype=dtype)
-            got[lo:hi] = full[lo:hi]  # each rank starts owning chunk (rank + 1) % p
-            counter = CountingComm(comm)
-            fn(got, counter)
-            problem = _differs(got, full) or _messages(counter, p)
-            yield f"n={n} {np.dtype(dtype).name}: {problem}" if problem else None
-
-
-def check_merge_partials(fn, comm):
-    """The online-softmax merge of ring attention (chapter 8): partial results (m, l, acc) of
-    random score blocks - maxima far apart both ways (exp underflows unless rescaled to the
-    larger one), and a side with no keys yet (m = -inf) - against the library's merge."""
-    from tfcourse.nn.attention import merge_partials, partial_softmax
-
-    rng = np.random.default_rng(comm.rank)
-    for gap in (0.0, 5.0, -800.0, 800.0, None):
-        q, k1, k2, v1, v2 = (rng.standard_normal((2, 3, 4, 5)) for _ in range(5))
-        a = partial_softmax(q @ np.swapaxes(k1, -1, -2), v1)
-        b = partial_softmax(q @ np.swapaxes(k2, -1, -2) + (gap or 0.0), v2)
-        if gap is None:  # nothing seen yet on one side
-            a = (np.full_like(a[0], -np.inf), np.zeros_like(a[1]), np.zeros_like(a[2]))
-        want, got = merge_partials(a, b), fn(a, b)
-        case = "one side empty" if gap is None else f"maxima {gap:+g} apart"
-        problem = None
-        for part, w, g in zip(("m", "l", "acc"), want, got, strict=True):
-            if np.shape(g) != np.shape(w) or not np.allclose(g, w, rtol=1e-12, atol=0):
-                first = float(np.ravel(g)[0]), float(np.ravel(w)[0])
-                problem = (f"{case}: {part} differs from the exact merge (first value "
-                           f"{first[0]!r} instead of {first[1]!r}): rescale both sides to the "
-                           f"larger maximum")
-                break
-        yield problem
-
-
-def check_schedule_1f1b(fn, comm):
-    """1F1B's operations per stage against the library's, for 1-5 stages and 1-8
-    micro-batches."""
-    from tfcourse.parallel.plans.pipeline import schedule
-
-    for p in range(1, 6):
-        problem = None
-        for stage in range(p):
-            for m in range(1, 9):
-                got, want = [tuple(op) for op in fn(p, stage, m)], schedule("1f1b", p, stage, m)
-                if got != want:
-                    problem = (f"p={p}, stage {stage}, m={m}: {got} instead of {want}: how many "
-                               f"forwards does stage s run before its first backward?")
-                    break
-            if problem:
-                break
-        yield problem
-
-
-def check_broadcast_from_owners(fn, comm):
-    """ZeRO's parameter update: each owner's updated tensors reach every rank. Every rank
-    starts with different values; afterwards every tensor must hold its owner's, and the
-    caller's dict must be left as it was."""
-    from tfcourse.parallel.plans.batches import partition_params
-
-    shapes = {"w": (3, 4), "b": (4,), "emb": (5, 2), "ln": (2,)}
-    for world_sized in (False, True):
-        owners = partition_params({n: int(np.prod(s)) for n, s in shapes.items()}, comm.size)
-        if world_sized:  # more tensors than ranks, and one rank owning nothing
-            owners = {n: (i * 3) % comm.size for i, n in enumerate(shapes)}
-        mine = {n: np.full(s, 10.0 * comm.rank + i) for i, (n, s) in enumerate(shapes.items())}
-        before = {n: a.copy() for n, a in mine.items()}
-        got = fn(mine, owners, comm)
-        problem = None
-        for i, name in enumerate(shapes):
-            want = 10.0 * owners[name] + i
-            if name not in got or not np.array_equal(got[name], np.full(shapes[name], want)):
-                value = got[name].flat[0] if name in got else "nothing"
-                problem = (f"{name!r} (owner rank {owners[name]}): expected the owner's value "
-                           f"{want}, got {value}: did the owner send it to every rank?")
-                break
-            if not np.array_equal(mine[name], before[name]):
-                problem = f"{name!r}: the caller's dict was changed in place; return a new dict"
-                break
-        yield problem
-
-
-CHECKS = {"ring_reduce_scatter": check_ring_reduce_scatter,
-          "broadcast_from_owners": check_broadcast_from_owners,
-          "ring_all_gather": check_ring_all_gather,
-          "merge_partials": check_merge_partials,
-          "schedule_1f1b": check_schedule_1f1b}
 
 
 def load_function(name: str, path: str):
@@ -240,27 +77,68 @@ def attention_equals_full(comm) -> str | None:
     return None
 
 
+def tasks_equal_serial(fn, comm) -> str | None:
+    """Chapter 8's task graph (tokenise -> train -> evaluate -> select) with the learner's
+    master on rank 0 and the library's workers, against a serial run."""
+    from tfcourse.parallel import task_parallel
+    from tfcourse.parallel.plans.tasks import graph_tasks, run_serial
+
+    tasks = graph_tasks([0.01, 0.03], steps=2)
+    t0 = comm.bcast(time.time(), root=0)
+    if comm.rank != 0:
+        return task_parallel.worker(comm, t0)
+    got, want = fn(tasks, comm, t0)[tasks[-1]["id"]], run_serial(tasks)[tasks[-1]["id"]]
+    if got.get("result") != want.get("result"):
+        return (f"the task graph's selection with it is {got.get('result', got.get('error'))}, "
+                f"a serial run's {want['result']}")
+    return None
+
+
+def tensor_parallel_fits(world_size: int) -> bool:
+    """Whether the tiny model's heads and feed-forward columns split over `world_size` ranks."""
+    from tfcourse.nn.model import preset
+    from tfcourse.parallel.plans.tensor import check_world_size
+
+    try:
+        check_world_size(preset("tiny", vocab_size=1), world_size)
+    except ValueError:
+        return False
+    return True
+
+
 def in_its_program(name: str, fn, comm) -> str | None:
     """Put the learner's function where the library's is looked up, then run the program
     that uses it against its serial reference."""
-    from tfcourse.parallel import data_parallel, pipeline_parallel, sequence_parallel
+    from tfcourse.parallel import (
+        data_parallel,
+        pipeline_parallel,
+        sequence_parallel,
+        tensor_parallel,
+    )
 
     if name == "schedule_1f1b":
         library = pipeline_parallel.schedule
         pipeline_parallel.schedule = lambda kind, p, stage, m: (
             fn(p, stage, m) if kind == "1f1b" else library(kind, p, stage, m))
-    elif name == "broadcast_from_owners":  # the library's also takes the EventLog
-        data_parallel.broadcast_from_owners = lambda params, owners, c, log: fn(params, owners,
-                                                                                 c)
-    elif name == "merge_partials":
+        return training_equals_serial("tfcourse.parallel.pipeline_parallel", [
+            "--schedule", "1f1b", "--microbatches", "3", "--layers", "4"], comm)
+    if name == "broadcast_from_owners":  # the library's also takes the EventLog
+        data_parallel.broadcast_from_owners = lambda params, owners, c, log: fn(params,
+                                                                                 owners, c)
+        return training_equals_serial("tfcourse.parallel.data_parallel", ["--zero", "1"], comm)
+    if name == "megatron_ops":  # the library's also takes the EventLog
+        tensor_parallel.megatron_ops = lambda c, log: fn(c)
+        if not tensor_parallel_fits(comm.size):
+            return None  # the tiny model's 4 heads do not split over 3 ranks
+        return training_equals_serial("tfcourse.parallel.tensor_parallel", [], comm)
+    if name == "merge_partials":
         sequence_parallel.merge_partials = fn
         return attention_equals_full(comm)
-    else:  # the ring collectives: ring_allreduce looks its steps up in comm at each call
-        setattr(collectives, name, fn)
-    flags = {"schedule_1f1b": ["--schedule", "1f1b", "--microbatches", "3", "--layers", "4"],
-             "broadcast_from_owners": ["--zero", "1"]}.get(name, ["--allreduce", "ring"])
-    module = "pipeline_parallel" if name == "schedule_1f1b" else "data_parallel"
-    return training_equals_serial(f"tfcourse.parallel.{module}", flags, comm)
+    if name == "master":
+        return tasks_equal_serial(fn, comm)
+    setattr(collectives, name, fn)  # the ring collectives: ring_allreduce looks them up here
+    return training_equals_serial("tfcourse.parallel.data_parallel", ["--allreduce", "ring"],
+                                  comm)
 
 
 def first_failure(comm, cases) -> list[tuple[int, str]]:
