@@ -1,65 +1,61 @@
 """Classic wrong answers to solutions/03_positional_encoding.ipynb (see __init__.py)."""
 MUTATIONS = {
-    "sinusoidal": {
-        "ratio from d_model steps instead of d_model/2 (base^(i/d))": """
-omega = base ** (-np.arange(d_model // 2) / d_model)
-angles = np.arange(max_len)[:, None] * omega[None, :]
-table = np.zeros((max_len, d_model))
-table[:, 0::2] = np.sin(angles)
-table[:, 1::2] = np.cos(angles)
-return table
+    "rope": {
+        "rotation the wrong way (sin sign flipped)": """
+x_even, x_odd = x[..., 0::2], x[..., 1::2]
+pairs = np.stack([x_even * cos + x_odd * sin, -x_even * sin + x_odd * cos], axis=-1)
+return pairs.reshape(x.shape)
 """,
-        "the last pair reaches base (ratio from d_model/2 - 1 steps)": """
-omega = base ** (-np.arange(d_model // 2) / (d_model // 2 - 1))
-angles = np.arange(max_len)[:, None] * omega[None, :]
-table = np.zeros((max_len, d_model))
-table[:, 0::2] = np.sin(angles)
-table[:, 1::2] = np.cos(angles)
-return table
+        "pairs taken as halves (x[:d/2], x[d/2:]) instead of interleaved": """
+half = x.shape[-1] // 2
+x1, x2 = x[..., :half], x[..., half:]
+return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 """,
-        "speeds growing instead of slowing (base^(+2i/d))": """
-omega = base ** (2 * np.arange(d_model // 2) / d_model)
-angles = np.arange(max_len)[:, None] * omega[None, :]
-table = np.zeros((max_len, d_model))
-table[:, 0::2] = np.sin(angles)
-table[:, 1::2] = np.cos(angles)
-return table
+        "cos and sin swapped": """
+x_even, x_odd = x[..., 0::2], x[..., 1::2]
+pairs = np.stack([x_even * sin - x_odd * cos, x_even * cos + x_odd * sin], axis=-1)
+return pairs.reshape(x.shape)
 """,
-        "sin and cos swapped": """
-omega = base ** (-2 * np.arange(d_model // 2) / d_model)
-angles = np.arange(max_len)[:, None] * omega[None, :]
-table = np.zeros((max_len, d_model))
-table[:, 0::2] = np.cos(angles)
-table[:, 1::2] = np.sin(angles)
-return table
+        "one sign wrong (not a rotation: lengths change)": """
+x_even, x_odd = x[..., 0::2], x[..., 1::2]
+pairs = np.stack([x_even * cos - x_odd * sin, x_odd * cos - x_even * sin], axis=-1)
+return pairs.reshape(x.shape)
 """,
-        "exponent from the column index (odd columns use (2i+1)/d)": """
-angles = np.arange(max_len)[:, None] / base ** (np.arange(d_model)[None, :] / d_model)
-table = np.zeros((max_len, d_model))
-table[:, 0::2] = np.sin(angles[:, 0::2])
-table[:, 1::2] = np.cos(angles[:, 1::2])
-return table
+        "even columns updated in place before the odd ones are computed": """
+x_odd = x[..., 1::2]
+x[..., 0::2] = x[..., 0::2] * cos - x_odd * sin
+x[..., 1::2] = x[..., 0::2] * sin + x_odd * cos
+return x
 """,
-        "sines and cosines in two halves instead of interleaved": """
-omega = base ** (-2 * np.arange(d_model // 2) / d_model)
-angles = np.arange(max_len)[:, None] * omega[None, :]
-return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+        "right values, but written into the caller's x": """
+x_even, x_odd = x[..., 0::2].copy(), x[..., 1::2].copy()
+x[..., 0::2] = x_even * cos - x_odd * sin
+x[..., 1::2] = x_even * sin + x_odd * cos
+return x
 """,
-        "positions counted from 1": """
-omega = base ** (-2 * np.arange(d_model // 2) / d_model)
-angles = np.arange(1, max_len + 1)[:, None] * omega[None, :]
-table = np.zeros((max_len, d_model))
-table[:, 0::2] = np.sin(angles)
-table[:, 1::2] = np.cos(angles)
-return table
+        "no rotation (positions ignored)": """
+return x.copy()
 """,
-        "base ignored (always 10000)": """
-omega = 10000.0 ** (-2 * np.arange(d_model // 2) / d_model)
-angles = np.arange(max_len)[:, None] * omega[None, :]
-table = np.zeros((max_len, d_model))
-table[:, 0::2] = np.sin(angles)
-table[:, 1::2] = np.cos(angles)
-return table
+    },
+    "rope_backward": {
+        "backward = forward (no transpose)": """
+return rope(dout, cos, sin)
+""",
+        "backward not rotating at all": """
+return dout
+""",
+        "only one sine flipped (the transpose half done)": """
+d_even, d_odd = dout[..., 0::2], dout[..., 1::2]
+pairs = np.stack([d_even * cos + d_odd * sin, d_even * sin + d_odd * cos], axis=-1)
+return pairs.reshape(dout.shape)
+""",
+        "angle negated through the cosine (rope(dout, -cos, sin))": """
+return rope(dout, -cos, sin)
+""",
+        "transpose taken over the pairs as halves": """
+half = dout.shape[-1] // 2
+d1, d2 = dout[..., :half], dout[..., half:]
+return np.concatenate([d1 * cos + d2 * sin, -d1 * sin + d2 * cos], axis=-1)
 """,
     },
     "shift_matrix": {
