@@ -127,6 +127,32 @@ for name in sorted(sizes, key=lambda n: -sizes[n]):
 return owners
 """,
     },
+    "broadcast_from_owners": {  # on real ranks, under mpiexec (tfcourse.check)
+        "every tensor from rank 0": """
+updated = {}
+for name, value in params.items():
+    buf = np.array(value, copy=True)
+    comm.Bcast(buf, root=0)
+    updated[name] = buf
+return updated
+""",
+        "broadcast into the caller's arrays": """
+updated = {}
+for name, value in params.items():
+    buf = np.ascontiguousarray(value)
+    comm.Bcast(buf, root=owners[name])
+    updated[name] = buf
+return updated
+""",
+        "all-reduce (sum) as for gradients": """
+updated = {}
+for name, value in params.items():
+    buf = np.empty_like(value)
+    comm.Allreduce(np.ascontiguousarray(value), buf)
+    updated[name] = buf
+return updated
+""",
+    },
     "predicted_zero_fractions": {  # the experiment: a rank's state under ZeRO-1, -2 on 3 ranks
         "everything divided by p": """
 return 1 / 3, 1 / 3

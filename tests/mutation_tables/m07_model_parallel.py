@@ -65,6 +65,44 @@ return [d / len(douts) for d in douts]
 return [douts[0].copy() for _ in douts]
 """,
     },
+    "megatron_ops": {  # on real ranks, under mpiexec (tfcourse.check)
+        "f's backward averages over the ranks": """
+def summed(x):
+    out = np.empty_like(x)
+    comm.Allreduce(np.ascontiguousarray(x), out)
+    return out
+
+def averaged(x):
+    return summed(x) / comm.size
+
+return SublayerOps(enter=Operator(backward=averaged), exit=Operator(forward=summed))
+""",
+        "f and g swapped": """
+def summed(x):
+    out = np.empty_like(x)
+    comm.Allreduce(np.ascontiguousarray(x), out)
+    return out
+
+return SublayerOps(enter=Operator(forward=summed), exit=Operator(backward=summed))
+""",
+        "no all-reduce in f's backward": """
+def summed(x):
+    out = np.empty_like(x)
+    comm.Allreduce(np.ascontiguousarray(x), out)
+    return out
+
+return SublayerOps(enter=Operator(), exit=Operator(forward=summed))
+""",
+        "all-reduce in g's backward too": """
+def summed(x):
+    out = np.empty_like(x)
+    comm.Allreduce(np.ascontiguousarray(x), out)
+    return out
+
+return SublayerOps(enter=Operator(backward=summed), exit=Operator(forward=summed,
+                                                                   backward=summed))
+""",
+    },
     "gpipe_schedule": {
         "each micro-batch's backward right after its forward": """
 return [op for i in range(m) for op in (("F", i), ("B", i))]
