@@ -31,6 +31,40 @@ e = np.exp(x - np.max(x, axis=axis, keepdims=True))
 return e / np.sum(e, axis=axis, keepdims=True)
 """,
     },
+    "log_softmax": {
+        "the log of the softmax (underflows to -inf)": """
+e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+return np.log(e / np.sum(e, axis=axis, keepdims=True))
+""",
+        "no shift (overflows at 1e4)": """
+with np.errstate(over="ignore", invalid="ignore"):
+    return x - np.log(np.sum(np.exp(x), axis=axis, keepdims=True))
+""",
+        "one maximum for the whole array": """
+m = np.max(x)
+with np.errstate(divide="ignore", invalid="ignore"):
+    return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+""",
+        "the shift subtracted but not added back": """
+m = np.max(x, axis=axis, keepdims=True)
+m = np.where(np.isfinite(m), m, 0.0)
+with np.errstate(divide="ignore", invalid="ignore"):
+    return x - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+""",
+        "an all -inf slice gives nan": """
+m = np.max(x, axis=axis, keepdims=True)
+m = np.where(np.isfinite(m), m, 0.0)
+with np.errstate(divide="ignore", invalid="ignore"):
+    return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+""",
+        "summed over the last axis whatever `axis` is": """
+m = np.max(x, axis=axis, keepdims=True)
+m = np.where(np.isfinite(m), m, 0.0)
+with np.errstate(divide="ignore", invalid="ignore"):
+    log_sum = m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+    return np.where(np.isneginf(log_sum), -np.inf, x - log_sum)
+""",
+    },
     "attend": {
         "no 1/sqrt(d_k)": """
 scores = q @ np.swapaxes(k, -1, -2)
