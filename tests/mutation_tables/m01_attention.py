@@ -80,6 +80,22 @@ if mask is not None:
 weights = softmax(scores, axis=-1)
 return weights @ v, weights
 """,
+        "mask applied to the weights after the softmax": """
+scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+weights = softmax(scores, axis=-1)
+if mask is not None:
+    weights = weights * mask
+return weights @ v, weights
+""",
+        "mask after the softmax, renormalised (nan for a query with nothing to attend to)": """
+scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+weights = softmax(scores, axis=-1)
+if mask is not None:
+    weights = weights * mask
+    with np.errstate(invalid="ignore"):
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+return weights @ v, weights
+""",
         "softmax over the queries": """
 scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
 if mask is not None:
