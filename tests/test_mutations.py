@@ -71,11 +71,11 @@ def replace_solution(source: str, function: str, code: str) -> str:
     return "\n".join(out)
 
 
-def run(nb, replaced: dict[int, str] | None = None, stop_before: int | None = None
-        ) -> tuple[int | None, str]:
+def run(nb, replaced: dict[int, str] | None = None, stop_before: int | None = None,
+        skip: frozenset[int] = frozenset()) -> tuple[int | None, str]:
     """Run the notebook's code cells in order in one namespace (cwd: solutions/), up to cell
-    `stop_before`; returns (index of the first failing cell or None, the failure). Stops at
-    the first failure."""
+    `stop_before` and leaving out the cells in `skip`; returns (index of the first failing
+    cell or None, the failure). Stops at the first failure."""
     namespace = {"__name__": "__main__"}
     cwd = os.getcwd()
     os.chdir(SOLUTIONS)
@@ -83,7 +83,7 @@ def run(nb, replaced: dict[int, str] | None = None, stop_before: int | None = No
         for index, cell in enumerate(nb.cells):
             if stop_before is not None and index >= stop_before:
                 break
-            if cell.cell_type != "code":
+            if cell.cell_type != "code" or index in skip:
                 continue
             source = (replaced or {}).get(index, cell.source)
             name = f"<solution cell {index}>"  # as IPython does, so inspect.getsource works
@@ -109,6 +109,15 @@ def under_mpi(stem: str, function: str | None = None) -> bool:
     later = [i for i in starts.values() if i > starts[function]]
     segment = nb.cells[starts[function]:min(later, default=len(nb.cells))]
     return any("run_mpi(" in c.source or "check_under_mpi(" in c.source for c in segment)
+
+
+def earlier_mpi_checks(nb, before: int) -> frozenset[int]:
+    """The check cells before cell `before` that only run an earlier exercise's function under
+    mpiexec (the solution's, which passes: the control test runs them). Nothing later reads
+    what they leave behind, and each takes seconds, so a wrong answer's run leaves them out."""
+    return frozenset(i for i, c in enumerate(nb.cells[:before])
+                     if CHECK_TAG in c.metadata.get("tags", []) and c.source.startswith(
+                         "check_under_mpi(") and len(c.source.strip().splitlines()) == 1)
 
 
 def case(stem: str, function: str, wrong: str):
@@ -140,7 +149,8 @@ def test_a_check_rejects_the_wrong_answer(stem, function, wrong):
     index = solution_functions(nb)[function]
     source = replace_solution(nb.cells[index].source, function, table(stem)[function][wrong])
     later = [i for i in solution_functions(nb).values() if i > index]
-    failed, why = run(nb, {index: source}, stop_before=min(later, default=None))
+    failed, why = run(nb, {index: source}, stop_before=min(later, default=None),
+                      skip=earlier_mpi_checks(nb, index))
     assert failed is not None, f"no check rejected it: {wrong!r} passes {stem}'s checks"
     assert CHECK_TAG in nb.cells[failed].metadata.get("tags", []), (
         f"it failed outside a check cell (cell {failed}: {why}), so no check caught it")
