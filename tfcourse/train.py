@@ -44,11 +44,13 @@ from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.nn import seq2seq
 from tfcourse.nn.model import (
     PRESETS,
+    RECOMPUTE,
     TransformerConfig,
     init_params,
     loss_and_grads,
     param_shapes,
     preset,
+    require_recompute,
 )
 from tfcourse.nn.optim import adamw_init, adamw_step, clip_grad_norm
 from tfcourse.nn.seq2seq import Seq2SeqConfig
@@ -281,7 +283,9 @@ def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"--resume: the checkpoint in {folder!r} has step {step!r} in its "
                          f"manifest, expected an integer >= 0")
-    if manifest.get("config") != config.to_dict():
+    saved_config = manifest.get("config")
+    if not isinstance(saved_config, dict) or _same_numbers(saved_config) != _same_numbers(
+            config.to_dict()):
         raise ValueError(f"--resume: the checkpoint in {folder!r} is of another model "
                          f"({manifest.get('config')}), expected {config.to_dict()}")
     saved, wanted = manifest.get("settings", {}), dataclasses.asdict(settings)
@@ -295,6 +299,12 @@ def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings
         raise ValueError(f"--resume: the checkpoint in {folder!r} is at step {step}, "
                          f"the run's last: there is nothing left to train")
     return manifest
+
+
+def _same_numbers(config: dict) -> dict:
+    """A config without the fields that change how a step is computed but not its numbers
+    (recomputing activations or not): a run may resume another's checkpoint across them."""
+    return {name: value for name, value in config.items() if name != "recompute"}
 
 
 def load_resume_state(folder: str, fresh_params: dict, config: TransformerConfig,
@@ -350,6 +360,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = Fals
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
+    parser.add_argument("--recompute", default="none", metavar="|".join(RECOMPUTE),
+                        help="activation recomputation: keep every activation (none), all but "
+                             "the attention weights (selective), or only each block's input "
+                             "(full); the same losses, less memory, more compute")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
                         help="save checkpoints in this folder (always after the last step)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -403,6 +417,7 @@ def training_setup(args: argparse.Namespace, **config_overrides) -> TrainingSetu
     settings = settings_from_args(args)
     if args.layers is not None:
         config_overrides["n_layers"] = require_positive_int("--layers", args.layers)
+    config_overrides["recompute"] = require_recompute("--recompute", args.recompute)
     corpus = load_corpus(args.text)
     config = preset(args.config, corpus.vocab.size, dtype=args.dtype, **config_overrides)
     check_fits(config, settings)

@@ -118,7 +118,17 @@ def _check_qkv(q, k, v):
     return q, k, v
 
 
-def sdpa_forward(q, k, v, mask=None, check: bool = True):
+def _attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(d_k)) with masked scores at -inf: the forward pass and a
+    recomputing backward pass call this one function, so they get the same bits."""
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    scores = (q * scale) @ np.swapaxes(k, -1, -2)  # scaling q is cheaper than the scores
+    if mask is not None:
+        np.copyto(scores, -np.inf, where=~mask)
+    return _softmax(scores, axis=-1)
+
+
+def sdpa_forward(q, k, v, mask=None, check: bool = True, keep_weights: bool = True):
     """Scaled dot-product attention softmax(q k^T / sqrt(d_k)) v, returning (out, cache).
 
     q: (..., n_q, d_k), k: (..., n_k, d_k), v: (..., n_k, d_v), with identical leading
@@ -127,29 +137,36 @@ def sdpa_forward(q, k, v, mask=None, check: bool = True):
     output and zero weights. cache["weights"] holds the attention weights (..., n_q, n_k).
     check=False skips the input checks: for callers that validated once at their own door
     (the model does, for every layer of every step).
+
+    keep_weights=False is *selective recomputation* (Korthikanti et al. 2022): the cache keeps
+    q, k, v and the mask but not the (..., n_q, n_k) weights - the one activation that grows
+    with the square of the sequence - and `sdpa_backward` recomputes them from q and k.
     """
     if check:
         q, k, v = _check_qkv(q, k, v)
-    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    scores = (q * scale) @ np.swapaxes(k, -1, -2)  # scaling q is cheaper than the scores
-    if mask is not None:
-        if check:
+        if mask is not None:
             mask = as_bool_array("mask", mask)
-            require_broadcastable("mask", mask, scores.shape, "scores (..., n_q, n_k)")
-        np.copyto(scores, -np.inf, where=~mask)
-    weights = _softmax(scores, axis=-1)
+            require_broadcastable("mask", mask, q.shape[:-1] + k.shape[-2:-1],
+                                  "scores (..., n_q, n_k)")
+    weights = _attention_weights(q, k, mask)
     out = weights @ v
-    cache = {"q": q, "k": k, "v": v, "weights": weights}
+    if keep_weights:
+        cache = {"q": q, "k": k, "v": v, "mask": None, "weights": weights}
+    else:  # recomputed from q, k and the mask in the backward pass
+        cache = {"q": q, "k": k, "v": v, "mask": mask, "weights": None}
     return out, cache
 
 
 def sdpa_backward(dout, cache, check: bool = True):
     """Gradients (dq, dk, dv) of scaled dot-product attention, given dout (..., n_q, d_v).
 
-    Masked entries have weight 0, so softmax_backward already gives them zero gradient and the
-    mask itself is not needed here.
+    Masked entries have weight 0, so softmax_backward already gives them zero gradient. If the
+    forward pass did not keep the weights (selective recomputation), they are recomputed here
+    from q, k and the mask.
     """
     q, k, v, weights = cache["q"], cache["k"], cache["v"], cache["weights"]
+    if weights is None:
+        weights = _attention_weights(q, k, cache["mask"])
     if check:
         dout = as_float_array("dout", dout)
         require_shape("dout", dout, weights.shape[:-1] + v.shape[-1:], "shape of out")
@@ -291,7 +308,8 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
     return x_q, x_kv, params, mask
 
 
-def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = True):
+def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = True,
+                keep_weights: bool = True):
     """Multi-head attention, returning (out (B, n_q, d_model), cache).
 
     x_q: (B, n_q, d_model) queries; x_kv: (B, n_k, d_kv_in) keys/values. For self-attention
@@ -305,7 +323,7 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = 
     check=False (the model's inner loop) trusts the caller: no input checks, and params may
     leave out "b_o" (no output bias: a tensor-parallel rank adds it after
     summing the ranks' partial outputs, chapter 7). n_heads then counts the heads of this
-    params' columns.
+    params' columns. keep_weights=False: selective recomputation (see `sdpa_forward`).
     """
     if check:
         x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
@@ -315,7 +333,8 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = 
     k, cache_k = linear_forward(x_kv, params["w_k"], params["b_k"])
     v, cache_v = linear_forward(x_kv, params["w_v"], params["b_v"])
     q, k, v = (split_heads(a, n_heads) for a in (q, k, v))
-    heads, attn_cache = sdpa_forward(q, k, v, mask, check=False)  # (B, n_heads, n_q, d_head)
+    heads, attn_cache = sdpa_forward(q, k, v, mask, check=False,  # (B, n_heads, n_q, d_head)
+                                     keep_weights=keep_weights)
     out, cache_o = linear_forward(merge_heads(heads), params["w_o"], params.get("b_o"))
     cache = {
         "x_q": x_q,

@@ -44,6 +44,7 @@ from tfcourse.nn.validate import (
 )
 
 DTYPES = ("float32", "float64")
+RECOMPUTE = ("none", "selective", "full")  # activation recomputation (Korthikanti et al. 2022)
 
 
 def check_config(config, size_names: tuple[str, ...]) -> None:
@@ -76,11 +77,13 @@ class TransformerConfig:
     activation: str = "gelu"
     dropout: float = 0.0
     init_std: float = 0.02
+    recompute: str = "none"  # how training keeps activations (see forward_pass); same numbers
 
     def __post_init__(self):
         check_config(self, ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
+        require_recompute("recompute", self.recompute)
 
     @property
     def d_head(self) -> int:
@@ -271,21 +274,24 @@ def embed_backward(dx: np.ndarray, cache):
 
 
 def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
-                               dropout: float = 0.0, rng=None, memory=None, ops=SERIAL):
+                               dropout: float = 0.0, rng=None, memory=None, ops=SERIAL,
+                               keep_weights: bool = True):
     """x + Dropout(exit(MultiHeadAttention(enter(LN(x)), kv)) + b_o), kv = enter(LN(x)) (self)
     or `memory` (cross-attention).
 
     Reads params[prefix + "ln1.*"] and [prefix + "attn.*"] (cross: "ln_x.*", "xattn.*").
     n_heads: the heads whose columns this params dict holds (all of them, unless it is a
     tensor-parallel shard). The output bias is added after `exit`, so that a layout whose exit
-    sums partial outputs over ranks adds it once.
+    sums partial outputs over ranks adds it once. keep_weights=False: the backward pass
+    recomputes the attention weights (selective recomputation).
     """
     ln_name, attn_name = _names(prefix, memory is not None)
     normed, ln_cache = layernorm_forward(x, params[ln_name + "gamma"], params[ln_name + "beta"])
     entered = ops.enter.forward(normed)
     kv = entered if memory is None else memory
     weights = {name: params[attn_name + name] for name in MHA_PARAM_NAMES if name != "b_o"}
-    partial, attn_cache = mha_forward(entered, kv, weights, n_heads, mask, check=False)
+    partial, attn_cache = mha_forward(entered, kv, weights, n_heads, mask, check=False,
+                                      keep_weights=keep_weights)
     out = ops.exit.forward(partial)
     out += params[attn_name + "b_o"]
     dropped, drop_cache = dropout_forward(out, dropout, rng)
@@ -338,13 +344,15 @@ def ffn_sublayer_backward(dy, cache):
     return dy + dx_ln, grads
 
 
-def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, ops=SERIAL):
+def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, ops=SERIAL,
+                  keep_weights: bool = True):
     """Decoder block i: causal self-attention sublayer, then feed-forward sublayer."""
     prefix = f"blocks.{i}."
     n_heads = params[prefix + "attn.w_q"].shape[1] // config.d_head  # fewer on a TP shard
     mask = causal_mask(x.shape[1])
     h, attn_cache = attention_sublayer_forward(params, prefix, x, mask, n_heads,
-                                               config.dropout, rng, ops=ops)
+                                               config.dropout, rng, ops=ops,
+                                               keep_weights=keep_weights)
     y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation, config.dropout, rng,
                                         ops)
     return y, (attn_cache, ffn_cache)
@@ -356,6 +364,32 @@ def block_backward(dy, cache):
     dh, ffn_grads = ffn_sublayer_backward(dy, ffn_cache)
     dx, _, attn_grads = attention_sublayer_backward(dh, attn_cache)
     return dx, {**attn_grads, **ffn_grads}
+
+
+def recomputed_block_backward(dy, saved):
+    """Full recomputation: block i kept only its input; run its forward again - with a copy
+    of the dropout generator taken before the first run, so the same masks - then its
+    backward. Costs one more forward of the block (and, under tensor parallelism, its
+    all-reduces again); saves everything else the block would have kept."""
+    params, i, x, config, rng, ops = saved
+    _, cache = block_forward(params, i, x, config, rng, ops)
+    return block_backward(dy, cache)
+
+
+def _twin(rng: np.random.Generator | None) -> np.random.Generator | None:
+    """A generator that will draw exactly what `rng` draws next (None stays None)."""
+    if rng is None:
+        return None
+    twin = np.random.Generator(type(rng.bit_generator)(0))
+    twin.bit_generator.state = rng.bit_generator.state
+    return twin
+
+
+def require_recompute(name: str, value) -> str:
+    """`value` if it is one of RECOMPUTE, else a ValueError naming `name`."""
+    if not isinstance(value, str) or value not in RECOMPUTE:
+        raise ValueError(f"{name}: expected one of {list(RECOMPUTE)}, got {value!r}")
+    return value
 
 
 def head_forward(params: dict, x):
@@ -384,6 +418,11 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     Returns (logits or activations, caches) with caches a list of (backward, cache) pairs in
     forward order, which `backward_pass` walks in reverse. A pipeline stage runs the part it
     holds; tensor parallelism passes its `ops`. No input checks (see `forward`).
+
+    config.recompute (one of RECOMPUTE) trades compute for activation memory: "selective"
+    keeps everything but the attention weights, which the backward recomputes; "full" keeps
+    only each block's input and runs the block's forward again in the backward. The gradients
+    are the same bits either way, so every layout gets it from the config.
     """
     caches = []
     x = inputs
@@ -392,8 +431,14 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
         caches.append((embed_backward, cache))
     lo, hi = (0, config.n_layers) if layers is None else layers
     for i in range(lo, hi):
-        x, cache = block_forward(params, i, x, config, rng, ops)
-        caches.append((block_backward, cache))
+        if config.recompute == "full":  # keep the input, and a generator that replays the dropout
+            caches.append((recomputed_block_backward,
+                           (params, i, x, config, _twin(rng), ops)))
+            x, _ = block_forward(params, i, x, config, rng, ops)
+        else:
+            x, cache = block_forward(params, i, x, config, rng, ops,
+                                     keep_weights=config.recompute == "none")
+            caches.append((block_backward, cache))
     if head:
         x, cache = head_forward(params, x)
         caches.append((head_backward, cache))
@@ -421,7 +466,8 @@ def forward(params: dict, tokens, config: TransformerConfig) -> np.ndarray:
     """Logits (B, T, vocab_size) for integer tokens (B, T); dropout is off at inference."""
     check_params(params, param_shapes(config), config.dtype)
     tokens = check_tokens("tokens", tokens, config.vocab_size, config.max_len)
-    return forward_pass(params, tokens, dataclasses.replace(config, dropout=0.0))[0]
+    inference = dataclasses.replace(config, dropout=0.0, recompute="none")  # no backward
+    return forward_pass(params, tokens, inference)[0]
 
 
 def check_batch(params: dict, tokens, targets, config: TransformerConfig,
@@ -444,7 +490,7 @@ def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
     Returns (loss: float, grads: dict with exactly the keys of params). `rng` is needed only
     when config.dropout > 0. The parallel modes call it too, having checked their inputs once
     (check=False): tensor parallelism with its `ops` on a shard of the dict, data parallelism
-    with `on_grads` (see `backward_pass`).
+    with `on_grads` (see `backward_pass`). config.recompute: see `forward_pass`.
     """
     if check:
         tokens, targets = check_batch(params, tokens, targets, config, ignore_index)
@@ -466,7 +512,7 @@ def generate(params: dict, prompt, n_new: int, config: TransformerConfig,
     prompt = check_tokens("prompt", np.asarray(prompt).reshape(1, -1), config.vocab_size,
                           np.iinfo(np.int64).max)  # longer prompts are cut to max_len below
     check_params(params, param_shapes(config), config.dtype)  # once, not once per token
-    config = dataclasses.replace(config, dropout=0.0)
+    config = dataclasses.replace(config, dropout=0.0, recompute="none")
     ids = list(prompt[0])
     for _ in range(n_new):
         context = np.array(ids[-config.max_len:], dtype=np.int64)[None, :]

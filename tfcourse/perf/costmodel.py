@@ -195,7 +195,8 @@ def zero_state_bytes_per_rank(n_params: int, p: int, stage: int, bytes_per_value
 
 
 def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: int,
-                               d_ff: int, bytes_per_value: int = 4, tp: int = 1) -> int:
+                               d_ff: int, bytes_per_value: int = 4, tp: int = 1,
+                               recompute: str = "none") -> int:
     """Activations one decoder block keeps for its backward pass, as `tfcourse.nn.model` stores
     them: 8 (B, T, d) arrays (two LayerNorms' normalised x_hat and outputs, q, k, v, the
     merged heads), 3 (B, T, d_ff) arrays (FFN pre-activation, its tanh, the activation), the
@@ -204,15 +205,27 @@ def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: 
     tp > 1: what one rank of Megatron tensor parallelism *without* sequence parallelism keeps.
     The head- and column-split arrays (q, k, v, merged heads, the FFN's three, the attention
     weights) shrink by tp; the LayerNorms' arrays and 1/std vectors stay replicated on every
-    rank (Korthikanti et al. 2022: s b h (10 + 24/t + 5 a s/(h t)) for their model)."""
+    rank (Korthikanti et al. 2022: s b h (10 + 24/t + 5 a s/(h t)) for their model).
+
+    recompute (the model's config.recompute): "selective" drops the attention weights - the
+    term that grows with T^2 - and keeps the (T, T) bool causal mask instead (1 byte an entry)
+    to recompute them; "full" keeps only the block's input, one (B, T, d) array, whole on
+    every tensor-parallel rank."""
     tokens = batch * seq_len
+    if recompute == "full":
+        return tokens * d_model * bytes_per_value
+    if recompute not in ("none", "selective"):
+        raise ValueError(f"recompute: expected one of ['none', 'selective', 'full'], "
+                         f"got {recompute!r}")
+    weights = batch * n_heads * seq_len * seq_len
     replicated = tokens * (4 * d_model + 2)
-    split = tokens * (4 * d_model + 3 * d_ff) + batch * n_heads * seq_len * seq_len
+    split = tokens * (4 * d_model + 3 * d_ff) + (weights if recompute == "none" else 0)
+    mask = seq_len * seq_len if recompute == "selective" else 0  # bool: bytes, not values
     if tp == 1:
-        return (replicated + split) * bytes_per_value
+        return (replicated + split) * bytes_per_value + mask
     if tp < 1 or n_heads % tp or d_ff % tp:
         raise ValueError(f"tp: expected a divisor of n_heads={n_heads} and d_ff={d_ff}, got {tp}")
-    return (replicated + split // tp) * bytes_per_value
+    return (replicated + split // tp) * bytes_per_value + mask
 
 
 # --------------------------------------------------------------------------- communication
