@@ -1,5 +1,7 @@
 """Cost model against hand-derived numbers and against the FLOPs the NumPy model performs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -220,3 +222,51 @@ def test_mfu_and_training_days():
     # 8 T P / (n X) "approximately 34 days"
     megatron = cm.training_days(175e9, 300e9, 1024, 140e12, 1.0, flops_per_param=8)
     assert round(megatron) == 34
+
+
+def _sp_shard_cache_bytes(config, tp, recompute="none"):
+    """One sequence-parallel rank's block: its slice of the positions in, and stand-ins for
+    the collectives that produce the shapes the real ones do (gather: all T positions;
+    scatter: this rank's T/tp)."""
+    from tfcourse.parallel.plans.tensor import shard_params
+
+    B, T = 2, config.max_len
+    config = dataclasses.replace(config, recompute=recompute)
+    params = model.init_params(config, 0)
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (B, T))
+    x, _ = model.embed_forward(params, tokens, config)
+    gather = model.Operator(forward=lambda a: np.concatenate([a] * tp, axis=1),
+                            backward=lambda a: a[:, : T // tp].copy())
+    scatter = model.Operator(forward=lambda a: a[:, : T // tp].copy(),
+                             backward=lambda a: np.concatenate([a] * tp, axis=1))
+    shard = shard_params(params, 0, tp)
+    ops = model.SublayerOps(enter=gather, exit=scatter)
+    caches = model.forward_pass(shard, x[:, : T // tp].copy(), config, ops=ops, embed=False,
+                                head=False)[1]
+    return B, T, _cached_arrays_nbytes(caches[0][1], {id(v) for v in shard.values()})
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_sequence_parallel_activation_memory_matches_a_shard_block(tp, recompute):
+    config = dataclasses.replace(CONFIGS[0], max_len=8)
+    B, T, measured = _sp_shard_cache_bytes(config, tp, recompute)
+    predicted = cm.activation_bytes_per_layer(B, T, config.d_model, config.n_heads, config.d_ff,
+                                              4, tp=tp, recompute=recompute,
+                                              sequence_parallel=True)
+    assert measured == predicted
+    plain = cm.activation_bytes_per_layer(B, T, config.d_model, config.n_heads, config.d_ff, 4,
+                                          tp=tp, recompute=recompute)
+    assert predicted < plain
+    with pytest.raises(ValueError, match="seq_len: expected a multiple of tp=4"):
+        cm.activation_bytes_per_layer(2, 6, 16, 4, 24, 4, tp=4, sequence_parallel=True)
+
+
+def test_tensor_parallel_bytes_sent_by_hand():
+    n = 2 * 8 * 16 * 4  # one (B, T, d) float32 array
+    # 3 layers x 4 all-reduces x 2 (p - 1)/p n, p = 4
+    assert cm.tensor_parallel_bytes_sent(2, 8, 16, 3, 4) == 3 * 4 * 2 * 3 / 4 * n
+    # sequence parallelism: the same, plus one all-gather of the embedding's gradient
+    assert cm.tensor_parallel_bytes_sent(2, 8, 16, 3, 4, sequence_parallel=True) == (
+        3 * 4 * 2 * 3 / 4 * n + 3 / 4 * n)
+    assert cm.tensor_parallel_bytes_sent(2, 8, 16, 3, 1, sequence_parallel=True) == 0

@@ -41,6 +41,25 @@ def test_tp_matches_serial_losses_and_gradients(n_ranks, serial):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("n_ranks", [1, 2, 4])
+def test_sequence_parallel_matches_serial_and_sends_what_the_all_reduces_did(n_ranks, serial):
+    args = ["--steps", str(STEPS), "--check-grads"]
+    sp = run_mpi("tfcourse.parallel.tensor_parallel", [*args, "--sequence-parallel"],
+                 n_ranks=n_ranks, timeout=120).result
+    np.testing.assert_allclose(sp["losses"], serial, rtol=1e-10, atol=0)
+    assert sp["grad_max_rel_error"] < 1e-12
+    assert sp["activation_bytes_sent_per_step"] == sp["predicted_activation_bytes_sent_per_step"]
+    tp = run_mpi("tfcourse.parallel.tensor_parallel", args, n_ranks=n_ranks, timeout=120).result
+    assert tp["activation_bytes_sent_per_step"] == tp["predicted_activation_bytes_sent_per_step"]
+    # the all-gathers and reduce-scatters send what the all-reduces sent, plus one gather of
+    # the embedding's gradient: (p - 1)/p of a (B, T, d) array
+    settings, config = sp["settings"], sp["config"]
+    n = settings["batch_size"] * settings["seq_len"] * config["d_model"] * 8
+    assert sp["activation_bytes_sent_per_step"] - tp["activation_bytes_sent_per_step"] == (
+        (n_ranks - 1) / n_ranks * n)
+
+
+@pytest.mark.mpi
 def test_tp_float32_matches_serial_float32():
     result = run_mpi("tfcourse.parallel.tensor_parallel",
                      ["--steps", str(STEPS), "--dtype", "float32"], n_ranks=2, timeout=120).result

@@ -280,6 +280,8 @@ def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
     or `memory` (cross-attention).
 
     Reads params[prefix + "ln1.*"] and [prefix + "attn.*"] (cross: "ln_x.*", "xattn.*").
+    mask: a bool mask, None, or "causal": causal over the positions `enter` hands on (under
+    sequence parallelism x holds a slice of the sequence and `enter` gathers all of it).
     n_heads: the heads whose columns this params dict holds (all of them, unless it is a
     tensor-parallel shard). The output bias is added after `exit`, so that a layout whose exit
     sums partial outputs over ranks adds it once. keep_weights=False: the backward pass
@@ -289,6 +291,8 @@ def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
     normed, ln_cache = layernorm_forward(x, params[ln_name + "gamma"], params[ln_name + "beta"])
     entered = ops.enter.forward(normed)
     kv = entered if memory is None else memory
+    if isinstance(mask, str) and mask == "causal":  # over the positions `enter` delivers: all
+        mask = causal_mask(kv.shape[1])             # of them, even where x holds only a slice
     weights = {name: params[attn_name + name] for name in MHA_PARAM_NAMES if name != "b_o"}
     partial, attn_cache = mha_forward(entered, kv, weights, n_heads, mask, check=False,
                                       keep_weights=keep_weights)
@@ -349,8 +353,7 @@ def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, 
     """Decoder block i: causal self-attention sublayer, then feed-forward sublayer."""
     prefix = f"blocks.{i}."
     n_heads = params[prefix + "attn.w_q"].shape[1] // config.d_head  # fewer on a TP shard
-    mask = causal_mask(x.shape[1])
-    h, attn_cache = attention_sublayer_forward(params, prefix, x, mask, n_heads,
+    h, attn_cache = attention_sublayer_forward(params, prefix, x, "causal", n_heads,
                                                config.dropout, rng, ops=ops,
                                                keep_weights=keep_weights)
     y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation, config.dropout, rng,

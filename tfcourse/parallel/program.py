@@ -165,12 +165,13 @@ class EventLog:
         yield
         self.record(kind, started, microbatch, nbytes)
 
-    def collective(self, name: str, fn, buf: np.ndarray, comm):
-        """fn(buf, comm), timed (after a Barrier timed as waiting, with split_waiting)."""
+    def collective(self, name: str, fn, buf: np.ndarray, comm, nbytes: int | None = None):
+        """fn(buf, comm), timed (after a Barrier timed as waiting, with split_waiting) and
+        recorded as moving `nbytes` (default: buf's; an all-gather records its result's)."""
         if self.split_waiting:
             with self.span("waiting"):
                 comm.Barrier()
-        with self.span(name, nbytes=buf.nbytes):
+        with self.span(name, nbytes=buf.nbytes if nbytes is None else nbytes):
             return fn(buf, comm)
 
     def communication_events(self) -> list[dict]:

@@ -15,6 +15,14 @@ without any communication.
 
 In code, f and g are the serial model's entry and exit operators (`SublayerOps`): the sublayers
 are the model's own, run on this rank's shard of the parameter dict, dropout included.
+
+--sequence-parallel (Megatron sequence parallelism, Korthikanti et al. 2022): between the
+sublayers the residual stream is split along the sequence too, so the LayerNorms, biases,
+dropout and residual adds each run on this rank's T/p positions instead of all T. f becomes an
+all-gather along the sequence (its backward a reduce-scatter) and g a reduce-scatter (its
+backward an all-gather): the same bytes on the wire as the all-reduce they replace, since an
+all-reduce is a reduce-scatter followed by an all-gather. The parameters outside the split
+matrices now see different positions on each rank, so their gradients are summed over ranks.
 """
 
 from __future__ import annotations
@@ -28,7 +36,17 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from tfcourse.nn.model import Operator, SublayerOps, init_params, loss_and_grads
+from tfcourse.nn.layers import cross_entropy_backward, cross_entropy_forward
+from tfcourse.nn.model import (
+    Operator,
+    SublayerOps,
+    backward_pass,
+    embed_backward,
+    embed_forward,
+    forward_pass,
+    init_params,
+    loss_and_grads,
+)
 from tfcourse.nn.optim import state_nbytes, sum_of_squares
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.checkpointing import start_training
@@ -47,7 +65,13 @@ from tfcourse.parallel.program import (
     run_program,
     train,
 )
-from tfcourse.perf.costmodel import tensor_parallel_allreduce_bytes
+from tfcourse.perf.costmodel import (
+    allgather_bytes,
+    allreduce_bytes,
+    reduce_scatter_bytes,
+    tensor_parallel_allreduce_bytes,
+    tensor_parallel_bytes_sent,
+)
 from tfcourse.train import TrainingSetup, TrainSettings, optimizer_update, training_setup
 
 # --------------------------------------------------------------------------- f and g
@@ -67,6 +91,54 @@ def megatron_ops(comm, log) -> SublayerOps:
     f = Operator(backward=allreduce("f backward"))
     g = Operator(forward=allreduce("g forward"))
     return SublayerOps(enter=f, exit=g)
+
+
+def sequence_ops(comm, log) -> SublayerOps:
+    """Megatron's sequence-parallel operators: enter = all-gather of the ranks' slices of the
+    sequence (backward: reduce-scatter of the gradient); exit = reduce-scatter of the partial
+    outputs, each rank keeping the sum at its own positions (backward: all-gather)."""
+    def gather(name: str):
+        def gathered(x):  # (B, T/p, d) -> (B, T, d)
+            local = np.ascontiguousarray(np.swapaxes(x, 0, 1))  # sequence first: MPI blocks
+            full = np.empty((local.shape[0] * comm.size, *local.shape[1:]), local.dtype)
+            log.collective(name, lambda buf, c: c.Allgather(buf, full), local, comm,
+                           nbytes=full.nbytes)
+            return np.ascontiguousarray(np.swapaxes(full, 0, 1))
+        return gathered
+
+    def scatter(name: str):
+        def scattered(x):  # (B, T, d), a partial sum on every rank -> the sum, (B, T/p, d)
+            full = np.ascontiguousarray(np.swapaxes(x, 0, 1))
+            local = np.empty((full.shape[0] // comm.size, *full.shape[1:]), full.dtype)
+            log.collective(name, lambda buf, c: c.Reduce_scatter_block(buf, local, op=MPI.SUM),
+                           full, comm)
+            return np.ascontiguousarray(np.swapaxes(local, 0, 1))
+        return scattered
+
+    return SublayerOps(enter=Operator(gather("f all-gather"), scatter("f reduce-scatter")),
+                       exit=Operator(scatter("g reduce-scatter"), gather("g all-gather")))
+
+
+def sp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dict]:
+    """Tensor parallelism with sequence parallelism: every rank embeds the whole sequence
+    (the tables are replicated), then the model's own walk runs on its slice of positions
+    with `sequence_ops`; the loss is the mean of the ranks' equal slices."""
+    p, length = comm.size, x.shape[1]
+    lo, hi = comm.rank * length // p, (comm.rank + 1) * length // p
+    emb, emb_cache = embed_forward(params, x, config)
+    logits, caches = forward_pass(params, emb[:, lo:hi], config, ops=sequence_ops(comm, log),
+                                  embed=False)
+    local_loss, loss_cache = cross_entropy_forward(logits, y[:, lo:hi])
+    dx, grads = backward_pass(cross_entropy_backward(loss_cache) / p, caches)
+    dx = sequence_ops(comm, log).enter.forward(dx)  # the embedding's gradient, slices gathered
+    grads.update(embed_backward(dx, emb_cache)[1])
+    seen_here = [n for n in params if shard_axis(n) is None and not n.endswith("_emb")]
+    flat = np.concatenate([grads[n].ravel() for n in seen_here])
+    log.collective("replicated grads all-reduce", mpi_allreduce, flat, comm)
+    sizes = np.cumsum([0] + [grads[n].size for n in seen_here])
+    for name, start, stop in zip(seen_here, sizes[:-1], sizes[1:], strict=True):
+        grads[name] = flat[start:stop].reshape(grads[name].shape)
+    return comm.allreduce(local_loss) / p, {n: grads[n] for n in params}
 
 
 def global_grad_norm(grads: dict, comm) -> float:
@@ -95,6 +167,7 @@ class TensorParallel:
     settings: TrainSettings
     comm: object
     full: dict | None  # the serial parameters, kept only for --check-grads
+    sequence_parallel: bool = False
 
 
 def tp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dict]:
@@ -113,7 +186,8 @@ def tp_update(state: State, grads: dict, step: int, settings: TrainSettings, com
 
 def train_step(state: State, x, y, step: int, log, tp: TensorParallel):
     """One tensor-parallel step on the global batch; returns (new state, loss, grads)."""
-    loss, grads = tp_loss_and_grads(state.params, x, y, tp.config, tp.comm, log)
+    step_fn = sp_loss_and_grads if tp.sequence_parallel else tp_loss_and_grads
+    loss, grads = step_fn(state.params, x, y, tp.config, tp.comm, log)
     if step == 0 and tp.full is not None:  # gathered shards == the serial model's gradients
         log.info["grad_error"] = max_relative_error(unshard_params(tp.comm.allgather(grads)),
                                                     loss_and_grads(tp.full, x, y, tp.config)[1])
@@ -129,6 +203,9 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     require_positive_int("--threads", args.threads)
     setup = training_setup(args)
     check_world_size(setup.config, world_size)  # heads and FFN columns split evenly
+    if args.sequence_parallel and setup.settings.seq_len % world_size:
+        raise ValueError(f"--sequence-parallel: --seq-len must split evenly over the "
+                         f"{world_size} rank(s), got {setup.settings.seq_len}")
     return setup
 
 
@@ -138,7 +215,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
                                    {"program": "tensor_parallel"})
     local = start.state.params
     full = init_params(config, settings.seed) if args.check_grads and not args.resume else None
-    tp = TensorParallel(config, settings, comm, full)
+    tp = TensorParallel(config, settings, comm, full, args.sequence_parallel)
     result = train(comm, setup, start, functools.partial(train_step, tp=tp), args.split_waiting,
                    saving)
     record = result_record(result, setup, comm, state_nbytes(
@@ -146,17 +223,36 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     return {
         **record,
         "comm_bytes_per_step": record["comm_bytes"] / settings.steps,
-        "predicted_comm_bytes_per_step": tensor_parallel_allreduce_bytes(
-            settings.batch_size, settings.seq_len, config.d_model, config.n_layers,
-            np.dtype(config.dtype).itemsize),
+        "predicted_comm_bytes_per_step": None if args.sequence_parallel  # buffers: all-reduces
+        else tensor_parallel_allreduce_bytes(settings.batch_size, settings.seq_len,
+                                             config.d_model, config.n_layers,
+                                             np.dtype(config.dtype).itemsize),
         "allreduces_per_step": record["comm_calls"] / settings.steps,
+        "activation_bytes_sent_per_step": activation_bytes_sent(result.logs, comm.size)
+        / settings.steps,
+        "predicted_activation_bytes_sent_per_step": tensor_parallel_bytes_sent(
+            settings.batch_size, settings.seq_len, config.d_model, config.n_layers, comm.size,
+            np.dtype(config.dtype).itemsize, args.sequence_parallel),
         "param_bytes_per_rank": sum(int(v.nbytes) for v in local.values()),
         "grad_max_rel_error": result.logs[0].info.get("grad_error"),
     }
 
 
+SENDS = {"f backward": allreduce_bytes, "g forward": allreduce_bytes,  # per n-byte collective
+         "f all-gather": allgather_bytes, "g all-gather": allgather_bytes,
+         "f reduce-scatter": reduce_scatter_bytes, "g reduce-scatter": reduce_scatter_bytes}
+
+
+def activation_bytes_sent(logs, p: int) -> float:
+    """Bytes this rank sent for activations, from its logged collectives (SENDS)."""
+    return sum(SENDS[e["kind"]](e["bytes"], p) for log in logs
+               for e in log.communication_events() if e["kind"] in SENDS)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = program_parser("tfcourse.parallel.tensor_parallel", __doc__)
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="split the sequence between the sublayers too (Megatron SP)")
     parser.add_argument("--check-grads", action="store_true",
                         help="at step 0, compare gathered gradients with the serial model's")
     add_split_waiting_argument(parser)

@@ -196,35 +196,43 @@ def zero_state_bytes_per_rank(n_params: int, p: int, stage: int, bytes_per_value
 
 def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: int,
                                d_ff: int, bytes_per_value: int = 4, tp: int = 1,
-                               recompute: str = "none") -> int:
+                               recompute: str = "none", sequence_parallel: bool = False) -> int:
     """Activations one decoder block keeps for its backward pass, as `tfcourse.nn.model` stores
     them: 8 (B, T, d) arrays (two LayerNorms' normalised x_hat and outputs, q, k, v, the
     merged heads), 3 (B, T, d_ff) arrays (FFN pre-activation, its tanh, the activation), the
     (B, heads, T, T) attention weights and two LayerNorm 1/std vectors (B, T).
 
-    tp > 1: what one rank of Megatron tensor parallelism *without* sequence parallelism keeps.
-    The head- and column-split arrays (q, k, v, merged heads, the FFN's three, the attention
-    weights) shrink by tp; the LayerNorms' arrays and 1/std vectors stay replicated on every
-    rank (Korthikanti et al. 2022: s b h (10 + 24/t + 5 a s/(h t)) for their model).
+    tp > 1: what one rank of Megatron tensor parallelism keeps. The head- and column-split
+    arrays (q, k, v, merged heads, the FFN's three, the attention weights) shrink by tp.
+    Without sequence parallelism the LayerNorms' arrays and 1/std vectors stay whole on every
+    rank (Korthikanti et al. 2022: s b h (10 + 24/t + 5 a s/(h t)) for their model). With it
+    (`tensor_parallel --sequence-parallel`) x_hat and 1/std are kept for this rank's T/tp
+    positions only, but each sublayer still keeps the all-gathered (B, T, d) input its
+    column-parallel matmuls read - Megatron also drops those and gathers them again in the
+    backward pass, which is how it reaches s b h (34/t + 5 a s/(h t)).
 
     recompute (the model's config.recompute): "selective" drops the attention weights - the
     term that grows with T^2 - and keeps the (T, T) bool causal mask instead (1 byte an entry)
-    to recompute them; "full" keeps only the block's input, one (B, T, d) array, whole on
-    every tensor-parallel rank."""
+    to recompute them; "full" keeps only the block's input, one (B, T, d) array (its slice of
+    T/tp positions under sequence parallelism)."""
     tokens = batch * seq_len
+    if tp < 1 or n_heads % tp or d_ff % tp:
+        raise ValueError(f"tp: expected a divisor of n_heads={n_heads} and d_ff={d_ff}, got {tp}")
+    if sequence_parallel and seq_len % tp:
+        raise ValueError(f"seq_len: expected a multiple of tp={tp} with sequence parallelism, "
+                         f"got {seq_len}")
     if recompute == "full":
-        return tokens * d_model * bytes_per_value
+        return tokens * d_model * bytes_per_value // (tp if sequence_parallel else 1)
     if recompute not in ("none", "selective"):
         raise ValueError(f"recompute: expected one of ['none', 'selective', 'full'], "
                          f"got {recompute!r}")
     weights = batch * n_heads * seq_len * seq_len
-    replicated = tokens * (4 * d_model + 2)
+    if sequence_parallel:  # x_hat and 1/std sliced; the gathered sublayer inputs whole
+        replicated = tokens * (2 * d_model + 2) // tp + tokens * 2 * d_model
+    else:
+        replicated = tokens * (4 * d_model + 2)
     split = tokens * (4 * d_model + 3 * d_ff) + (weights if recompute == "none" else 0)
     mask = seq_len * seq_len if recompute == "selective" else 0  # bool: bytes, not values
-    if tp == 1:
-        return (replicated + split) * bytes_per_value + mask
-    if tp < 1 or n_heads % tp or d_ff % tp:
-        raise ValueError(f"tp: expected a divisor of n_heads={n_heads} and d_ff={d_ff}, got {tp}")
     return (replicated + split // tp) * bytes_per_value + mask
 
 
@@ -302,6 +310,20 @@ def tensor_parallel_allreduce_bytes(batch: int, seq_len: int, d_model: int, n_la
     """Activation bytes all-reduced per training step by Megatron tensor parallelism: two
     all-reduces of a (B, T, d) array per layer in the forward pass and two in the backward."""
     return 4 * n_layers * batch * seq_len * d_model * bytes_per_value
+
+
+def tensor_parallel_bytes_sent(batch: int, seq_len: int, d_model: int, n_layers: int, p: int,
+                               bytes_per_value: int = 4, sequence_parallel: bool = False
+                               ) -> float:
+    """Activation bytes one rank sends per training step under Megatron tensor parallelism over
+    p ranks: per layer two all-reduces of a (B, T, d) array forward and two backward, each
+    sending 2 (p - 1)/p of it. With sequence parallelism each all-reduce becomes an all-gather
+    and a reduce-scatter, (p - 1)/p each: the same bytes; the embedding's gradient, computed
+    in slices, is gathered once more. (The sequence-split parameters' gradient all-reduce is
+    parameter traffic and not counted here.)"""
+    n = batch * seq_len * d_model * bytes_per_value
+    sent = n_layers * 4 * allreduce_bytes(n, p)
+    return sent + (allgather_bytes(n, p) if sequence_parallel else 0.0)
 
 
 def training_days(n_params: float, n_tokens: float, n_devices: int, peak_flops_per_s: float,
