@@ -583,8 +583,10 @@ MPI_CASES = [
     # hybrid (chapter 9)
     mpi_case("hybrid-grid-not-world-size", HYBRID, 2, ["--dp", "2", "--pp", "2"],
              r"--dp/--pp/--tp: expected dp \* pp \* tp = the 2 MPI rank\(s\), got 2 \* 2 \* 1"),
-    mpi_case("hybrid-pp-and-tp", HYBRID, 4, ["--pp", "2", "--tp", "2"],
-             r"--pp/--tp: this program combines data parallelism with ONE model split"),
+    mpi_case("hybrid-3d-grid-not-world-size", HYBRID, 4, ["--dp", "2", "--pp", "2", "--tp", "2"],
+             r"--dp/--pp/--tp: expected dp \* pp \* tp = the 4 MPI rank\(s\), got 2 \* 2 \* 2"),
+    mpi_case("hybrid-tp-not-dividing-heads", HYBRID, 3, ["--pp", "1", "--tp", "3"],
+             r"3 ranks cannot split n_heads=4"),
     mpi_case("hybrid-dp-zero", HYBRID, 2, ["--dp", "0"], r"--dp: expected a positive integer"),
     mpi_case("hybrid-replica-rows-fewer-than-microbatches", HYBRID, 4,
              ["--dp", "2", "--pp", "2", "--layers", "2", "--batch-size", "4",

@@ -32,6 +32,9 @@ CASES = [  # (dp, pp, tp, schedule, micro-batches, global batch)
     (3, 1, 1, "1f1b", 1, 8), (1, 3, 1, "1f1b", 2, 8),
     (2, 2, 1, "1f1b", 2, 8), (2, 2, 1, "gpipe", 3, 6), (2, 1, 2, "1f1b", 1, 6),
     (4, 1, 1, "1f1b", 1, 6),
+    # 3D: pipeline stages that are tensor-parallel groups, with and without replicas (8 ranks
+    # on 2 cores: a correctness run)
+    (1, 2, 2, "1f1b", 2, 8), (1, 2, 2, "gpipe", 3, 6), (2, 2, 2, "1f1b", 2, 8),
 ]
 
 
@@ -42,7 +45,7 @@ def test_hybrid_loss_curve_equals_serial(dp, pp, tp, schedule, m, batch):
                      ["--steps", str(STEPS), "--layers", str(LAYERS), "--batch-size", str(batch),
                       "--dp", str(dp), "--pp", str(pp), "--tp", str(tp),
                       "--schedule", schedule, "--microbatches", str(m)],
-                     n_ranks=dp * pp * tp, timeout=60).result
+                     n_ranks=dp * pp * tp, timeout=120).result
     np.testing.assert_allclose(result["losses"], serial_losses(batch), rtol=1e-10, atol=0)
     assert len(result["memory_bytes"]) == len(result["seconds_per_step_per_rank"]) == dp * pp * tp
 
@@ -52,8 +55,9 @@ def test_grid_shape_by_hand():
     assert grid_shape(6, 3, 1, 2) == (3, 2)
     with pytest.raises(ValueError, match=r"--dp/--pp/--tp: expected dp \* pp \* tp = the 4"):
         grid_shape(4, 3, 1, 1)
-    with pytest.raises(ValueError, match="--pp/--tp: this program combines"):
-        grid_shape(4, 1, 2, 2)
+    assert grid_shape(8, 2, 2, 2) == (2, 4)  # 3D
+    with pytest.raises(ValueError, match=r"got 2 \* 2 \* 2 = 8"):
+        grid_shape(4, 2, 2, 2)
 
 
 def test_more_replicas_than_rows_is_rejected():

@@ -143,6 +143,10 @@ PROGRAMS = [  # (module, ranks, extra arguments): every training program, odd si
     ("tfcourse.parallel.tensor_parallel", 2, []),
     ("tfcourse.parallel.pipeline_parallel", 3, ["--schedule", "1f1b", "--microbatches", "2"]),
     ("tfcourse.parallel.hybrid", 4, ["--dp", "2", "--tp", "2"]),
+    ("tfcourse.parallel.tensor_parallel", 2, ["--sequence-parallel"]),
+    ("tfcourse.parallel.hybrid", 3, ["--pp", "3", "--tp", "1", "--dp", "1",
+                                     "--microbatches", "2"]),
+    ("tfcourse.parallel.hybrid", 4, ["--pp", "2", "--tp", "2", "--microbatches", "3"]),
 ]
 
 

@@ -1,25 +1,27 @@
-"""Chapter 9: two kinds of parallelism at once - data parallelism over pipelines or over
-tensor-parallel groups.
+"""Chapter 9: data, pipeline and tensor parallelism at once ("3D", Narayanan et al. 2021).
 
     mpiexec -n 4 python -m mpi4py -m tfcourse.parallel.hybrid --dp 2 --pp 2 --config tiny \\
         --layers 4 --microbatches 2 --schedule 1f1b --steps 20
     mpiexec -n 4 python -m mpi4py -m tfcourse.parallel.hybrid --dp 2 --tp 2 --config tiny
+    mpiexec -n 8 python -m mpi4py -m tfcourse.parallel.hybrid --dp 2 --pp 2 --tp 2 --layers 4
 
-The world's dp * inner ranks (inner = pp or tp) form a grid: rank = replica * inner + part.
-`comm.Split` makes two families of sub-communicators:
+The world's dp * pp * tp ranks form a grid: rank = (replica * pp + stage) * tp + t.
+`comm.Split` makes the sub-communicators:
 
 - a *model* communicator per replica (the ranks with the same `replica`): one whole model,
-  cut into pipeline stages or tensor-parallel shards exactly as in chapter 7;
-- a *data* communicator per part (the ranks with the same `part`): the ranks holding the
-  same piece of the model in different replicas, which all-reduce that piece's gradients as
-  in chapter 6.
+  cut into pp pipeline stages, each stage cut among tp ranks by tensor parallelism, exactly as
+  in chapter 7; inside it a *pipe* communicator per t (one rank of every stage, its rank the
+  stage: the pipeline's messages) and a *tensor* communicator per stage (f and g);
+- a *data* communicator per part (the ranks with the same place in their replica): the ranks
+  holding the same piece of the model in different replicas, which all-reduce that piece's
+  gradients as in chapter 6.
 
 Replica r trains on rows batch_rows(B, r, dp) of every global batch. Its gradients are
 weighted by its share of the batch, so the data all-reduce gives the full-batch gradient of
 the serial model, and the loss curve equals serial training's to rounding. Nothing here is a
-new layer: the step is chapter 7's step functions with chapter 6's all-reduce in the middle.
-(Pipeline and tensor parallelism together - "3D" with data parallelism - is what chapter 10's
-planner reasons about; it is not implemented here.)
+new layer: the step is chapter 7's step functions - the pipeline's schedule, run with tensor
+parallelism's f and g as its stages' operators - with chapter 6's all-reduce in the middle.
+With more ranks than cores (8 on this 2-core machine) a run checks correctness, not speed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 
 from mpi4py import MPI
 
+from tfcourse.nn.model import SERIAL
 from tfcourse.nn.optim import state_nbytes
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel import pipeline_parallel as pipeline
@@ -39,7 +42,13 @@ from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.data_parallel import average_gradients
 from tfcourse.parallel.plans import placement
 from tfcourse.parallel.plans.batches import batch_rows
-from tfcourse.parallel.plans.pipeline import SCHEDULES, microbatch_rows, schedule, stage_layers
+from tfcourse.parallel.plans.pipeline import (
+    SCHEDULES,
+    microbatch_rows,
+    schedule,
+    stage_layers,
+    stage_param_names,
+)
 from tfcourse.parallel.plans.tensor import check_world_size
 from tfcourse.parallel.program import State, program_parser, result_record, run_program, train
 from tfcourse.train import TrainingSetup, training_setup
@@ -48,25 +57,25 @@ from tfcourse.train import TrainingSetup, training_setup
 
 
 def grid_shape(world_size: int, dp: int, pp: int, tp: int) -> tuple[int, int]:
-    """(replicas, ranks per replica) of a dp x pp or dp x tp grid; ValueError naming the flag
-    if the product is not the world size or both pp and tp exceed 1."""
+    """(replicas, ranks per replica) of a dp x pp x tp grid; ValueError naming the flag if
+    the product is not the world size."""
     for flag, value in (("--dp", dp), ("--pp", pp), ("--tp", tp)):
         require_positive_int(flag, value)
-    if pp > 1 and tp > 1:
-        raise ValueError(f"--pp/--tp: this program combines data parallelism with ONE model "
-                         f"split; got --pp {pp} and --tp {tp} (see chapter 10's planner)")
     if dp * pp * tp != world_size:
         raise ValueError(f"--dp/--pp/--tp: expected dp * pp * tp = the {world_size} MPI "
                          f"rank(s), got {dp} * {pp} * {tp} = {dp * pp * tp}")
     return dp, pp * tp
 
 
-def split(comm, ranks_per_replica: int):
-    """(replica index, model communicator, data communicator) for this rank."""
+def split(comm, ranks_per_replica: int, tp: int = 1):
+    """(replica index, model, data, pipe, tensor communicators) for this rank."""
     replica, part = divmod(comm.rank, ranks_per_replica)
     model = comm.Split(color=replica, key=part)
     data = comm.Split(color=part, key=replica)
-    return replica, model, data
+    stage, t = divmod(part, tp)
+    pipe = model.Split(color=t, key=stage)
+    tensor_group = model.Split(color=stage, key=t)
+    return replica, model, data, pipe, tensor_group
 
 
 # --------------------------------------------------------------------------- one step
@@ -80,8 +89,10 @@ class Hybrid:
     settings: object
     dp: int
     replica: int
-    model: object  # this replica's ranks: pipeline stages or tensor-parallel shards
+    model: object  # this replica's ranks: its pipeline stages' tensor-parallel groups
     data: object  # the ranks holding the same part of the model in every replica
+    pipe: object  # one rank of every stage of this replica (rank = stage)
+    tensor: object  # this stage's tensor-parallel group
     stage: pipeline.Stage | None  # with --pp
     ops: list | None  # this stage's schedule, with --pp
 
@@ -93,11 +104,12 @@ def replica_grads(state: State, x, y, log, hy: Hybrid):
     lo, hi = batch_rows(len(x), hy.replica, hy.dp)
     weight = (hi - lo) / len(x)
     if hy.stage is not None:
+        f_and_g = tensor.megatron_ops(hy.tensor, log) if hy.tensor.size > 1 else SERIAL
         loss, grads, _ = pipeline.run_schedule(hy.stage, state.params, hy.ops, x[lo:hi],
-                                               y[lo:hi], hy.config, hy.model, log)
+                                               y[lo:hi], hy.config, hy.pipe, log, f_and_g)
     else:
         loss, grads = tensor.tp_loss_and_grads(state.params, x[lo:hi], y[lo:hi], hy.config,
-                                               hy.model, log)
+                                               hy.tensor, log)
     grads = average_gradients(grads, weight, [list(grads)], hy.data, "mpi", log)
     return hy.data.allreduce(loss * weight, op=MPI.SUM), grads  # PP: 0.0 but on last stages
 
@@ -106,9 +118,10 @@ def train_step(state: State, x, y, step: int, log, hy: Hybrid):
     """One step of the grid; the update is the inner split's own."""
     loss, grads = replica_grads(state, x, y, log, hy)
     if hy.stage is not None:
-        state, loss = pipeline.finish_step(state, loss, grads, step, hy.settings, hy.model, log)
+        state, loss = pipeline.finish_step(state, loss, grads, step, hy.settings, hy.model, log,
+                                           hy.tensor.rank)
         return state, loss, grads
-    return tensor.tp_update(state, grads, step, hy.settings, hy.model), loss, grads
+    return tensor.tp_update(state, grads, step, hy.settings, hy.tensor), loss, grads
 
 
 # --------------------------------------------------------------------------- program
@@ -133,15 +146,18 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     config, settings = setup.config, setup.settings
     dp, per_replica = grid_shape(comm.size, args.dp, args.pp, args.tp)
-    replica, model, data = split(comm, per_replica)
+    replica, model, data, pipe, group = split(comm, per_replica, args.tp)
     if args.pp > 1:
-        stage, part = pipeline.start(config, model)
-        ops = schedule(args.schedule, args.pp, model.rank, args.microbatches)
+        stage, part = pipeline.start(config, pipe)
+        if args.tp > 1:  # 3D: the stage's parameters, cut among its tensor-parallel group
+            part = placement.tensor_stage(stage_param_names(config, args.pp, pipe.rank),
+                                          group.rank, args.tp)
+        ops = schedule(args.schedule, args.pp, pipe.rank, args.microbatches)
     else:
-        stage, ops, part = None, None, placement.tensor(model.rank, model.size)
+        stage, ops, part = None, None, placement.tensor(group.rank, group.size)
     state, saving = start_training(comm, args, setup, placement.in_replica(part, replica), {
         "program": "hybrid", "dp": args.dp, "pp": args.pp, "tp": args.tp})
-    hy = Hybrid(config, settings, dp, replica, model, data, stage, ops)
+    hy = Hybrid(config, settings, dp, replica, model, data, pipe, group, stage, ops)
     result = train(comm, setup, state, functools.partial(train_step, hy=hy),
                    split_waiting=True,  # this rank's collectives, in both communicators
                    saving=saving)
@@ -150,8 +166,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         dp=args.dp, pp=args.pp, tp=args.tp,
         microbatches=args.microbatches if args.pp > 1 else None,
         schedule=args.schedule if args.pp > 1 else None)
-    model.Free()
-    data.Free()
+    for sub in (pipe, group, model, data):
+        sub.Free()
     return record
 
 
@@ -169,7 +185,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def summary(result: dict) -> str:
-        inner = f"pipeline {args.pp} stages" if args.pp > 1 else f"tensor parallel {args.tp}"
+        inner = " x ".join([f"pipeline {args.pp} stages"] * (args.pp > 1)
+                           + [f"tensor parallel {args.tp}"] * (args.tp > 1 or args.pp == 1))
         return (f"hybrid: {args.dp} data-parallel replica(s) x {inner}: final loss "
                 f"{result['losses'][-1]:.4f} after {len(result['losses'])} steps")
 

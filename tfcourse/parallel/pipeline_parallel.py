@@ -50,8 +50,8 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.nn.layers import cross_entropy_backward, cross_entropy_forward
-from tfcourse.nn.model import backward_pass, forward_pass
-from tfcourse.nn.optim import state_nbytes, sum_of_squares
+from tfcourse.nn.model import SERIAL, SublayerOps, backward_pass, forward_pass
+from tfcourse.nn.optim import state_nbytes
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.plans import placement
@@ -69,6 +69,7 @@ from tfcourse.parallel.plans.pipeline import (
     stage_layers,
     stage_param_names,
 )
+from tfcourse.parallel.plans.tensor import squares_counted_once
 from tfcourse.parallel.program import State, program_parser, result_record, run_program, train
 from tfcourse.perf.costmodel import pipeline_bubble_fraction, pipeline_peak_microbatches
 from tfcourse.train import TrainingSetup, TrainSettings, optimizer_update, training_setup
@@ -113,9 +114,11 @@ def slower_device(stage: Stage):
         time.sleep((stage.slowdown - 1.0) * (time.perf_counter() - started))
 
 
-def stage_forward(stage: Stage, params: dict, x, config, tokens, targets, weight: float):
-    """This stage's part of the forward pass; returns (output or weighted loss, cache)."""
-    out, caches = forward_pass(params, tokens if stage.first else x, config,
+def stage_forward(stage: Stage, params: dict, x, config, tokens, targets, weight: float,
+                  ops: SublayerOps = SERIAL):
+    """This stage's part of the forward pass; returns (output or weighted loss, cache).
+    ops: the sublayers' operators (tensor parallelism's f and g when the stage is split)."""
+    out, caches = forward_pass(params, tokens if stage.first else x, config, ops=ops,
                                layers=stage.layers, embed=stage.first, head=stage.last)
     if not stage.last:
         return np.ascontiguousarray(out), caches
@@ -150,9 +153,11 @@ def receive(shape, dtype, source: int, tag: int, microbatch: int, comm, log):
     return buf
 
 
-def run_schedule(stage: Stage, params: dict, ops, tokens, targets, config, comm, log):
+def run_schedule(stage: Stage, params: dict, ops, tokens, targets, config, comm, log,
+                 sublayer_ops: SublayerOps = SERIAL):
     """Run one step's forwards and backwards in the order `ops`; returns (weighted loss of
-    this stage's micro-batches (0.0 except on the last stage), gradients, peak in flight)."""
+    this stage's micro-batches (0.0 except on the last stage), gradients, peak in flight).
+    comm: the stages' communicator (its rank is the stage); sublayer_ops: see stage_forward."""
     rows = microbatch_rows(len(tokens), sum(kind == "F" for kind, _ in ops))
     dtype = np.dtype(config.dtype)
     grads = {name: np.zeros_like(p) for name, p in params.items()}
@@ -172,7 +177,8 @@ def run_schedule(stage: Stage, params: dict, ops, tokens, targets, config, comm,
                                                  message_tag("F", mb), mb, comm, log)
             with log.span("forward", mb), slower_device(stage):
                 out, caches[mb] = stage_forward(stage, params, x, config, tokens[lo:hi],
-                                                targets[lo:hi], (hi - lo) / len(tokens))
+                                                targets[lo:hi], (hi - lo) / len(tokens),
+                                                sublayer_ops)
             peak = max(peak, len(caches))
             if stage.last:
                 loss += out
@@ -192,14 +198,16 @@ def run_schedule(stage: Stage, params: dict, ops, tokens, targets, config, comm,
 
 
 def finish_step(state: State, loss: float, grads: dict, step: int, settings: TrainSettings,
-                comm, log) -> tuple[State, float]:
+                comm, log, tp_rank: int = 0) -> tuple[State, float]:
     """After the schedule: the global gradient norm (every stage holds different parameters,
     so their squares add up), the optimiser update of this stage's parameters, and the loss
-    (known on the last stage) sent to every rank; returns (new state, loss)."""
+    (known on the last stage) sent to every rank; returns (new state, loss). comm: all the
+    ranks of the model - with tensor-parallel stages (3D), every stage's group, ordered stage
+    by stage, and tp_rank this rank's place in its group."""
     with log.span("sync"):
         comm.Barrier()  # the other stages are still draining the pipeline
     with log.span("allreduce"):
-        norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
+        norm = math.sqrt(comm.allreduce(squares_counted_once(grads, tp_rank), op=MPI.SUM))
         loss = comm.bcast(loss, root=comm.size - 1)
     params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, settings,
                                             step, norm)

@@ -47,7 +47,7 @@ from tfcourse.nn.model import (
     init_params,
     loss_and_grads,
 )
-from tfcourse.nn.optim import state_nbytes, sum_of_squares
+from tfcourse.nn.optim import state_nbytes
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.comm import mpi_allreduce
@@ -55,6 +55,7 @@ from tfcourse.parallel.plans import placement
 from tfcourse.parallel.plans.tensor import (
     check_world_size,
     shard_axis,
+    squares_counted_once,
     unshard_params,
 )
 from tfcourse.parallel.program import (
@@ -143,10 +144,7 @@ def sp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dic
 
 def global_grad_norm(grads: dict, comm) -> float:
     """Norm of the full gradient: shards summed over ranks, replicated tensors counted once."""
-    sharded = {n: g for n, g in grads.items() if shard_axis(n) is not None}
-    replicated = {n: g for n, g in grads.items() if shard_axis(n) is None}
-    return math.sqrt(comm.allreduce(sum_of_squares(sharded), op=MPI.SUM)
-                     + sum_of_squares(replicated))
+    return math.sqrt(comm.allreduce(squares_counted_once(grads, comm.rank), op=MPI.SUM))
 
 
 def max_relative_error(a: dict, b: dict) -> float:

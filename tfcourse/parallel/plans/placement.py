@@ -74,6 +74,14 @@ def tensor(rank: int, world_size: int) -> Placement:
                      writes=lambda name: shard_axis(name) is not None or rank == 0)
 
 
+def tensor_stage(names: list[str], rank: int, world_size: int) -> Placement:
+    """3D parallelism: a pipeline stage's parameters, each cut as tensor parallelism cuts it
+    among the stage's `world_size` ranks (rank `rank` of them)."""
+    kept, inner = set(names), tensor(rank, world_size)
+    return Placement(take=lambda full: inner.take({n: v for n, v in full.items() if n in kept}),
+                     where=inner.where, writes=lambda name: name in kept and inner.writes(name))
+
+
 def in_replica(inner: Placement, replica: int) -> Placement:
     """`inner` inside data-parallel replica `replica`: only replica 0 writes."""
     return dataclasses.replace(inner, writes=lambda name: replica == 0 and inner.writes(name))

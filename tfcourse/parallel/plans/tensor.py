@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfcourse.nn.optim import sum_of_squares
+
 SHARD_AXIS = {
     "attn.w_q": 1, "attn.w_k": 1, "attn.w_v": 1, "attn.b_q": 0, "attn.b_k": 0, "attn.b_v": 0,
     "attn.w_o": 0, "ffn.w1": 1, "ffn.b1": 0, "ffn.w2": 0,
@@ -47,3 +49,14 @@ def unshard_params(shards: list[dict]) -> dict:
         full[name] = value if axis is None else np.concatenate([s[name] for s in shards],
                                                                axis=axis)
     return full
+
+
+def squares_counted_once(grads: dict, tp_rank: int) -> float:
+    """This rank's share of the squared global gradient norm under tensor parallelism: the
+    squares of its slices of the split matrices, plus - on tensor-parallel rank 0 only - those
+    of the replicated tensors, which every rank of the group holds alike. Summed over the
+    group (and over pipeline stages, which hold different parameters) it is the norm^2 of the
+    serial model's gradient."""
+    sliced = sum_of_squares({n: g for n, g in grads.items() if shard_axis(n) is not None})
+    whole = sum_of_squares({n: g for n, g in grads.items() if shard_axis(n) is None})
+    return sliced + (whole if tp_rank == 0 else 0.0)
