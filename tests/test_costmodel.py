@@ -270,3 +270,13 @@ def test_tensor_parallel_bytes_sent_by_hand():
     assert cm.tensor_parallel_bytes_sent(2, 8, 16, 3, 4, sequence_parallel=True) == (
         3 * 4 * 2 * 3 / 4 * n + 3 / 4 * n)
     assert cm.tensor_parallel_bytes_sent(2, 8, 16, 3, 1, sequence_parallel=True) == 0
+
+
+def test_zero_bytes_sent_by_hand():
+    n, p = 1000, 4  # 1000 float32 parameters on 4 ranks: a ring moves 3/4 of 4000 bytes a pass
+    one_pass = 3 / 4 * 4000
+    assert [cm.zero_bytes_sent_per_step(n, p, s) for s in range(4)] == [
+        2 * one_pass, 3 * one_pass, 2 * one_pass, 3 * one_pass]
+    assert cm.zero_bytes_sent_per_step(n, 1, 3) == 0
+    with pytest.raises(ValueError, match="stage: expected 0, 1, 2 or 3"):
+        cm.zero_bytes_sent_per_step(n, p, 4)

@@ -19,7 +19,7 @@ from tfcourse.parallel.plans.batches import (
 
 STEPS, BATCH = 6, 6  # 6 rows over 4 ranks: 2, 2, 1, 1 - uneven slices are part of the test
 VARIANTS = [("mpi", 0), ("ring", 0), ("naive", 0), ("overlap", 0), ("ring", 1), ("mpi", 2),
-            ("naive", 2)]
+            ("naive", 2), ("mpi", 3)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_dp_float32_curve_equals_serial_float32():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_memory_per_rank_matches_the_cost_model(zero):
     result = run_dp(4, "--zero", str(zero), "--steps", "1")
     predicted = result["predicted_memory_bytes"]
@@ -68,6 +68,20 @@ def test_zero_memory_per_rank_matches_the_cost_model(zero):
             assert abs(size - predicted[part]) <= largest_tensor, (zero, part)
     if zero == 0:
         assert result["memory_bytes"][0] == {k: int(v) for k, v in predicted.items()}
+
+
+@pytest.mark.mpi
+def test_bytes_sent_per_stage_are_the_formulas_and_zero_3_moves_half_as_much_again():
+    """Counted from each rank's logged collectives: 2 Psi (ring-equivalent units of (p-1)/p
+    of the parameters' bytes) for an all-reduce, 3 Psi for ZeRO-3's two gathers and one
+    reduce (Rajbhandari et al. 2020, section 7)."""
+    sent = {}
+    for zero in (0, 1, 2, 3):
+        result = run_dp(3, "--zero", str(zero), "--steps", "2")
+        assert result["bytes_sent_per_step"] == pytest.approx(
+            result["predicted_bytes_sent_per_step"], rel=1e-12)
+        sent[zero] = result["bytes_sent_per_step"]
+    assert sent[3] == pytest.approx(1.5 * sent[0]) and sent[2] == pytest.approx(sent[0])
 
 
 @pytest.mark.mpi

@@ -73,7 +73,7 @@ def test_what_each_block_keeps_is_the_cost_model_s_formula(recompute, dtype):
     blocks = caches[1:-1]  # between the embedding and the head
     assert len(blocks) == config.n_layers
     exclude = {id(v) for v in params.values()}
-    kept = {_array_bytes(cache, exclude) for _, cache in blocks}
+    kept = {_array_bytes(cache, exclude) for _, cache, _ in blocks}
     formula = cm.activation_bytes_per_layer(2, config.max_len, config.d_model, config.n_heads,
                                             config.d_ff, np.dtype(dtype).itemsize,
                                             recompute=recompute)
@@ -140,6 +140,7 @@ def test_inference_never_recomputes():
 PROGRAMS = [  # (module, ranks, extra arguments): every training program, odd sizes included
     ("tfcourse.parallel.data_parallel", 3, ["--allreduce", "ring"]),
     ("tfcourse.parallel.data_parallel", 2, ["--zero", "2"]),
+    ("tfcourse.parallel.data_parallel", 3, ["--zero", "3"]),
     ("tfcourse.parallel.tensor_parallel", 2, []),
     ("tfcourse.parallel.pipeline_parallel", 3, ["--schedule", "1f1b", "--microbatches", "2"]),
     ("tfcourse.parallel.hybrid", 4, ["--dp", "2", "--tp", "2"]),

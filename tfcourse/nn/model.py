@@ -412,56 +412,84 @@ def head_backward(dlogits, cache):
 # --------------------------------------------------------------------------- the walk
 
 
+def piece_params(config: TransformerConfig) -> dict[str, list[str]]:
+    """The walk's pieces in forward order - "embed", "blocks.0", ..., "head" - and the names of
+    the parameters each one reads (ZeRO-3 gathers them piece by piece)."""
+    shapes = param_shapes(config)
+    pieces = {"embed": ["tok_emb", "pos_emb"]}
+    for i in range(config.n_layers):
+        pieces[f"blocks.{i}"] = [n for n in shapes if n.startswith(f"blocks.{i}.")]
+    pieces["head"] = [n for n in shapes if n.startswith(("ln_f.", "head."))]
+    return pieces
+
+
 def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=SERIAL,
-                 layers: tuple[int, int] | None = None, embed: bool = True, head: bool = True):
+                 layers: tuple[int, int] | None = None, embed: bool = True, head: bool = True,
+                 before: Callable[[str], None] | None = None):
     """The model's forward walk - embedding, blocks, head - or a contiguous part of it.
 
     inputs: token ids (B, T) if `embed`, else activations (B, T, d_model). layers: the blocks
     [lo, hi) to run (default all); `head`: finish with the final LayerNorm and the head.
-    Returns (logits or activations, caches) with caches a list of (backward, cache) pairs in
-    forward order, which `backward_pass` walks in reverse. A pipeline stage runs the part it
-    holds; tensor parallelism passes its `ops`. No input checks (see `forward`).
+    Returns (logits or activations, caches) with caches a list of (backward, cache, piece)
+    in forward order, which `backward_pass` walks in reverse. A pipeline stage runs the part
+    it holds; tensor parallelism passes its `ops`; `before(piece)` is called before each
+    piece ("embed", "blocks.i", "head") runs - ZeRO-3 gathers its parameters into `params`
+    there. No input checks (see `forward`).
 
     config.recompute (one of RECOMPUTE) trades compute for activation memory: "selective"
     keeps everything but the attention weights, which the backward recomputes; "full" keeps
     only each block's input and runs the block's forward again in the backward. The gradients
     are the same bits either way, so every layout gets it from the config.
     """
+    def enter(piece: str) -> str:
+        if before is not None:
+            before(piece)
+        return piece
+
     caches = []
     x = inputs
     if embed:
+        piece = enter("embed")
         x, cache = embed_forward(params, x, config)
-        caches.append((embed_backward, cache))
+        caches.append((embed_backward, cache, piece))
     lo, hi = (0, config.n_layers) if layers is None else layers
     for i in range(lo, hi):
+        piece = enter(f"blocks.{i}")
         if config.recompute == "full":  # keep the input, and a generator that replays the dropout
             caches.append((recomputed_block_backward,
-                           (params, i, x, config, _twin(rng), ops)))
+                           (params, i, x, config, _twin(rng), ops), piece))
             x, _ = block_forward(params, i, x, config, rng, ops)
         else:
             x, cache = block_forward(params, i, x, config, rng, ops,
                                      keep_weights=config.recompute == "none")
-            caches.append((block_backward, cache))
+            caches.append((block_backward, cache, piece))
     if head:
+        piece = enter("head")
         x, cache = head_forward(params, x)
-        caches.append((head_backward, cache))
+        caches.append((head_backward, cache, piece))
     return x, caches
 
 
-def backward_pass(dout, caches: list, on_grads: Callable[[dict], None] | None = None):
+def backward_pass(dout, caches: list, on_grads: Callable[[dict], None] | None = None,
+                  before: Callable[[str], None] | None = None, keep: bool = True):
     """The backward walk over `forward_pass`'s caches, last piece first.
 
     Returns (gradient of the walk's inputs - None if it began at the embedding, grads of
     every parameter it used). `on_grads(piece_grads)` is called as soon as each piece (head,
     block, embedding) has produced its gradients: data parallelism starts sending them from
-    there while the backward pass goes on (chapter 6).
+    there while the backward pass goes on (chapter 6). `before(piece)` is called before each
+    piece's backward (ZeRO-3 gathers its parameters again); keep=False returns no gradients
+    (a caller that sends each piece's away in `on_grads` need not hold them all).
     """
     grads = {}
-    for backward, cache in reversed(caches):
+    for backward, cache, piece in reversed(caches):
+        if before is not None:
+            before(piece)
         dout, piece_grads = backward(dout, cache)
         if on_grads is not None:
             on_grads(piece_grads)
-        grads.update(piece_grads)
+        if keep:
+            grads.update(piece_grads)
     return dout, grads
 
 

@@ -13,6 +13,7 @@ the replicas stay identical. The loss curve equals serial training's to rounding
 ZeRO (Rajbhandari et al. 2020) removes the replication of the training state: each parameter
 tensor gets an owner rank, which alone keeps its AdamW moments and updates it (stage 1); with
 stage 2 its gradient is reduced only to the owner. Owners then broadcast the updated tensors.
+Stage 3 shards the parameters too (tfcourse.parallel.zero3: gathered piece by piece).
 
 --allreduce overlap (PyTorch DDP's idea, Li et al. 2020): the model's backward pass calls back
 after each layer, and that layer's gradients start a non-blocking all-reduce at once.
@@ -50,7 +51,14 @@ from tfcourse.parallel.program import (
     run_program,
     train,
 )
-from tfcourse.perf.costmodel import zero_state_bytes_per_rank
+from tfcourse.parallel.zero3 import zero3_step
+from tfcourse.perf.costmodel import (
+    allgather_bytes,
+    allreduce_bytes,
+    reduce_scatter_bytes,
+    zero_bytes_sent_per_step,
+    zero_state_bytes_per_rank,
+)
 from tfcourse.train import TrainingSetup, TrainSettings, optimizer_update, training_setup
 
 # --------------------------------------------------------------------------- communication
@@ -146,6 +154,8 @@ class DataParallel:
 def train_step(state: State, x, y, step: int, log, dp: DataParallel):
     """One data-parallel step on the global batch (x, y); returns (new state, global loss,
     the gradients this rank keeps)."""
+    if dp.zero == 3:  # the parameters sharded too: gathered piece by piece
+        return zero3_step(state, x, y, step, log, dp)
     comm = dp.comm
     lo, hi = batch_rows(len(x), comm.rank, comm.size)
     weight = (hi - lo) / len(x)
@@ -185,6 +195,9 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     if args.allreduce == "overlap" and args.zero:
         raise ValueError(f"--allreduce: 'overlap' averages whole gradients (ZeRO-0); "
                          f"got --zero {args.zero}")
+    if args.zero == 3 and args.allreduce != "mpi":
+        raise ValueError(f"--allreduce: ZeRO-3 all-reduces nothing (it reduces each gradient "
+                         f"to its owner); expected the default 'mpi', got {args.allreduce!r}")
     setup = training_setup(args)
     batch_rows(setup.settings.batch_size, 0, world_size)  # every rank needs at least one row
     return setup
@@ -194,27 +207,41 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     config, settings = setup.config, setup.settings
     sizes = {n: math.prod(shape) for n, shape in param_shapes(config).items()}
     owners = partition_params(sizes, comm.size)  # ZeRO's owners; they also write checkpoints
-    start, saving = start_training(comm, args, setup, placement.replicated(
-        comm.rank, owners, owners if args.zero else None), {"program": "data_parallel",
-                                                            "zero": args.zero})
+    where = (placement.owned(comm.rank, owners) if args.zero == 3 else
+             placement.replicated(comm.rank, owners, owners if args.zero else None))
+    start, saving = start_training(comm, args, setup, where, {"program": "data_parallel",
+                                                              "zero": args.zero})
     dp = DataParallel(config, settings, comm, args.allreduce, args.zero,
                       make_buckets(list(sizes), sizes, int(args.bucket_mb * 2**20 // 8)),
                       owners if args.zero else None)
     result = train(comm, setup, start, functools.partial(train_step, dp=dp), args.split_waiting,
                    saving)
+    itemsize = np.dtype(config.dtype).itemsize
     return result_record(
         result, setup, comm, state_nbytes(result.state.params, result.grads,
                                           result.state.opt_state),
         allreduce=args.allreduce, zero=args.zero,
         predicted_memory_bytes=zero_state_bytes_per_rank(
-            sum(sizes.values()), comm.size, args.zero, np.dtype(config.dtype).itemsize))
+            sum(sizes.values()), comm.size, args.zero, itemsize),
+        bytes_sent_per_step=bytes_sent(result.logs, comm.size) / settings.steps,
+        predicted_bytes_sent_per_step=zero_bytes_sent_per_step(
+            sum(sizes.values()), comm.size, args.zero, itemsize))
+
+
+def bytes_sent(logs, p: int) -> float:
+    """Bytes this rank sent for gradients and parameters, from its logged collectives, each
+    counted as its ring algorithm costs (costmodel.zero_bytes_sent_per_step)."""
+    cost = {"reduce": reduce_scatter_bytes, "bcast": allgather_bytes, "gather": allgather_bytes}
+    return sum((allreduce_bytes if "allreduce" in e["kind"] else cost[e["kind"]])(
+        e["bytes"], p) for log in logs for e in log.communication_events()
+        if "allreduce" in e["kind"] or e["kind"] in cost)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = program_parser("tfcourse.parallel.data_parallel", __doc__)
     parser.add_argument("--allreduce", default="mpi", choices=sorted([*ALLREDUCES, "overlap"]),
                         help="overlap: per-layer Iallreduce during the backward pass")
-    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2])
+    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size")
     add_split_waiting_argument(parser)
     return parser.parse_args(argv)

@@ -312,6 +312,23 @@ def tensor_parallel_allreduce_bytes(batch: int, seq_len: int, d_model: int, n_la
     return 4 * n_layers * batch * seq_len * d_model * bytes_per_value
 
 
+def zero_bytes_sent_per_step(n_params: int, p: int, stage: int, bytes_per_value: int = 4
+                             ) -> float:
+    """Bytes one data-parallel rank sends per step for gradients and parameters, counting each
+    collective as its ring algorithm costs (all-reduce 2 (p-1)/p n, all-gather, reduce-scatter
+    and the owners' broadcasts (p-1)/p n), for what `data_parallel --zero` does:
+    0: all-reduce the gradients (2 Psi); 1: the same, then the owners broadcast their updated
+    tensors (3 Psi: the paper's stage 1 reduce-scatters instead, 2 Psi); 2: reduce each
+    gradient to its owner, then broadcast (2 Psi); 3: gather every parameter before its
+    forward and again before its backward, reduce each gradient to its owner (3 Psi)."""
+    n = n_params * bytes_per_value
+    gradients = allreduce_bytes(n, p) if stage in (0, 1) else reduce_scatter_bytes(n, p)
+    parameters = {0: 0, 1: 1, 2: 1, 3: 2}
+    if stage not in parameters:
+        raise ValueError(f"stage: expected 0, 1, 2 or 3, got {stage}")
+    return gradients + parameters[stage] * allgather_bytes(n, p)
+
+
 def tensor_parallel_bytes_sent(batch: int, seq_len: int, d_model: int, n_layers: int, p: int,
                                bytes_per_value: int = 4, sequence_parallel: bool = False
                                ) -> float:

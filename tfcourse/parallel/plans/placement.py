@@ -50,6 +50,13 @@ def replicated(rank: int, writer: dict[str, int], moment_owner: dict[str, int] |
         else (lambda name: moment_owner[name] == rank))
 
 
+def owned(rank: int, owners: dict[str, int]) -> Placement:
+    """ZeRO-3: each parameter, and its AdamW state, only on its owner rank."""
+    return Placement(take=lambda full: {n: v.copy() for n, v in full.items() if owners[n] == rank},
+                     where=lambda name, shape: None, writes=lambda name: owners[name] == rank,
+                     keeps_moments=lambda name: owners[name] == rank)
+
+
 def stage(names: list[str]) -> Placement:
     """A pipeline stage: these parameters, whole (no other rank holds them)."""
     kept = set(names)
