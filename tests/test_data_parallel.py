@@ -85,6 +85,22 @@ def test_bytes_sent_per_stage_are_the_formulas_and_zero_3_moves_half_as_much_aga
 
 
 @pytest.mark.mpi
+def test_zero_3_with_full_recomputation_needs_the_least_memory():
+    """A rank's memory: its training state between steps plus the step's traced peak above it
+    (--trace-memory). ZeRO-3 keeps 1/p of the state, but without recomputation each block's
+    cache holds its gathered weights until the backward; with it only the block inputs stay."""
+    total = {}
+    for zero, recompute in [(0, "full"), (2, "full"), (3, "none"), (3, "full")]:
+        result = run_dp(3, "--zero", str(zero), "--recompute", recompute, "--layers", "4",
+                        "--steps", "1", "--trace-memory")
+        total[zero, recompute] = max(sum(state.values()) + peak for state, peak in
+                                     zip(result["memory_bytes"], result["step_peak_bytes"],
+                                         strict=True))
+    assert total[3, "full"] < total[2, "full"] < total[0, "full"]
+    assert total[3, "full"] < 0.7 * total[3, "none"]
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("n_ranks", [1, 2, 3, 4])
 def test_ring_and_naive_allreduce_equal_mpi_allreduce(n_ranks):
     errors = run_mpi("tfcourse.parallel.comm", ["--check"], n_ranks=n_ranks,

@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
                       make_buckets(list(sizes), sizes, int(args.bucket_mb * 2**20 // 8)),
                       owners if args.zero else None)
     result = train(comm, setup, start, functools.partial(train_step, dp=dp), args.split_waiting,
-                   saving)
+                   saving, args.trace_memory)
     itemsize = np.dtype(config.dtype).itemsize
     return result_record(
         result, setup, comm, state_nbytes(result.state.params, result.grads,

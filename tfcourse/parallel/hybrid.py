@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     hy = Hybrid(config, settings, dp, replica, model, data, pipe, group, stage, ops)
     result = train(comm, setup, state, functools.partial(train_step, hy=hy),
                    split_waiting=True,  # this rank's collectives, in both communicators
-                   saving=saving)
+                   saving=saving, trace_memory=args.trace_memory)
     record = result_record(result, setup, comm, state_nbytes(
         result.state.params, result.grads, result.state.opt_state),
         dp=args.dp, pp=args.pp, tp=args.tp,

@@ -267,7 +267,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         "program": "pipeline_parallel", "stage_layers": args.stage_layers})
     chooser = MicrobatchChooser(settings.batch_size, args.microbatches)
     pp = Pipeline(stage, config, settings, comm, args.schedule, chooser)
-    result = train(comm, setup, state, functools.partial(train_step, pp=pp), saving=saving)
+    result = train(comm, setup, state, functools.partial(train_step, pp=pp), saving=saving,
+                   trace_memory=args.trace_memory)
     last = result.logs[-1]  # the last step's timeline, every rank's
     per_rank = comm.gather({"events": last.events, "peak": last.info["peak"],
                             "step": result.step_seconds[-1]}, root=0)

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
@@ -48,6 +49,9 @@ def program_parser(module: str, description: str, training: bool = True
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if training:
         add_training_arguments(parser, threads=True)
+        parser.add_argument("--trace-memory", action="store_true",
+                            help="measure the first step's peak memory on every rank "
+                                 "(tracemalloc; that step runs several times slower)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write the result as JSON (rank 0 only)")
     return parser
@@ -248,15 +252,19 @@ class Run:
     step_seconds: list
     times: StepTimes
     logs: list  # every step's EventLog
+    step_peak_bytes: int | None = None  # --trace-memory: the first step's peak, traced
 
 
 def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting: bool = False,
-          saving=None) -> Run:
+          saving=None, trace_memory: bool = False) -> Run:
     """The training loop of every MPI training program. At each step all ranks draw the same
     global batch (seeded by (seed, step), as serial training does), start together (Barrier),
     and run `step(state, x, y, step_index, log) -> (state, loss, grads)`. `start`: a fresh
     State, or a Start (resumed); `saving`: a parallel.checkpointing.Checkpointing (when:
-    train.checkpoint_now)."""
+    train.checkpoint_now). trace_memory: measure the first step's peak with tracemalloc
+    (NumPy reports its buffers to it): the bytes allocated at the highest point of the step
+    above what was there before it - activations, gathered parameters, gradients. Tracing
+    makes that step several times slower."""
     settings = setup.settings
     start = start if isinstance(start, Start) else Start(start)
     run = Run(start.state, {}, list(start.losses), [], StepTimes(), [])
@@ -265,7 +273,9 @@ def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting:
                         index)
         comm.Barrier()  # time each step from a common start
         log = EventLog(split_waiting=split_waiting)
-        run.state, loss, run.grads = step(run.state, x, y, index, log)
+        with traced(trace_memory and index == start.step) as peak:
+            run.state, loss, run.grads = step(run.state, x, y, index, log)
+        run.step_peak_bytes = peak.get("bytes", run.step_peak_bytes)
         run.step_seconds.append(time.perf_counter() - log.t0)
         if not math.isfinite(loss):  # the same loss on every rank: all stop together
             stop_together(comm, f"loss: expected a finite value, got {loss} at step {index} "
@@ -276,6 +286,23 @@ def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting:
         if saving and checkpoint_now(index + 1, settings.steps, saving.every):
             saving.save(comm, setup, run.state, index + 1, run.losses)
     return run
+
+
+@contextlib.contextmanager
+def traced(on: bool):
+    """With `on`: trace allocations in the body; the yielded dict gets "bytes", the peak above
+    the start."""
+    found = {}
+    if not on:
+        yield found
+        return
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        yield found
+        found["bytes"] = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
 
 
 def result_record(run: Run, setup: TrainingSetup, comm, memory: dict, **extra) -> dict:
@@ -296,6 +323,7 @@ def result_record(run: Run, setup: TrainingSetup, comm, memory: dict, **extra) -
         "comm_bytes": sum(e["bytes"] for e in comm_events),
         "comm_calls": len(comm_events),
         "memory_bytes": comm.gather(memory, root=0),
+        "step_peak_bytes": comm.gather(run.step_peak_bytes, root=0),
         "seconds_per_step_per_rank": comm.gather(run.times.mean(), root=0),
         **extra,
     }

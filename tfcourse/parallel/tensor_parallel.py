@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     full = init_params(config, settings.seed) if args.check_grads and not args.resume else None
     tp = TensorParallel(config, settings, comm, full, args.sequence_parallel)
     result = train(comm, setup, start, functools.partial(train_step, tp=tp), args.split_waiting,
-                   saving)
+                   saving, args.trace_memory)
     record = result_record(result, setup, comm, state_nbytes(
         result.state.params, result.grads, result.state.opt_state))
     return {
