@@ -162,7 +162,7 @@ MORE_WRONG.update({
                            "own array"),
     "tasks dealt round-robin": ("master", RIGHT_MASTER, "dest=idle.pop(0)",
                                 "dest=1 + task['id'] % (comm.size - 1)",
-                                "worker 1 spent 1 s on task 0 .* also given tasks"),
+                                "was sent to worker 1 while it was still running task 0"),
     "results collected in a fixed order": (
         "master", RIGHT_MASTER, "wait_for_message(comm, MPI.ANY_SOURCE, RESULT, status)",
         "wait_for_message(comm, min(set(range(1, comm.size)) - set(idle)), RESULT, status)",

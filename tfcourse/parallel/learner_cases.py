@@ -259,6 +259,34 @@ def master_problem(tasks: list[dict], outcomes, balance: bool) -> str | None:
     return None
 
 
+class DispatchWatch:
+    """The communicator a learner's master talks through: passes everything on, and notes the
+    first WORK message sent to a worker whose previous task's RESULT has not come back."""
+
+    def __init__(self, comm, work_tag: int):
+        self._comm, self._work, self.busy, self.problem = comm, work_tag, {}, None
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def send(self, obj, dest, tag=0):
+        if tag == self._work:
+            task = obj[0]["id"] if isinstance(obj, tuple) and isinstance(obj[0], dict) else obj
+            if dest in self.busy and self.problem is None:
+                self.problem = (f"task {task} was sent to worker {dest} while it was still "
+                                f"running task {self.busy[dest]}: a worker does one task at a "
+                                f"time - wait for its result (two messages queued both ways "
+                                f"deadlock once they outgrow MPI's eager buffer)")
+            self.busy[dest] = task
+        return self._comm.send(obj, dest=dest, tag=tag)
+
+    def recv(self, buf=None, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=None):
+        message = self._comm.recv(buf, source=source, tag=tag, status=status)
+        if isinstance(message, dict) and "worker" in message:
+            self.busy.pop(message["worker"], None)
+        return message
+
+
 def check_master(fn, comm):
     """The master of dynamic scheduling (chapter 8) on rank 0, the library's workers on the
     others: results equal to a serial run, dependencies respected, a failure reported and
@@ -274,9 +302,9 @@ def check_master(fn, comm):
             comm.Barrier()  # this worker has stopped: nothing more is on its way from it
             yield None
             continue
-        failure = None
+        failure, watch = None, DispatchWatch(comm, task_parallel.WORK)
         try:
-            outcomes = fn([dict(t) for t in tasks], comm, t0)
+            outcomes = fn([dict(t) for t in tasks], watch, t0)
         except Exception as err:  # noqa: BLE001 - reported below, once the workers stopped
             failure = err
             for worker in range(1, comm.size):
@@ -285,7 +313,8 @@ def check_master(fn, comm):
         unread = drain(comm)
         if failure is not None:
             raise failure
-        problem = master_problem(tasks, outcomes, long_first and comm.size > 2) or (
+        balance = long_first and comm.size > 2
+        problem = watch.problem or master_problem(tasks, outcomes, balance) or (
             f"{unread} result(s) were never received: the master must wait for every task's "
             f"outcome" if unread else None)
         yield f"{case}: {problem}" if problem else None
