@@ -348,14 +348,16 @@ def _stage_memory(model: ModelSpec, plan: Plan, params: float, layers: int, stag
     activations of its in-flight micro-batches (1F1B: stage 0 keeps the most)."""
     state = cm.zero_state_bytes_per_rank(params, plan.dp, plan.zero, model.bytes_per_value,
                                          model.mixed_precision)
-    per_layer = cm.activation_bytes_per_layer(rows, model.seq_len, model.d_model, model.n_heads,
-                                              model.d_ff, model.bytes_per_value, tp=plan.tp)
+    def per_layer(recompute: str) -> int:
+        return cm.activation_bytes_per_layer(rows, model.seq_len, model.d_model, model.n_heads,
+                                             model.d_ff, model.bytes_per_value, tp=plan.tp,
+                                             recompute=recompute)
+
     inflight = cm.pipeline_peak_microbatches("1f1b", plan.pp, stage, plan.microbatches)
     if model.recompute:  # each layer's (b, T, d) input, plus one layer rebuilt at a time
-        kept = rows * model.seq_len * model.d_model * model.bytes_per_value * layers * inflight
-        activations = kept + per_layer
+        activations = per_layer("full") * layers * inflight + per_layer("none")
     else:
-        activations = per_layer * layers * inflight
+        activations = per_layer("none") * layers * inflight
     parameters, gradients, optimizer = state.values()
     return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer,
             "activations": activations}
