@@ -35,8 +35,24 @@ def test_training_flops_is_6n_plus_attention_term():
     assert cm.training_flops_per_token(V, d, L, f, T) == 6 * n + 12 * L * d * T
     # full recomputation runs the blocks' forward (2 N_blocks + 4 L d T) once more, not the head's
     blocks = L * (4 * d * d + 2 * d * f)
-    assert cm.training_flops_per_token(V, d, L, f, T, recompute=True) == (
+    assert cm.training_flops_per_token(V, d, L, f, T, recompute="full") == (
         8 * blocks + 6 * d * V + 16 * L * d * T)
+    # selective recomputation runs only the attention scores QK^T again: 2 d T per layer
+    assert cm.training_flops_per_token(V, d, L, f, T, recompute="selective") == (
+        6 * n + 12 * L * d * T + 2 * L * d * T)
+    with pytest.raises(ValueError, match="recompute: expected one of"):
+        cm.training_flops_per_token(V, d, L, f, T, recompute=True)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_recomputed_flops_are_the_ones_the_model_runs(recompute):
+    config = dataclasses.replace(CONFIGS[0], recompute=recompute)
+    B, T = 3, config.max_len
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (B, T))
+    params = model.init_params(config, 0)
+    counted, _ = cm.count_matmul_flops(model.loss_and_grads, params, tokens, tokens, config)
+    assert counted == B * T * cm.training_flops_per_token(
+        config.vocab_size, config.d_model, config.n_layers, config.d_ff, T, recompute)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -76,7 +76,7 @@ def test_tensor_parallel_keeps_the_layernorm_activations_replicated():
 def test_recomputation_trades_a_third_more_block_flops_for_the_layer_inputs_only():
     two = cluster(2, 2)
     plain = planner.estimate(TINY, two, Plan(2, 1, 1, 1, 0))
-    again = planner.estimate(dataclasses.replace(TINY, recompute=True), two, Plan(2, 1, 1, 1, 0))
+    again = planner.estimate(dataclasses.replace(TINY, recompute="full"), two, Plan(2, 1, 1, 1, 0))
     # FLOPs per token by hand (d 8, d_ff 16, 2 layers, T 4, V 10): blocks 2 (4*64 + 2*128) = 1024
     # matmul weights, head 80; attention 12 L d T = 768; recomputation adds 2*1024 + 4 L d T
     model_flops, extra = 6 * (1024 + 80) + 768, 2 * 1024 + 4 * 2 * 8 * 4
@@ -85,12 +85,26 @@ def test_recomputation_trades_a_third_more_block_flops_for_the_layer_inputs_only
     assert again.hfu == pytest.approx(again.mfu * (model_flops + extra) / model_flops)
     assert plain.hfu == plain.mfu
     tp2 = planner.estimate(TINY, cluster(2, 2, intra_bw=1e9), Plan(1, 2, 1, 1, 0))
-    tp2_again = planner.estimate(dataclasses.replace(TINY, recompute=True),
+    tp2_again = planner.estimate(dataclasses.replace(TINY, recompute="full"),
                                  cluster(2, 2, intra_bw=1e9), Plan(1, 2, 1, 1, 0))
     assert tp2_again.tp_comm_s == pytest.approx(tp2.tp_comm_s * 6 / 4)  # 2 more all-reduces
     # kept: each layer's (1 row x 4 tokens x 8) input, plus one layer's full activations
     assert again.memory["activations"] == 2 * 4 * 8 * 4 + TINY_ACT_LAYER_ROW
     assert plain.memory["activations"] == 2 * TINY_ACT_LAYER_ROW
+
+
+def test_selective_recomputation_keeps_all_but_the_attention_weights():
+    two = cluster(2, 2)
+    plain = planner.estimate(TINY, two, Plan(2, 1, 1, 1, 0))
+    some = planner.estimate(dataclasses.replace(TINY, recompute="selective"), two,
+                            Plan(2, 1, 1, 1, 0))
+    # per layer: the (1 row, 2 heads, 4 x 4) float32 weights out, the 4 x 4 bool mask in
+    assert plain.memory["activations"] - some.memory["activations"] == 2 * (2 * 16 * 4 - 16)
+    # and only the scores QK^T run again: 2 d T = 64 FLOPs per token and layer
+    assert some.hfu == pytest.approx(some.mfu * (6 * (1024 + 80) + 768 + 2 * 64) / (
+        6 * (1024 + 80) + 768))
+    with pytest.raises(ValueError, match="recompute: expected one of"):
+        dataclasses.replace(TINY, recompute=True)
 
 
 def test_pipeline_memory_is_the_first_stage_with_its_warm_up_microbatches_alive():

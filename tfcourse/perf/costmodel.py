@@ -66,18 +66,22 @@ def forward_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff: 
 
 
 def training_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff: int,
-                             seq_len: int, recompute: bool = False) -> int:
+                             seq_len: int, recompute: str = "none") -> int:
     """Forward + backward = 3 x forward: the backward pass of y = x W needs two matmuls of
     the same size (dx = dy W^T and dW = x^T dy). Equals 6N + 12 L d T: the model FLOPs that
     MFU counts.
 
-    recompute=True: the FLOPs the hardware executes with full activation recomputation, which
-    runs every block's forward pass a second time during the backward pass (the head's is kept):
-    about 8N + 16 L d T, Megatron's "8 instead of 6". Divided by time and peak this gives the
-    hardware FLOPs utilisation (HFU); MFU never counts recomputed FLOPs."""
+    recompute (the model's config.recompute): the FLOPs the hardware executes when the
+    backward pass recomputes - "full" runs every block's forward a second time (the head's is
+    kept): about 8N + 16 L d T, Megatron's "8 instead of 6"; "selective" recomputes only the
+    attention scores QK^T (the softmax costs no matmul). Divided by time and peak this gives
+    the hardware FLOPs utilisation (HFU); MFU never counts recomputed FLOPs."""
     forward = forward_flops_per_token(vocab_size, d_model, n_layers, d_ff, seq_len)
-    again = sum(v for k, v in forward.items() if k != "head") if recompute else 0
-    return 3 * sum(forward.values()) + again
+    again = {"none": 0, "selective": forward["attention scores QK^T"],
+             "full": sum(v for k, v in forward.items() if k != "head")}
+    if recompute not in again:
+        raise ValueError(f"recompute: expected one of {list(again)}, got {recompute!r}")
+    return 3 * sum(forward.values()) + again[recompute]
 
 
 class FlopCounter(np.ndarray):
@@ -131,7 +135,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) ->
 
     With the model's FLOPs (training_flops_per_token) and the hardware's datasheet peak this is
     the model FLOPs utilisation, MFU (Chowdhery et al. 2022, PaLM); with recomputed FLOPs
-    counted (recompute=True) it is the hardware FLOPs utilisation, HFU. This course's CPU has
+    counted (recompute="full") it is the hardware FLOPs utilisation, HFU. This course's CPU has
     no reliable datasheet peak (a virtual machine's share of a boosting core), so chapters 0
     and 5 divide by a *measured* matmul peak instead and call the result the fraction of
     measured matmul peak: an upper bound on the true MFU."""

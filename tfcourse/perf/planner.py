@@ -17,20 +17,20 @@ Per device and step, with F = costmodel.training_flops_per_token, N parameters, 
 L_s layers on the slowest stage s and v_s the speed of its slowest device (1 = nominal):
 
     compute = F B T / (dp tp L) x L_s / v_s / (flops_per_s x efficiency)
-              (F with recomputed forwards when recompute: hardware FLOPs)
+              (F with what recompute runs again: hardware FLOPs)
     tp_comm = 4 L_s m x ring_allreduce_time(b T d bytes, tp)        (intra-node link;
-              6 with recompute: the forward's two all-reduces run again)
+              6 with full recomputation: the forward's two all-reduces run again)
     pp_comm = 2 m x (alpha + b T d bytes / bandwidth)              (pp > 1)
     bubble  = (pp - 1)/m x (compute + tp_comm + pp_comm)
     dp_comm = ring_allreduce_time(N L_s/(L tp) bytes, dp), x 1.5 for ZeRO-3
     step    = compute + tp_comm + pp_comm + bubble + dp_comm        (no overlap assumed)
     memory  = ZeRO state of N L_s/(L tp) parameters (mixed precision: 16 bytes each unsharded)
-              + activation_bytes_per_layer(b, tp) x L_s x min(pp - s, m)   (worst stage)
+              + activation_bytes_per_layer(b, tp, recompute) x L_s x min(pp - s, m)
+              (worst stage; full recomputation: + one layer rebuilt at a time)
 
     MFU = model FLOPs / (step x n_devices x flops_per_s); HFU counts recomputed FLOPs too.
 
-What it leaves out, on purpose (chapter 10 lists them next to its numbers): selective
-recomputation (only none or full, `ModelSpec.recompute`), sequence
+What it leaves out, on purpose (chapter 10 lists them next to its numbers): sequence
 parallelism (the LayerNorms' activations stay replicated over tp), FlashAttention (the T x T
 attention weights are kept), overlap of communication with computation, and every kernel
 reaching the same fraction `mfu` of peak whatever the matrix shapes.
@@ -46,6 +46,7 @@ import dataclasses
 
 import numpy as np
 
+from tfcourse.nn.model import require_recompute
 from tfcourse.nn.validate import require_nonnegative_int, require_positive_int, require_real
 from tfcourse.parallel.plans.pipeline import stage_layers
 from tfcourse.parallel.plans.tensor import check_world_size
@@ -65,9 +66,11 @@ class ModelSpec:
     AdamW (16-bit parameters and gradients, float32 master copy, m and v: 2 + 2 + 12 bytes per
     parameter, of which ZeRO-1/2/3 shard 12, 14 and 16); False: 4 copies of bytes_per_value
     (how this course trains, in float32 or float64).
-    recompute: full activation recomputation (Chen et al. 2016; Megatron): each block keeps
-    only its input and runs its forward again in the backward pass - a third more FLOPs
-    (hardware_flops_per_step), far fewer activations kept.
+    recompute: activation recomputation, as the model's config.recompute - "full" (Chen et
+    al. 2016; Megatron 2021): each block keeps only its input and runs its forward again in the
+    backward pass, a third more FLOPs (hardware_flops_per_step) for far fewer activations;
+    "selective" (Korthikanti et al. 2022): only the attention weights are dropped and their
+    scores recomputed; "none".
     """
 
     vocab_size: int
@@ -79,14 +82,16 @@ class ModelSpec:
     global_batch: int
     bytes_per_value: int = 2
     mixed_precision: bool = True
-    recompute: bool = False
+    recompute: str = "none"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in ("mixed_precision", "recompute"):
+            if field.name == "mixed_precision":
                 if not isinstance(value, bool):
                     raise TypeError(f"{field.name}: expected True or False, got {value!r}")
+            elif field.name == "recompute":
+                require_recompute("recompute", value)
             else:
                 require_positive_int(field.name, value)
         if self.d_model % self.n_heads:
@@ -109,14 +114,14 @@ class ModelSpec:
     @property
     def flops_per_step(self) -> float:
         """Model FLOPs of one step (what MFU counts): training_flops_per_token x B T."""
-        return self._flops_per_step(recompute=False)
+        return self._flops_per_step(recompute="none")
 
     @property
     def hardware_flops_per_step(self) -> float:
         """FLOPs executed in one step (what HFU counts): recomputed forwards included."""
         return self._flops_per_step(self.recompute)
 
-    def _flops_per_step(self, recompute: bool) -> float:
+    def _flops_per_step(self, recompute: str) -> float:
         per_token = cm.training_flops_per_token(self.vocab_size, self.d_model, self.n_layers,
                                                 self.d_ff, self.seq_len, recompute)
         return per_token * self.global_batch * self.seq_len
@@ -313,7 +318,7 @@ def estimate(model: ModelSpec, cluster: Cluster, plan: Plan) -> PlanEstimate:
                                                              * cluster.efficiency)
     alpha, beta = _link(cluster, tp)
     per_allreduce = cm.tensor_parallel_allreduce_bytes(b, T, d, 1, bpv) / 4
-    per_layer = 6 if model.recompute else 4  # the recomputed forward all-reduces twice more
+    per_layer = 6 if model.recompute == "full" else 4  # a recomputed forward all-reduces twice
     tp_layer_s = per_layer * m * cm.ring_allreduce_time(per_allreduce, tp, alpha, beta)
     busy = [(layer_s / v + tp_layer_s) * n for n, v in zip(layers, stage_speeds, strict=True)]
     s = int(np.argmax(busy))  # the slowest stage sets the pace
@@ -354,10 +359,10 @@ def _stage_memory(model: ModelSpec, plan: Plan, params: float, layers: int, stag
                                              recompute=recompute)
 
     inflight = cm.pipeline_peak_microbatches("1f1b", plan.pp, stage, plan.microbatches)
-    if model.recompute:  # each layer's (b, T, d) input, plus one layer rebuilt at a time
+    if model.recompute == "full":  # each layer's (b, T, d) input, plus one layer rebuilt
         activations = per_layer("full") * layers * inflight + per_layer("none")
-    else:
-        activations = per_layer("none") * layers * inflight
+    else:  # selective: all but the attention weights
+        activations = per_layer(model.recompute) * layers * inflight
     parameters, gradients, optimizer = state.values()
     return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer,
             "activations": activations}
