@@ -182,3 +182,22 @@ def test_the_serial_trainer_takes_recompute_from_the_command_line():
         losses[recompute] = train.train_lm(setup.config, setup.corpus, setup.settings,
                                            progress="none")["losses"]
     assert losses["selective"] == losses["none"] == losses["full"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("module, ranks, extra", [
+    ("tfcourse.parallel.tensor_parallel", 2, []),
+    ("tfcourse.parallel.pipeline_parallel", 2, ["--microbatches", "2"]),
+    ("tfcourse.parallel.hybrid", 4, ["--pp", "2", "--tp", "2"]),
+], ids=["tp2", "pp2", "pp2-tp2"])
+def test_every_rank_s_traced_step_peak_falls_with_full_recomputation(module, ranks, extra):
+    from tfcourse.course.launch import run_mpi
+
+    peaks = {}
+    for recompute in ("none", "full"):
+        result = run_mpi(module, ["--config", "tiny", "--steps", "1", "--batch-size", "8",
+                                  "--layers", "4", "--recompute", recompute, "--trace-memory",
+                                  *extra], n_ranks=ranks, timeout=120).result
+        peaks[recompute] = result["step_peak_bytes"]
+        assert len(peaks[recompute]) == ranks and all(p > 0 for p in peaks[recompute])
+    assert all(full < none for full, none in zip(peaks["full"], peaks["none"], strict=True))
