@@ -590,6 +590,12 @@ MPI_CASES = [
     mpi_case("hybrid-tp-not-dividing-heads", HYBRID, 3, ["--pp", "1", "--tp", "3"],
              r"3 ranks cannot split n_heads=4"),
     mpi_case("hybrid-dp-zero", HYBRID, 2, ["--dp", "0"], r"--dp: expected a positive integer"),
+    mpi_case("hybrid-sequence-parallel-without-tp", HYBRID, 2, ["--dp", "2", "--sequence-parallel"],
+             r"--sequence-parallel: splits the sequence inside a tensor-parallel group, so it "
+             r"needs --tp > 1"),
+    mpi_case("hybrid-sequence-parallel-with-pp", HYBRID, 4,
+             ["--pp", "2", "--tp", "2", "--sequence-parallel"],
+             r"--sequence-parallel: .* got --tp 2 --pp 2"),
     mpi_case("hybrid-replica-rows-fewer-than-microbatches", HYBRID, 4,
              ["--dp", "2", "--pp", "2", "--layers", "2", "--batch-size", "4",
               "--microbatches", "4"], r"batch_size: expected at least microbatches=4 rows"),

@@ -50,6 +50,15 @@ def test_hybrid_loss_curve_equals_serial(dp, pp, tp, schedule, m, batch):
     assert len(result["memory_bytes"]) == len(result["seconds_per_step_per_rank"]) == dp * pp * tp
 
 
+@pytest.mark.parametrize("dp, tp", [(2, 2), (1, 4)])
+def test_sequence_parallel_replicas_equal_serial(dp, tp):
+    result = run_mpi("tfcourse.parallel.hybrid",
+                     ["--steps", str(STEPS), "--layers", str(LAYERS), "--batch-size", "8",
+                      "--dp", str(dp), "--tp", str(tp), "--sequence-parallel"],
+                     n_ranks=dp * tp, timeout=120).result
+    np.testing.assert_allclose(result["losses"], serial_losses(8), rtol=1e-10, atol=0)
+
+
 def test_grid_shape_by_hand():
     assert grid_shape(4, 2, 2, 1) == (2, 2)
     assert grid_shape(6, 3, 1, 2) == (3, 2)

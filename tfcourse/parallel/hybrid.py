@@ -22,6 +22,8 @@ the serial model, and the loss curve equals serial training's to rounding. Nothi
 new layer: the step is chapter 7's step functions - the pipeline's schedule, run with tensor
 parallelism's f and g as its stages' operators - with chapter 6's all-reduce in the middle.
 With more ranks than cores (8 on this 2-core machine) a run checks correctness, not speed.
+--sequence-parallel (with --tp, without --pp): each replica runs chapter 7's Megatron sequence
+parallelism.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Hybrid:
     tensor: object  # this stage's tensor-parallel group
     stage: pipeline.Stage | None  # with --pp
     ops: list | None  # this stage's schedule, with --pp
+    sequence_parallel: bool = False  # with --tp and no --pp
 
 
 def replica_grads(state: State, x, y, log, hy: Hybrid):
@@ -108,8 +111,8 @@ def replica_grads(state: State, x, y, log, hy: Hybrid):
         loss, grads, _ = pipeline.run_schedule(hy.stage, state.params, hy.ops, x[lo:hi],
                                                y[lo:hi], hy.config, hy.pipe, log, f_and_g)
     else:
-        loss, grads = tensor.tp_loss_and_grads(state.params, x[lo:hi], y[lo:hi], hy.config,
-                                               hy.tensor, log)
+        step = tensor.sp_loss_and_grads if hy.sequence_parallel else tensor.tp_loss_and_grads
+        loss, grads = step(state.params, x[lo:hi], y[lo:hi], hy.config, hy.tensor, log)
     grads = average_gradients(grads, weight, [list(grads)], hy.data, "mpi", log)
     return hy.data.allreduce(loss * weight, op=MPI.SUM), grads  # PP: 0.0 but on last stages
 
@@ -140,6 +143,13 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
         stage_layers(setup.config.n_layers, args.pp)
         microbatch_rows(batch // dp, args.microbatches)  # the smallest replica's rows
     check_world_size(setup.config, args.tp)
+    if args.sequence_parallel and (args.tp == 1 or args.pp > 1):
+        raise ValueError(f"--sequence-parallel: splits the sequence inside a tensor-parallel "
+                         f"group, so it needs --tp > 1 and, here, --pp 1 (pipeline stages pass "
+                         f"whole sequences); got --tp {args.tp} --pp {args.pp}")
+    if args.sequence_parallel and setup.settings.seq_len % args.tp:
+        raise ValueError(f"--sequence-parallel: --seq-len must split evenly over --tp "
+                         f"{args.tp}, got {setup.settings.seq_len}")
     return setup
 
 
@@ -157,7 +167,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         stage, ops, part = None, None, placement.tensor(group.rank, group.size)
     state, saving = start_training(comm, args, setup, placement.in_replica(part, replica), {
         "program": "hybrid", "dp": args.dp, "pp": args.pp, "tp": args.tp})
-    hy = Hybrid(config, settings, dp, replica, model, data, pipe, group, stage, ops)
+    hy = Hybrid(config, settings, dp, replica, model, data, pipe, group, stage, ops,
+                args.sequence_parallel)
     result = train(comm, setup, state, functools.partial(train_step, hy=hy),
                    split_waiting=True,  # this rank's collectives, in both communicators
                    saving=saving, trace_memory=args.trace_memory)
@@ -178,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     parser.add_argument("--microbatches", type=int, default=2, help="micro-batches (with --pp)")
     parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="with --tp: Megatron sequence parallelism in each replica")
     return parser.parse_args(argv)
 
 
