@@ -107,6 +107,22 @@ def test_selective_recomputation_keeps_all_but_the_attention_weights():
         dataclasses.replace(TINY, recompute=True)
 
 
+def test_sequence_parallelism_slices_the_layernorm_activations():
+    plain = planner.estimate(TINY, cluster(2, 2), Plan(1, 2, 1, 1, 0))
+    sp_model = dataclasses.replace(TINY, sequence_parallel=True)
+    sp = planner.estimate(sp_model, cluster(2, 2), Plan(1, 2, 1, 1, 0))
+    # 2 rows x 4 tokens: x_hat and 1/std (8 x (2 x 8 + 2) values) over tp = 2, but each
+    # sublayer's gathered input (8 x 2 x 8) whole, against 8 x (4 x 8 + 2) replicated; 2 layers
+    assert plain.memory["activations"] - sp.memory["activations"] == 2 * 4 * (
+        8 * 34 - (8 * 18 // 2 + 8 * 16))
+    assert sp.tp_comm_s == plain.tp_comm_s  # all-gather + reduce-scatter = the all-reduce
+    one = planner.estimate(sp_model, cluster(2, 2), Plan(2, 1, 1, 1, 0))
+    assert one.memory == planner.estimate(TINY, cluster(2, 2), Plan(2, 1, 1, 1, 0)).memory
+    three_tokens = dataclasses.replace(sp_model, seq_len=3)
+    assert "sequence parallelism splits seq_len=3 over tp" in planner.plan_problem(
+        three_tokens, cluster(2, 2), Plan(1, 2, 1, 1, 0))
+
+
 def test_pipeline_memory_is_the_first_stage_with_its_warm_up_microbatches_alive():
     four_rows = dataclasses.replace(TINY, global_batch=4)
     e = planner.estimate(four_rows, cluster(2, 2), Plan(1, 1, 2, 4, 0))

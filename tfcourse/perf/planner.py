@@ -30,8 +30,9 @@ L_s layers on the slowest stage s and v_s the speed of its slowest device (1 = n
 
     MFU = model FLOPs / (step x n_devices x flops_per_s); HFU counts recomputed FLOPs too.
 
-What it leaves out, on purpose (chapter 10 lists them next to its numbers): sequence
-parallelism (the LayerNorms' activations stay replicated over tp), FlashAttention (the T x T
+What it leaves out, on purpose (chapter 10 lists them next to its numbers): Megatron's
+sequence parallelism beyond this course's (which keeps each sublayer's gathered input: see
+costmodel.activation_bytes_per_layer), FlashAttention (the T x T
 attention weights are kept), overlap of communication with computation, and every kernel
 reaching the same fraction `mfu` of peak whatever the matrix shapes.
 
@@ -71,6 +72,9 @@ class ModelSpec:
     backward pass, a third more FLOPs (hardware_flops_per_step) for far fewer activations;
     "selective" (Korthikanti et al. 2022): only the attention weights are dropped and their
     scores recomputed; "none".
+    sequence_parallel: Megatron sequence parallelism wherever tp > 1 (`tensor_parallel
+    --sequence-parallel`): the LayerNorms' activations split along the sequence too, with the
+    same tensor-parallel traffic; needs tp to divide seq_len.
     """
 
     vocab_size: int
@@ -83,11 +87,12 @@ class ModelSpec:
     bytes_per_value: int = 2
     mixed_precision: bool = True
     recompute: str = "none"
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "mixed_precision":
+            if field.name in ("mixed_precision", "sequence_parallel"):
                 if not isinstance(value, bool):
                     raise TypeError(f"{field.name}: expected True or False, got {value!r}")
             elif field.name == "recompute":
@@ -257,6 +262,9 @@ def plan_problem(model: ModelSpec, cluster: Cluster, plan: Plan) -> str:
                 f"got dp={dp}, microbatches={m}")
     if plan.zero > 0 and dp == 1:
         return f"plan.zero: expected 0 when dp == 1 (nothing to shard), got {plan.zero}"
+    if model.sequence_parallel and model.seq_len % tp:
+        return (f"plan.tp: sequence parallelism splits seq_len={model.seq_len} over tp, "
+                f"got {tp}")
     return ""
 
 
@@ -356,7 +364,8 @@ def _stage_memory(model: ModelSpec, plan: Plan, params: float, layers: int, stag
     def per_layer(recompute: str) -> int:
         return cm.activation_bytes_per_layer(rows, model.seq_len, model.d_model, model.n_heads,
                                              model.d_ff, model.bytes_per_value, tp=plan.tp,
-                                             recompute=recompute)
+                                             recompute=recompute,
+                                             sequence_parallel=model.sequence_parallel)
 
     inflight = cm.pipeline_peak_microbatches("1f1b", plan.pp, stage, plan.microbatches)
     if model.recompute == "full":  # each layer's (b, T, d) input, plus one layer rebuilt
