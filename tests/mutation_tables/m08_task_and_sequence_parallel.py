@@ -1,4 +1,19 @@
 """Classic wrong answers to chapter 8's exercises (see __init__.py)."""
+import inspect
+import textwrap
+
+from tfcourse.parallel import task_parallel
+
+# the master exercise's answer is the library's master: its body, after the docstring
+_MASTER_BODY = textwrap.dedent(inspect.getsource(task_parallel.master).split('"""', 2)[2])
+
+
+def _master(right: str, wrong: str) -> str:
+    """The library's master with one line made wrong."""
+    assert right in _MASTER_BODY, right
+    return _MASTER_BODY.replace(right, wrong)
+
+
 MUTATIONS = {
     "master_worker": {
         "static round-robin (task i to worker i mod n)": """
@@ -43,107 +58,17 @@ for task_id, cost in enumerate(costs):
 return timeline
 """,
     },
-    "master": {  # on real ranks, under mpiexec (tfcourse.check)
-        "tasks dealt round-robin, as a static schedule": """
-if comm.size == 1:
-    return run_serial(tasks)
-outcomes, started = {}, set()
-idle = list(range(1, comm.size))
-status = MPI.Status()
-while len(outcomes) < len(tasks):
-    for task in ready_tasks(tasks, set(outcomes), started):
-        inputs, failure = dependency_inputs(task, outcomes)
-        if failure:
-            outcomes[task["id"]] = skipped(task, failure, t0)
-            started.add(task["id"])
-        elif idle:
-            comm.send((task, inputs), dest=1 + task['id'] % (comm.size - 1), tag=WORK)
-            started.add(task["id"])
-    if len(outcomes) == len(tasks):
-        break
-    wait_for_message(comm, MPI.ANY_SOURCE, RESULT, status)
-    outcome = comm.recv(source=status.Get_source(), tag=RESULT)
-    outcomes[outcome["id"]] = outcome
-    idle.append(status.Get_source())
-for worker in range(1, comm.size):
-    comm.send(None, dest=worker, tag=STOP)
-return outcomes
-""",
-        "results awaited in a fixed worker order": """
-if comm.size == 1:
-    return run_serial(tasks)
-outcomes, started = {}, set()
-idle = list(range(1, comm.size))
-status = MPI.Status()
-while len(outcomes) < len(tasks):
-    for task in ready_tasks(tasks, set(outcomes), started):
-        inputs, failure = dependency_inputs(task, outcomes)
-        if failure:
-            outcomes[task["id"]] = skipped(task, failure, t0)
-            started.add(task["id"])
-        elif idle:
-            comm.send((task, inputs), dest=idle.pop(0), tag=WORK)
-            started.add(task["id"])
-    if len(outcomes) == len(tasks):
-        break
-    wait_for_message(comm, min(set(range(1, comm.size)) - set(idle)), RESULT, status)
-    outcome = comm.recv(source=status.Get_source(), tag=RESULT)
-    outcomes[outcome["id"]] = outcome
-    idle.append(status.Get_source())
-for worker in range(1, comm.size):
-    comm.send(None, dest=worker, tag=STOP)
-return outcomes
-""",
-        "dependencies ignored": """
-if comm.size == 1:
-    return run_serial(tasks)
-outcomes, started = {}, set()
-idle = list(range(1, comm.size))
-status = MPI.Status()
-while len(outcomes) < len(tasks):
-    for task in [t for t in tasks if t['id'] not in started]:
-        inputs, failure = dependency_inputs(task, outcomes)
-        if failure:
-            outcomes[task["id"]] = skipped(task, failure, t0)
-            started.add(task["id"])
-        elif idle:
-            comm.send((task, inputs), dest=idle.pop(0), tag=WORK)
-            started.add(task["id"])
-    if len(outcomes) == len(tasks):
-        break
-    wait_for_message(comm, MPI.ANY_SOURCE, RESULT, status)
-    outcome = comm.recv(source=status.Get_source(), tag=RESULT)
-    outcomes[outcome["id"]] = outcome
-    idle.append(status.Get_source())
-for worker in range(1, comm.size):
-    comm.send(None, dest=worker, tag=STOP)
-return outcomes
-""",
-        "a task whose input failed is run anyway": """
-if comm.size == 1:
-    return run_serial(tasks)
-outcomes, started = {}, set()
-idle = list(range(1, comm.size))
-status = MPI.Status()
-while len(outcomes) < len(tasks):
-    for task in ready_tasks(tasks, set(outcomes), started):
-        inputs, failure = {d: outcomes[d].get('result') for d in task.get('deps', [])}, None
-        if failure:
-            outcomes[task["id"]] = skipped(task, failure, t0)
-            started.add(task["id"])
-        elif idle:
-            comm.send((task, inputs), dest=idle.pop(0), tag=WORK)
-            started.add(task["id"])
-    if len(outcomes) == len(tasks):
-        break
-    wait_for_message(comm, MPI.ANY_SOURCE, RESULT, status)
-    outcome = comm.recv(source=status.Get_source(), tag=RESULT)
-    outcomes[outcome["id"]] = outcome
-    idle.append(status.Get_source())
-for worker in range(1, comm.size):
-    comm.send(None, dest=worker, tag=STOP)
-return outcomes
-""",
+    "master": {  # on real ranks, under mpiexec (tfcourse.check); the library's own loop, mutated
+        "tasks dealt round-robin, as a static schedule": _master(
+            "dest=idle.pop(0)", "dest=1 + task['id'] % (comm.size - 1)"),
+        "results awaited in a fixed worker order": _master(
+            "wait_for_message(comm, MPI.ANY_SOURCE, RESULT, status)",
+            "wait_for_message(comm, min(set(range(1, comm.size)) - set(idle)), RESULT, status)"),
+        "dependencies ignored": _master("ready_tasks(tasks, set(outcomes), started)",
+                                        "[t for t in tasks if t['id'] not in started]"),
+        "a task whose input failed is run anyway": _master(
+            "inputs, failure = dependency_inputs(task, outcomes)",
+            "inputs, failure = {d: outcomes[d].get('result') for d in task.get('deps', [])}, None"),
     },
     "merge": {
         "no rescale: l and acc simply added": """

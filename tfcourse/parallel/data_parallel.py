@@ -46,6 +46,7 @@ from tfcourse.parallel.plans.batches import (
 from tfcourse.parallel.program import (
     State,
     add_split_waiting_argument,
+    bytes_sent,
     program_parser,
     result_record,
     run_program,
@@ -223,18 +224,14 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         allreduce=args.allreduce, zero=args.zero,
         predicted_memory_bytes=zero_state_bytes_per_rank(
             sum(sizes.values()), comm.size, args.zero, itemsize),
-        bytes_sent_per_step=bytes_sent(result.logs, comm.size) / settings.steps,
+        bytes_sent_per_step=bytes_sent(result.logs, comm.size, SENDS) / settings.steps,
         predicted_bytes_sent_per_step=zero_bytes_sent_per_step(
             sum(sizes.values()), comm.size, args.zero, itemsize))
 
 
-def bytes_sent(logs, p: int) -> float:
-    """Bytes this rank sent for gradients and parameters, from its logged collectives, each
-    counted as its ring algorithm costs (costmodel.zero_bytes_sent_per_step)."""
-    cost = {"reduce": reduce_scatter_bytes, "bcast": allgather_bytes, "gather": allgather_bytes}
-    return sum((allreduce_bytes if "allreduce" in e["kind"] else cost[e["kind"]])(
-        e["bytes"], p) for log in logs for e in log.communication_events()
-        if "allreduce" in e["kind"] or e["kind"] in cost)
+SENDS = {**{f"allreduce:{name}": allreduce_bytes for name in ALLREDUCES},  # per n-byte call
+         "iallreduce wait": allreduce_bytes, "reduce": reduce_scatter_bytes,
+         "bcast": allgather_bytes, "gather": allgather_bytes}  # ring-equivalent costs
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ import dataclasses
 import math
 import sys
 import time
-import tracemalloc
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
@@ -30,6 +29,7 @@ from tfcourse.allocator import keep_freed_memory
 from tfcourse.course.launch import die_with_parent
 from tfcourse.data import lm_batch
 from tfcourse.files import check_writable, write_json_atomic
+from tfcourse.perf.memory import traced
 from tfcourse.train import TrainingSetup, add_training_arguments, checkpoint_now
 
 T = TypeVar("T")
@@ -275,7 +275,7 @@ def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting:
         log = EventLog(split_waiting=split_waiting)
         with traced(trace_memory and index == start.step) as peak:
             run.state, loss, run.grads = step(run.state, x, y, index, log)
-        run.step_peak_bytes = peak.get("bytes", run.step_peak_bytes)
+        run.step_peak_bytes = peak.get("peak", run.step_peak_bytes)
         run.step_seconds.append(time.perf_counter() - log.t0)
         if not math.isfinite(loss):  # the same loss on every rank: all stop together
             stop_together(comm, f"loss: expected a finite value, got {loss} at step {index} "
@@ -288,21 +288,11 @@ def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting:
     return run
 
 
-@contextlib.contextmanager
-def traced(on: bool):
-    """With `on`: trace allocations in the body; the yielded dict gets "bytes", the peak above
-    the start."""
-    found = {}
-    if not on:
-        yield found
-        return
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        yield found
-        found["bytes"] = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+def bytes_sent(logs, p: int, costs: dict) -> float:
+    """Bytes this rank sent, from its logged collectives: costs[kind](n, p) for each event of
+    a kind in `costs` (costmodel's allreduce_bytes, allgather_bytes, ... of its n bytes)."""
+    return sum(costs[e["kind"]](e["bytes"], p) for log in logs
+               for e in log.communication_events() if e["kind"] in costs)
 
 
 def result_record(run: Run, setup: TrainingSetup, comm, memory: dict, **extra) -> dict:

@@ -51,6 +51,7 @@ from tfcourse.nn.optim import state_nbytes
 from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.comm import mpi_allreduce
+from tfcourse.parallel.data_parallel import average_gradients
 from tfcourse.parallel.plans import placement
 from tfcourse.parallel.plans.tensor import (
     check_world_size,
@@ -61,6 +62,7 @@ from tfcourse.parallel.plans.tensor import (
 from tfcourse.parallel.program import (
     State,
     add_split_waiting_argument,
+    bytes_sent,
     program_parser,
     result_record,
     run_program,
@@ -126,19 +128,14 @@ def sp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dic
     with `sequence_ops`; the loss is the mean of the ranks' equal slices."""
     p, length = comm.size, x.shape[1]
     lo, hi = comm.rank * length // p, (comm.rank + 1) * length // p
+    ops = sequence_ops(comm, log)
     emb, emb_cache = embed_forward(params, x, config)
-    logits, caches = forward_pass(params, emb[:, lo:hi], config, ops=sequence_ops(comm, log),
-                                  embed=False)
+    logits, caches = forward_pass(params, emb[:, lo:hi], config, ops=ops, embed=False)
     local_loss, loss_cache = cross_entropy_forward(logits, y[:, lo:hi])
     dx, grads = backward_pass(cross_entropy_backward(loss_cache) / p, caches)
-    dx = sequence_ops(comm, log).enter.forward(dx)  # the embedding's gradient, slices gathered
-    grads.update(embed_backward(dx, emb_cache)[1])
+    grads.update(embed_backward(ops.enter.forward(dx), emb_cache)[1])  # slices gathered
     seen_here = [n for n in params if shard_axis(n) is None and not n.endswith("_emb")]
-    flat = np.concatenate([grads[n].ravel() for n in seen_here])
-    log.collective("replicated grads all-reduce", mpi_allreduce, flat, comm)
-    sizes = np.cumsum([0] + [grads[n].size for n in seen_here])
-    for name, start, stop in zip(seen_here, sizes[:-1], sizes[1:], strict=True):
-        grads[name] = flat[start:stop].reshape(grads[name].shape)
+    grads.update(average_gradients(grads, 1.0, [seen_here], comm, "mpi", log))  # summed
     return comm.allreduce(local_loss) / p, {n: grads[n] for n in params}
 
 
@@ -226,7 +223,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
                                              config.d_model, config.n_layers,
                                              np.dtype(config.dtype).itemsize),
         "allreduces_per_step": record["comm_calls"] / settings.steps,
-        "activation_bytes_sent_per_step": activation_bytes_sent(result.logs, comm.size)
+        "activation_bytes_sent_per_step": bytes_sent(result.logs, comm.size, SENDS)
         / settings.steps,
         "predicted_activation_bytes_sent_per_step": tensor_parallel_bytes_sent(
             settings.batch_size, settings.seq_len, config.d_model, config.n_layers, comm.size,
@@ -239,12 +236,6 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
 SENDS = {"f backward": allreduce_bytes, "g forward": allreduce_bytes,  # per n-byte collective
          "f all-gather": allgather_bytes, "g all-gather": allgather_bytes,
          "f reduce-scatter": reduce_scatter_bytes, "g reduce-scatter": reduce_scatter_bytes}
-
-
-def activation_bytes_sent(logs, p: int) -> float:
-    """Bytes this rank sent for activations, from its logged collectives (SENDS)."""
-    return sum(SENDS[e["kind"]](e["bytes"], p) for log in logs
-               for e in log.communication_events() if e["kind"] in SENDS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -93,26 +93,23 @@ def zero3_step(state: State, x, y, step: int, log, dp):
     lo, hi = batch_rows(len(x), comm.rank, comm.size)
     weight = (hi - lo) / len(x)
     gather = Gather(state.params, dp.owners, dp.config, comm, log)
-    grads, in_flight = {}, []
+    grads, pending = {}, []  # owned gradients; the previous piece's reductions
 
-    def finish_reductions() -> None:  # then their send buffers can go
-        with log.span("reduce", nbytes=sum(send.nbytes for *_, send in in_flight)):
-            MPI.Request.Waitall([request for request, *_ in in_flight])
-        grads.update({name: total for _, name, total, _ in in_flight if total is not None})
-        in_flight.clear()
+    def finish(reductions: list) -> None:  # then their send buffers can go
+        with log.span("reduce", nbytes=sum(send.nbytes for *_, send in reductions)):
+            MPI.Request.Waitall([request for request, *_ in reductions])
+        grads.update({name: total for _, name, total, _ in reductions if total is not None})
 
     def reduce_to_owners(piece_grads: dict) -> None:
-        earlier = list(in_flight)
-        in_flight.clear()
+        posted = []
         for name, grad in piece_grads.items():
             send = np.ascontiguousarray(grad) * grad.dtype.type(weight)
             owner = dp.owners[name]
             total = np.empty_like(send) if owner == comm.rank else None
-            in_flight.append((comm.Ireduce(send, total, op=MPI.SUM, root=owner), name,
-                              total, send))
-        posted, in_flight[:] = list(in_flight), earlier  # the previous piece's: wait for them
-        finish_reductions()
-        in_flight.extend(posted)
+            posted.append((comm.Ireduce(send, total, op=MPI.SUM, root=owner), name, total,
+                           send))
+        finish(pending)
+        pending[:] = posted
 
     logits, caches = forward_pass(gather.working, x[lo:hi], dp.config,
                                   before=gather.forward_hook)
@@ -121,7 +118,7 @@ def zero3_step(state: State, x, y, step: int, log, dp):
     backward_pass(cross_entropy_backward(loss_cache), caches, on_grads=reduce_to_owners,
                   before=gather.backward_hook, keep=False)
     gather.drop("embed")
-    finish_reductions()
+    finish(pending)
     loss = comm.allreduce(local_loss * weight, op=MPI.SUM)
     norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
     params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, dp.settings,

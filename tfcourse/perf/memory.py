@@ -6,6 +6,7 @@ read exactly - per process, so per MPI rank too - and set against the cost model
 
 from __future__ import annotations
 
+import contextlib
 import tracemalloc
 
 from tfcourse.nn import model
@@ -22,19 +23,33 @@ def step_memory(params: dict, tokens, targets, config: model.TransformerConfig, 
     "grads" - the gradients' bytes, for reference.
     Tracing slows allocation down several times: for measuring, not for training."""
     tokens, targets = model.check_batch(params, tokens, targets, config)
+    with traced() as found:
+        logits, caches = model.forward_pass(params, tokens, config, rng)
+        _, loss_cache = cross_entropy_forward(logits, targets)
+        del logits  # the loss keeps what its backward needs
+        kept = tracemalloc.get_traced_memory()[0] - found["base"]
+        _, grads = model.backward_pass(cross_entropy_backward(loss_cache), caches)
+    return {"kept": kept, "peak": found["peak"],
+            "grads": sum(int(g.nbytes) for g in grads.values())}
+
+
+@contextlib.contextmanager
+def traced(on: bool = True):
+    """With `on`, trace the allocations of the body (starting tracemalloc unless it runs);
+    the yielded dict gets "base", the traced bytes at the start, and after the body "peak",
+    the highest point above it. Off, it yields an empty dict and measures nothing."""
+    found: dict[str, int] = {}
+    if not on:
+        yield found
+        return
     tracing = tracemalloc.is_tracing()
     if not tracing:
         tracemalloc.start()
     try:
-        start = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        logits, caches = model.forward_pass(params, tokens, config, rng)
-        _, loss_cache = cross_entropy_forward(logits, targets)
-        del logits  # the loss keeps what its backward needs
-        kept = tracemalloc.get_traced_memory()[0] - start
-        _, grads = model.backward_pass(cross_entropy_backward(loss_cache), caches)
-        peak = tracemalloc.get_traced_memory()[1] - start
+        found["base"] = tracemalloc.get_traced_memory()[0]
+        yield found
+        found["peak"] = tracemalloc.get_traced_memory()[1] - found["base"]
     finally:
         if not tracing:
             tracemalloc.stop()
-    return {"kept": kept, "peak": peak, "grads": sum(int(g.nbytes) for g in grads.values())}

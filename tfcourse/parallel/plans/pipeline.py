@@ -8,7 +8,7 @@ import statistics
 
 import numpy as np
 
-from tfcourse.nn.model import param_shapes
+from tfcourse.nn.model import piece_params
 from tfcourse.nn.validate import parse_list, require_positive_int, require_real
 from tfcourse.parallel.plans.batches import chunk_bounds
 
@@ -45,19 +45,13 @@ def microbatch_rows(batch_size: int, microbatches: int) -> list[tuple[int, int]]
 
 def stage_param_names(config, world_size: int, stage: int,
                       layer_counts: list[int] | None = None) -> list[str]:
-    """Names of the parameters stage `stage` holds, in `param_shapes` order."""
+    """Names of the parameters stage `stage` holds, in `param_shapes` order: the model's
+    pieces it runs (the embedding on the first stage, its blocks, the head on the last)."""
     lo, hi = stage_layers(config.n_layers, world_size, layer_counts)[stage]
-    names = []
-    for name in param_shapes(config):
-        if name.startswith("blocks."):
-            keep = lo <= int(name.split(".")[1]) < hi
-        elif name in ("tok_emb", "pos_emb"):
-            keep = stage == 0
-        else:  # ln_f.*, head.*
-            keep = stage == world_size - 1
-        if keep:
-            names.append(name)
-    return names
+    pieces = piece_params(config)
+    runs = (["embed"] * (stage == 0) + [f"blocks.{i}" for i in range(lo, hi)]
+            + ["head"] * (stage == world_size - 1))
+    return [name for piece in runs for name in pieces[piece]]
 
 
 def check_schedule_args(name: str, p: int, stage: int, m: int) -> None:
