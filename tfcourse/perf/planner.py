@@ -44,13 +44,14 @@ link when that aligned block lies inside one node, the inter-node link otherwise
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
-from tfcourse.nn.model import require_recompute
+from tfcourse.nn.model import TransformerConfig, param_shapes, require_recompute
 from tfcourse.nn.validate import require_nonnegative_int, require_positive_int, require_real
-from tfcourse.parallel.plans.pipeline import stage_layers
-from tfcourse.parallel.plans.tensor import check_world_size
+from tfcourse.parallel.plans.pipeline import stage_layers, stage_param_names
+from tfcourse.parallel.plans.tensor import check_world_size, shard_axis
 from tfcourse.perf import costmodel as cm
 
 # --------------------------------------------------------------------------- descriptions
@@ -105,10 +106,12 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config, seq_len: int | None = None, global_batch: int = 1) -> ModelSpec:
-        """The spec of a `TransformerConfig`; every value is kept in config.dtype."""
+        """The spec of a `TransformerConfig`; every value is kept in config.dtype, and
+        activations per config.recompute."""
         return cls(config.vocab_size, config.d_model, config.n_heads, config.n_layers,
                    config.d_ff, seq_len or config.max_len, global_batch,
-                   bytes_per_value=np.dtype(config.dtype).itemsize, mixed_precision=False)
+                   bytes_per_value=np.dtype(config.dtype).itemsize, mixed_precision=False,
+                   recompute=config.recompute)
 
     @property
     def n_params(self) -> int:
@@ -342,8 +345,7 @@ def estimate(model: ModelSpec, cluster: Cluster, plan: Plan) -> PlanEstimate:
                                                                         else 1.0)
     step_s = compute_s + tp_comm_s + pp_comm_s + bubble_s + dp_comm_s
 
-    memory = max((_stage_memory(model, plan, stage_params[k], layers[k], k, b)
-                  for k in range(pp)), key=lambda mem: sum(mem.values()))
+    memory = rank_memory(model, plan, stage_bounds=bounds)
     total = sum(memory.values())
     fits = total <= cluster.memory_bytes
     reason = "" if fits else (f"needs {total / 1e9:.1f} GB per device, more than "
@@ -355,11 +357,70 @@ def estimate(model: ModelSpec, cluster: Cluster, plan: Plan) -> PlanEstimate:
                         model.hardware_flops_per_step / peak, tuple(bounds), reason)
 
 
-def _stage_memory(model: ModelSpec, plan: Plan, params: float, layers: int, stage: int,
-                  rows: int) -> dict[str, float]:
-    """Bytes per device of pipeline stage `stage`: its ZeRO training state and the
-    activations of its in-flight micro-batches (1F1B: stage 0 keeps the most)."""
-    state = cm.zero_state_bytes_per_rank(params, plan.dp, plan.zero, model.bytes_per_value,
+def rank_memory(model: ModelSpec, plan: Plan, stage: int | None = None,
+                stage_bounds=None, as_run: bool = False) -> dict[str, float]:
+    """Bytes per device of pipeline stage `stage` of `plan` (None: the most loaded stage), by
+    part: "parameters", "gradients", "optimizer" (its ZeRO training state) and "activations"
+    (what its in-flight micro-batches keep for the backward pass: 1F1B, so stage s keeps
+    min(pp - s, m); full recomputation keeps each layer's input plus one layer rebuilt at a
+    time). stage_bounds: the stages' blocks [lo, hi) (default: plans.pipeline's even split).
+
+    as_run=False - the planner's approximations, what `estimate` uses: the embeddings and the
+    head are spread over the layers (a stage holds N L_s / L parameters) and every parameter
+    is split over tp (Megatron also splits the vocabulary); the head's and the loss's caches
+    and the backward pass's temporaries are left out.
+    as_run=True - what this course's programs hold (compared with measured runs by
+    perf.memory.compare_memory):
+    - parameters as placed: stage 0 holds the embeddings, the last stage the final LayerNorm
+      and the head (plans.pipeline.stage_param_names); tensor parallelism splits the matrices
+      and biases plans.tensor.shard_axis names and replicates the rest - LayerNorms, the
+      row-parallel biases, embeddings and head (no vocabulary-parallel embedding here);
+    - activations also count, on the last stage, the head's and the loss's caches per
+      in-flight micro-batch: the final LayerNorm's x_hat, output and 1/std and the
+      log-probabilities, (2 d + 1 + V) values per token (per T/tp positions with sequence
+      parallelism, where each rank runs the head on its slice);
+    - a fifth part, "backward": the working set of the backward pass through one layer,
+      estimated as one layer's activations without recomputation
+      (costmodel.activation_bytes_per_layer): that layer's backward makes a gradient of
+      about the size of each array the layer keeps. An approximation, not a derivation: it
+      leaves out the gradients made so far, the logits a caller still holds, the token arrays
+      and ZeRO-3's gathered pieces (compare_memory states its measured error).
+    Parameters, gradients and optimizer state are bytes_per_value each (mixed_precision:
+    costmodel.zero_state_bytes_per_rank's 16 bytes per parameter)."""
+    dp, pp, m = plan.dp, plan.pp, plan.microbatches
+    if model.global_batch % (dp * m):
+        raise ValueError(f"plan: expected dp*microbatches to divide global_batch="
+                         f"{model.global_batch}, got dp={dp}, microbatches={m}")
+    bounds = list(stage_layers(model.n_layers, pp) if stage_bounds is None else stage_bounds)
+    if len(bounds) != pp:
+        raise ValueError(f"stage_bounds: expected {pp} stages' [lo, hi), got {len(bounds)}")
+    stages = range(pp) if stage is None else [stage]
+    if stage is not None and not 0 <= stage < pp:
+        raise ValueError(f"stage: expected 0 <= stage < pp={pp}, got {stage}")
+    memories = [_stage_memory(model, plan, bounds, k, as_run) for k in stages]
+    return max(memories, key=lambda mem: sum(mem.values()))
+
+
+def _stage_params(model: ModelSpec, plan: Plan, bounds: list, stage: int,
+                  as_run: bool) -> float:
+    """Parameters one device of `stage` holds (see rank_memory)."""
+    layers = [hi - lo for lo, hi in bounds]
+    if not as_run:
+        return model.n_params * layers[stage] / (model.n_layers * plan.tp)
+    config = TransformerConfig(vocab_size=model.vocab_size, d_model=model.d_model,
+                               n_heads=model.n_heads, n_layers=model.n_layers,
+                               d_ff=model.d_ff, max_len=model.seq_len)
+    shapes = param_shapes(config)
+    return sum(math.prod(shapes[name]) / (1 if shard_axis(name) is None else plan.tp)
+               for name in stage_param_names(config, plan.pp, stage, layers))
+
+
+def _stage_memory(model: ModelSpec, plan: Plan, bounds: list, stage: int,
+                  as_run: bool) -> dict[str, float]:
+    """rank_memory's parts for one stage."""
+    rows = model.global_batch // (plan.dp * plan.microbatches)  # per micro-batch
+    state = cm.zero_state_bytes_per_rank(_stage_params(model, plan, bounds, stage, as_run),
+                                         plan.dp, plan.zero, model.bytes_per_value,
                                          model.mixed_precision)
     def per_layer(recompute: str) -> int:
         return cm.activation_bytes_per_layer(rows, model.seq_len, model.d_model, model.n_heads,
@@ -367,14 +428,24 @@ def _stage_memory(model: ModelSpec, plan: Plan, params: float, layers: int, stag
                                              recompute=recompute,
                                              sequence_parallel=model.sequence_parallel)
 
+    lo, hi = bounds[stage]
     inflight = cm.pipeline_peak_microbatches("1f1b", plan.pp, stage, plan.microbatches)
     if model.recompute == "full":  # each layer's (b, T, d) input, plus one layer rebuilt
-        activations = per_layer("full") * layers * inflight + per_layer("none")
+        activations = per_layer("full") * (hi - lo) * inflight + per_layer("none")
     else:  # selective: all but the attention weights
-        activations = per_layer(model.recompute) * layers * inflight
+        activations = per_layer(model.recompute) * (hi - lo) * inflight
     parameters, gradients, optimizer = state.values()
-    return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer,
-            "activations": activations}
+    memory = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer,
+              "activations": activations}
+    if as_run:
+        if stage == plan.pp - 1:  # the head's and the loss's caches
+            split = plan.tp if model.sequence_parallel else 1
+            tokens = rows * model.seq_len // split
+            memory["activations"] += (inflight * tokens * (2 * model.d_model + 1
+                                                            + model.vocab_size)
+                                      * model.bytes_per_value)
+        memory["backward"] = per_layer("none")
+    return memory
 
 
 def rank_plans(model: ModelSpec, cluster: Cluster, **filters
