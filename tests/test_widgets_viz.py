@@ -122,3 +122,25 @@ def test_planner_explorer_builds():
 
     assert callable(widgets.planner_explorer())
     plt.close("all")
+
+
+def test_memory_calculator_counts_gpt3_by_hand():
+    # GPT-3 175B has 175.2e9 parameters (untied head): fp32 on one device, 4 bytes each
+    one = widgets.explorer_memory("GPT-3 175B", 1, 1, 1, 0, "none", "fp32")
+    assert one["parameters"] == pytest.approx(4 * 175.2e9 / 1e9, rel=1e-3)
+    assert one["optimizer"] == pytest.approx(2 * one["parameters"])
+    # bf16 ZeRO-3 over dp 64, tp 8: 2-byte weights split 512 ways, 12 bytes of optimizer 512
+    sharded = widgets.explorer_memory("GPT-3 175B", 64, 8, 1, 3, "full", "bf16")
+    assert sharded["parameters"] == pytest.approx(2 * 175.2e9 / 512 / 1e9, rel=1e-3)
+    assert sharded["optimizer"] == pytest.approx(6 * sharded["parameters"])
+    full, none = (widgets.explorer_memory("GPT-3 175B", 8, 8, 16, 1, r, "bf16")["activations"]
+                  for r in ("full", "none"))
+    assert full < none / 10
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        widgets.explorer_memory("GPT-3 175B", 1, 1, 1, 0, "none", "fp64")
+    with pytest.raises(ValueError, match="dp, pp: expected"):
+        widgets.explorer_memory("GPT-3 175B", 1, 1, 5, 0, "none", "bf16")
+
+
+def test_memory_explorer_builds():
+    assert callable(widgets.memory_explorer())

@@ -52,7 +52,14 @@ from tfcourse.nn.model import (
     preset,
     require_recompute,
 )
-from tfcourse.nn.optim import adamw_init, adamw_step, clip_grad_norm
+from tfcourse.nn.optim import (
+    adamw_init,
+    adamw_step,
+    clip_grad_norm,
+    loss_scale_init,
+    loss_scale_update,
+)
+from tfcourse.nn.precision import PRECISIONS, decode, encode, require_precision
 from tfcourse.nn.seq2seq import Seq2SeqConfig
 from tfcourse.nn.validate import (
     require_nonnegative_int,
@@ -154,6 +161,42 @@ def optimizer_update(params: dict, grads: dict, opt_state: dict, settings: Train
     return params, opt_state, norm
 
 
+def half_weights(master: dict, precision: str) -> tuple[dict, dict]:
+    """Mixed precision's model weights: (the 16-bit copy of the float32 master weights, 2
+    bytes a value; the same values as float32 arrays, for NumPy's float32 BLAS - NumPy has no
+    16-bit one, so this float32 copy stands in for the tensor core reading 16-bit weights)."""
+    weights16 = {name: encode(p, precision) for name, p in master.items()}
+    return weights16, {name: decode(w, precision) for name, w in weights16.items()}
+
+
+def mixed_precision_update(master: dict, grads: dict, opt_state: dict, loss_scale: dict | None,
+                           settings: TrainSettings, step: int, precision: str):
+    """The optimiser step of mixed precision (Micikevicius et al. 2018).
+
+    grads: the model's gradients at the current loss scale. They are stored in 16 bits, then
+    turned back into float32 and divided by the scale; AdamW updates the float32 master
+    weights with them. fp16 (loss_scale: optim.loss_scale_init's state): gradients with an
+    inf or NaN skip the step and halve the scale (optim.loss_scale_update). bf16 has float32's
+    range and needs no scaling (loss_scale None): an inf there means training diverged.
+    Returns (master, opt_state, loss_scale, the 16-bit gradients, whether the step was taken).
+    """
+    grads16 = {name: encode(g, precision) for name, g in grads.items()}
+    unscale = np.float32(1.0 / (loss_scale["scale"] if loss_scale else 1.0))
+    unscaled = {name: decode(g, precision) * unscale for name, g in grads16.items()}
+    finite = all(np.isfinite(g).all() for g in unscaled.values())
+    if loss_scale is not None:
+        loss_scale, apply = loss_scale_update(loss_scale, finite)
+    elif not finite:
+        raise FloatingPointError(f"gradients: expected finite {precision} values at step "
+                                 f"{step}, got inf or NaN (training diverged: lower --lr, "
+                                 f"now {settings.lr})")
+    else:
+        apply = True
+    if apply:
+        master, opt_state, _ = optimizer_update(master, unscaled, opt_state, settings, step)
+    return master, opt_state, loss_scale, grads16, apply
+
+
 class Progress:
     """Progress report: an ipywidgets bar in a notebook, a rewritten line in a terminal, and
     plain lines (about ten per run) when output goes to a file or a pipe."""
@@ -206,6 +249,8 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     params = init_params(config, settings.seed)
     opt_state = adamw_init(params)
     losses: list[float] = []
+    loss_scale = loss_scale_init() if config.precision == "fp16" else None
+    scales, skipped = [], 0
     start_step = 0
     if resume_from:
         params, opt_state, start_step, losses = load_resume_state(resume_from, params, config,
@@ -214,8 +259,17 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     start = time.perf_counter()
     for step in range(start_step, settings.steps):
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
-        loss, grads = loss_and_grads(params, x, y, config)
-        params, opt_state, _ = optimizer_update(params, grads, opt_state, settings, step)
+        if config.precision == "fp32":
+            loss, grads = loss_and_grads(params, x, y, config)
+            params, opt_state, _ = optimizer_update(params, grads, opt_state, settings, step)
+        else:  # the float32 master weights stay in params; the model runs on a 16-bit copy
+            scale = loss_scale["scale"] if loss_scale else 1.0
+            scales += [scale] if loss_scale else []
+            loss, grads = loss_and_grads(half_weights(params, config.precision)[1], x, y,
+                                         config, loss_scale=scale)
+            params, opt_state, loss_scale, _, applied = mixed_precision_update(
+                params, grads, opt_state, loss_scale, settings, step, config.precision)
+            skipped += not applied
         losses.append(loss)
         bar.update(step, loss)
         if checkpoint and checkpoint_now(step + 1, settings.steps, checkpoint_every):
@@ -231,6 +285,7 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         "settings": dataclasses.asdict(settings),
         "unigram_baseline": unigram_cross_entropy(corpus.ids, corpus.vocab.size),
         "params": params,
+        **({"loss_scales": scales, "skipped_steps": skipped} if scales else {}),
     }
 
 
@@ -304,7 +359,8 @@ def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings
 def _same_numbers(config: dict) -> dict:
     """A config without the fields that change how a step is computed but not its numbers
     (recomputing activations or not): a run may resume another's checkpoint across them."""
-    return {name: value for name, value in config.items() if name != "recompute"}
+    return {"precision": "fp32", **{name: value for name, value in config.items()
+                                    if name != "recompute"}}
 
 
 def load_resume_state(folder: str, fresh_params: dict, config: TransformerConfig,
@@ -357,7 +413,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = Fals
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks)")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                        help="float64 by default; float32 with --precision bf16|fp16")
+    parser.add_argument("--precision", default="fp32", metavar="|".join(PRECISIONS),
+                        help="mixed precision: 16-bit weights, activations and gradients in "
+                             "every matmul, float32 master weights and optimiser state; fp16 "
+                             "with dynamic loss scaling (tfcourse.train and data_parallel)")
     parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
     parser.add_argument("--recompute", default="none", metavar="|".join(RECOMPUTE),
@@ -409,17 +470,32 @@ class TrainingSetup:
     settings: TrainSettings
 
 
-def training_setup(args: argparse.Namespace, **config_overrides) -> TrainingSetup:
+def training_setup(args: argparse.Namespace, precisions: tuple[str, ...] = ("fp32",),
+                   **config_overrides) -> TrainingSetup:
     """Settings, corpus (--text) and model config of a training CLI, all checked.
 
     Shared by the serial and the parallel programs; `config_overrides` such as n_layers
-    change the preset. Touches no output file and needs no MPI."""
+    change the preset; `precisions`: the --precision values the program implements. Touches
+    no output file and needs no MPI."""
     settings = settings_from_args(args)
     if args.layers is not None:
         config_overrides["n_layers"] = require_positive_int("--layers", args.layers)
     config_overrides["recompute"] = require_recompute("--recompute", args.recompute)
+    precision = require_precision("--precision", args.precision)
+    if precision not in precisions:
+        raise ValueError(f"--precision: this program trains in {' or '.join(precisions)} "
+                         f"(mixed precision: tfcourse.train and data_parallel), got "
+                         f"{precision!r}")
+    dtype = args.dtype or ("float64" if precision == "fp32" else "float32")
+    if precision != "fp32" and dtype != "float32":
+        raise ValueError(f"--dtype: mixed precision keeps float32 master weights, expected "
+                         f"float32 with --precision {precision}, got {dtype}")
+    if precision == "fp16" and (args.checkpoint or args.resume):
+        raise ValueError("--checkpoint/--resume: checkpoints do not save fp16's loss scale "
+                         "yet, expected no checkpoint with --precision fp16 (bf16 resumes)")
     corpus = load_corpus(args.text)
-    config = preset(args.config, corpus.vocab.size, dtype=args.dtype, **config_overrides)
+    config = preset(args.config, corpus.vocab.size, dtype=dtype, precision=precision,
+                    **config_overrides)
     check_fits(config, settings)
     if len(corpus.ids) < settings.seq_len + 1:
         raise ValueError(f"--text: expected at least seq_len + 1 = {settings.seq_len + 1} "
@@ -465,14 +541,16 @@ def check_cli_paths(args: argparse.Namespace) -> None:
 
 def run_cli(args: argparse.Namespace) -> dict:
     """Check the arguments, train, print the final loss; returns the JSON-ready result."""
-    setup = training_setup(args)
+    setup = training_setup(args, PRECISIONS)
     check_cli_paths(args)
     result = train_lm(setup.config, setup.corpus, setup.settings, args.checkpoint,
                       args.checkpoint_every, args.resume, args.progress, args.keep)
     result.pop("params")
     losses = result["losses"]
     print(f"final loss {losses[-1]:.4f} (unigram baseline {result['unigram_baseline']:.4f}), "
-          f"{result['tokens_per_s']:.0f} tokens/s")
+          f"{result['tokens_per_s']:.0f} tokens/s"
+          + (f", {result['skipped_steps']} step(s) skipped by loss scaling"
+             if "skipped_steps" in result else ""))
     return result
 
 

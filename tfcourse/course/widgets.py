@@ -14,6 +14,7 @@ import numpy as np
 
 from tfcourse.nn.attention import causal_mask, softmax
 from tfcourse.nn.positional import sinusoidal_encoding
+from tfcourse.nn.precision import require_precision
 from tfcourse.perf import planner
 
 
@@ -171,4 +172,65 @@ def planner_explorer():
         memory_gb=widgets.Dropdown(options=[40.0, 80.0], value=80.0, description="GB each"),
         network_gbs=widgets.FloatLogSlider(value=25.0, base=10, min=0, max=2.5, step=0.25,
                                            description="network GB/s"),
+    )
+
+
+def explorer_memory(model_name: str, dp: int, tp: int, pp: int, zero: int, recompute: str,
+                    precision: str) -> dict[str, float]:
+    """GB per device of a PLANNER_MODELS model under a layout (the planner's rank_memory on
+    its most loaded stage, 1F1B with micro-batches of one sequence, as Megatron runs GPT-3):
+    "fp32" trains with 4-byte values throughout (16 bytes of state per parameter, 4-byte
+    activations), "bf16"/"fp16" with mixed precision (16 bytes of state, 2-byte
+    activations). Sequence parallelism is on wherever tp > 1."""
+    if model_name not in PLANNER_MODELS:
+        raise ValueError(f"model_name: expected one of {sorted(PLANNER_MODELS)}, "
+                         f"got {model_name!r}")
+    mixed = require_precision("precision", precision) != "fp32"
+    spec = dataclasses.replace(PLANNER_MODELS[model_name], recompute=recompute,
+                               bytes_per_value=2 if mixed else 4, mixed_precision=mixed,
+                               sequence_parallel=tp > 1)
+    if spec.global_batch % dp or spec.n_layers % pp:
+        raise ValueError(f"dp, pp: expected dp to divide the batch of {spec.global_batch} and "
+                         f"pp the {spec.n_layers} layers, got dp={dp}, pp={pp}")
+    plan = planner.Plan(dp, tp, pp, spec.global_batch // dp, zero)
+    return {part: size / 1e9 for part, size in planner.rank_memory(spec, plan).items()}
+
+
+def memory_explorer():
+    """The memory calculator: a model, dp x tp x pp, the ZeRO stage, recomputation and
+    precision; one stacked bar of GB per device against an 80 GB A100."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def show(model_name="GPT-3 175B", dp=8, tp=8, pp=16, zero=1, recompute="selective",
+             precision="bf16"):
+        try:
+            parts = explorer_memory(model_name, dp, tp, pp, zero, recompute, precision)
+        except ValueError as err:
+            print(err)
+            return
+        fig, ax = plt.subplots(figsize=(7, 1.8))
+        left = 0.0
+        for part, gb in parts.items():
+            ax.barh([0], [gb], left=left, label=f"{part} {gb:.1f}")
+            left += gb
+        ax.axvline(80, color="k", linestyle="--", label="A100 80 GB")
+        ax.set_yticks([])
+        ax.set_xlabel("GB per device (most loaded pipeline stage)")
+        ax.set_title(f"{dp * tp * pp} devices: {left:.1f} GB per device")
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.6))
+        plt.show()
+
+    powers = [1, 2, 4, 8, 16, 32, 64]
+    return widgets.interact(
+        show,
+        model_name=widgets.Dropdown(options=list(PLANNER_MODELS), description="model"),
+        dp=widgets.Dropdown(options=powers, value=8, description="dp"),
+        tp=widgets.Dropdown(options=powers[:5], value=8, description="tp"),
+        pp=widgets.Dropdown(options=powers, value=16, description="pp"),
+        zero=widgets.Dropdown(options=[0, 1, 2, 3], value=1, description="ZeRO stage"),
+        recompute=widgets.Dropdown(options=["none", "selective", "full"], value="selective",
+                                   description="recompute"),
+        precision=widgets.Dropdown(options=["fp32", "bf16", "fp16"], value="bf16",
+                                   description="precision"),
     )

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from tfcourse.nn.layers import exp_shift, linear_backward, linear_forward
+from tfcourse.nn.precision import matmul, to_grid
 from tfcourse.nn.validate import (
     as_bool_array,
     as_float_array,
@@ -118,17 +119,19 @@ def _check_qkv(q, k, v):
     return q, k, v
 
 
-def _attention_weights(q, k, mask):
+def _attention_weights(q, k, mask, precision: str = "fp32"):
     """softmax(q k^T / sqrt(d_k)) with masked scores at -inf: the forward pass and a
-    recomputing backward pass call this one function, so they get the same bits."""
+    recomputing backward pass call this one function, so they get the same bits. The softmax
+    runs in float32 even under mixed precision; its inputs and outputs are 16-bit."""
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    scores = (q * scale) @ np.swapaxes(k, -1, -2)  # scaling q is cheaper than the scores
+    scores = matmul(q * scale, np.swapaxes(k, -1, -2), precision)  # q scaled: cheaper
     if mask is not None:
         np.copyto(scores, -np.inf, where=~mask)
-    return _softmax(scores, axis=-1)
+    return to_grid(_softmax(scores, axis=-1), precision)
 
 
-def sdpa_forward(q, k, v, mask=None, check: bool = True, keep_weights: bool = True):
+def sdpa_forward(q, k, v, mask=None, check: bool = True, keep_weights: bool = True,
+                 precision: str = "fp32"):
     """Scaled dot-product attention softmax(q k^T / sqrt(d_k)) v, returning (out, cache).
 
     q: (..., n_q, d_k), k: (..., n_k, d_k), v: (..., n_k, d_v), with identical leading
@@ -141,6 +144,8 @@ def sdpa_forward(q, k, v, mask=None, check: bool = True, keep_weights: bool = Tr
     keep_weights=False is *selective recomputation* (Korthikanti et al. 2022): the cache keeps
     q, k, v and the mask but not the (..., n_q, n_k) weights - the one activation that grows
     with the square of the sequence - and `sdpa_backward` recomputes them from q and k.
+    precision "bf16" or "fp16": every product has 16-bit inputs and result (see
+    tfcourse.nn.precision.matmul), in the backward pass too.
     """
     if check:
         q, k, v = _check_qkv(q, k, v)
@@ -148,12 +153,11 @@ def sdpa_forward(q, k, v, mask=None, check: bool = True, keep_weights: bool = Tr
             mask = as_bool_array("mask", mask)
             require_broadcastable("mask", mask, q.shape[:-1] + k.shape[-2:-1],
                                   "scores (..., n_q, n_k)")
-    weights = _attention_weights(q, k, mask)
-    out = weights @ v
-    if keep_weights:
-        cache = {"q": q, "k": k, "v": v, "mask": None, "weights": weights}
-    else:  # recomputed from q, k and the mask in the backward pass
-        cache = {"q": q, "k": k, "v": v, "mask": mask, "weights": None}
+    weights = _attention_weights(q, k, mask, precision)
+    out = matmul(weights, v, precision)
+    cache = {"q": q, "k": k, "v": v, "mask": None, "weights": weights, "precision": precision}
+    if not keep_weights:  # recomputed from q, k and the mask in the backward pass
+        cache.update(mask=mask, weights=None)
     return out, cache
 
 
@@ -164,20 +168,21 @@ def sdpa_backward(dout, cache, check: bool = True):
     forward pass did not keep the weights (selective recomputation), they are recomputed here
     from q, k and the mask.
     """
-    q, k, v, weights = cache["q"], cache["k"], cache["v"], cache["weights"]
+    q, k, v, weights, precision = (cache[name] for name in ("q", "k", "v", "weights",
+                                                             "precision"))
     if weights is None:
-        weights = _attention_weights(q, k, cache["mask"])
+        weights = _attention_weights(q, k, cache["mask"], precision)
     if check:
         dout = as_float_array("dout", dout)
         require_shape("dout", dout, weights.shape[:-1] + v.shape[-1:], "shape of out")
         require_dtype("dout", dout, q.dtype, "dtype of out")
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    dv = np.swapaxes(weights, -1, -2) @ dout
-    dweights = dout @ np.swapaxes(v, -1, -2)
+    dv = matmul(np.swapaxes(weights, -1, -2), dout, precision)
+    dweights = matmul(dout, np.swapaxes(v, -1, -2), precision)
     dscores = _softmax_backward(dweights, weights, axis=-1)
-    dq = dscores @ k
+    dq = matmul(dscores, k, precision)
     dq *= scale
-    dk = np.swapaxes(dscores, -1, -2) @ q
+    dk = matmul(np.swapaxes(dscores, -1, -2), q, precision)
     dk *= scale
     return dq, dk, dv
 
@@ -309,7 +314,7 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
 
 
 def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = True,
-                keep_weights: bool = True):
+                keep_weights: bool = True, precision: str = "fp32"):
     """Multi-head attention, returning (out (B, n_q, d_model), cache).
 
     x_q: (B, n_q, d_model) queries; x_kv: (B, n_k, d_kv_in) keys/values. For self-attention
@@ -324,18 +329,20 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = 
     leave out "b_o" (no output bias: a tensor-parallel rank adds it after
     summing the ranks' partial outputs, chapter 7). n_heads then counts the heads of this
     params' columns. keep_weights=False: selective recomputation (see `sdpa_forward`).
+    precision: mixed precision in every product (see `sdpa_forward`).
     """
     if check:
         x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
     if mask is not None and mask.ndim == 3:
         mask = mask[:, None]  # insert the head axis: the same mask for every head
-    q, cache_q = linear_forward(x_q, params["w_q"], params["b_q"])
-    k, cache_k = linear_forward(x_kv, params["w_k"], params["b_k"])
-    v, cache_v = linear_forward(x_kv, params["w_v"], params["b_v"])
+    q, cache_q = linear_forward(x_q, params["w_q"], params["b_q"], precision)
+    k, cache_k = linear_forward(x_kv, params["w_k"], params["b_k"], precision)
+    v, cache_v = linear_forward(x_kv, params["w_v"], params["b_v"], precision)
     q, k, v = (split_heads(a, n_heads) for a in (q, k, v))
     heads, attn_cache = sdpa_forward(q, k, v, mask, check=False,  # (B, n_heads, n_q, d_head)
-                                     keep_weights=keep_weights)
-    out, cache_o = linear_forward(merge_heads(heads), params["w_o"], params.get("b_o"))
+                                     keep_weights=keep_weights, precision=precision)
+    out, cache_o = linear_forward(merge_heads(heads), params["w_o"], params.get("b_o"),
+                                  precision)
     cache = {
         "x_q": x_q,
         "params": params,

@@ -15,33 +15,37 @@ import math
 
 import numpy as np
 
+from tfcourse.nn.precision import matmul
+
 # --------------------------------------------------------------------------- linear
 
 
-def linear_forward(x, w, b=None):
+def linear_forward(x, w, b=None, precision: str = "fp32"):
     """y = x @ w + b for x (..., d_in), w (d_in, d_out), b (d_out,) -> y (..., d_out).
 
     b=None leaves the bias out: a tensor-parallel rank adds it once, after summing the ranks'
-    partial products (chapter 7)."""
-    y = _matmul_2d(x, w)
+    partial products (chapter 7). precision "bf16" or "fp16": mixed precision - the product's
+    inputs and its result are rounded to 16 bits, the sums kept in float32 (precision.matmul),
+    in the backward pass too."""
+    y = _matmul_2d(x, w, precision)
     if b is not None:
         y += b  # in place: saves allocating and filling a second (..., d_out) array
-    return y, (x, w, b is not None)
+    return y, (x, w, b is not None, precision)
 
 
-def _matmul_2d(x, w):
+def _matmul_2d(x, w, precision: str = "fp32"):
     """x (..., k) @ w (k, n) as ONE (rows, k) @ (k, n) BLAS call. NumPy runs a 3-D @ 2-D
     product as one small matmul per leading index, which uses two threads far worse."""
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+    return matmul(x.reshape(-1, x.shape[-1]), w, precision).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def linear_backward(dout, cache):
     """(dx, dw, db) of y = x @ w + b; dw and db sum over every leading (batch, time) axis
     (db is None for a layer without bias)."""
-    x, w, has_bias = cache
-    dx = _matmul_2d(dout, w.T)
+    x, w, has_bias, precision = cache
+    dx = _matmul_2d(dout, w.T, precision)
     dout_2d = dout.reshape(-1, dout.shape[-1])
-    dw = x.reshape(-1, x.shape[-1]).T @ dout_2d
+    dw = matmul(x.reshape(-1, x.shape[-1]).T, dout_2d, precision)
     db = dout_2d.sum(axis=0) if has_bias else None
     return dx, dw, db
 
@@ -147,16 +151,16 @@ ACTIVATIONS = {"gelu": (gelu_forward, gelu_backward), "relu": (relu_forward, rel
 # --------------------------------------------------------------------------- feed-forward
 
 
-def ffn_forward(x, w1, b1, w2, b2=None, activation: str = "gelu"):
+def ffn_forward(x, w1, b1, w2, b2=None, activation: str = "gelu", precision: str = "fp32"):
     """Position-wise feed-forward network act(x @ w1 + b1) @ w2 + b2.
 
     x: (..., d), w1: (d, d_ff), b1: (d_ff,), w2: (d_ff, d), b2: (d,) or None (no output bias:
-    see linear_forward). Returns (out, cache).
+    see linear_forward). Returns (out, cache). precision: see linear_forward.
     """
     act_forward, _ = ACTIVATIONS[activation]
-    hidden, cache1 = linear_forward(x, w1, b1)
+    hidden, cache1 = linear_forward(x, w1, b1, precision)
     activated, cache_act = act_forward(hidden)
-    out, cache2 = linear_forward(activated, w2, b2)
+    out, cache2 = linear_forward(activated, w2, b2, precision)
     return out, (cache1, cache_act, cache2, activation)
 
 

@@ -36,6 +36,7 @@ from tfcourse.nn.layers import (
     linear_forward,
 )
 from tfcourse.nn.positional import learned_positions_backward, learned_positions_forward
+from tfcourse.nn.precision import require_precision
 from tfcourse.nn.validate import (
     require_divisible,
     require_nonnegative_int,
@@ -78,12 +79,16 @@ class TransformerConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     recompute: str = "none"  # how training keeps activations (see forward_pass); same numbers
+    precision: str = "fp32"  # "bf16" | "fp16": 16-bit products (see tfcourse.nn.precision)
 
     def __post_init__(self):
         check_config(self, ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
         require_recompute("recompute", self.recompute)
+        if require_precision("precision", self.precision) != "fp32" and self.dtype != "float32":
+            raise ValueError(f"dtype: mixed precision ({self.precision}) keeps float32 master "
+                             f"weights and sums, expected 'float32', got {self.dtype!r}")
 
     @property
     def d_head(self) -> int:
@@ -275,7 +280,7 @@ def embed_backward(dx: np.ndarray, cache):
 
 def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
                                dropout: float = 0.0, rng=None, memory=None, ops=SERIAL,
-                               keep_weights: bool = True):
+                               keep_weights: bool = True, precision: str = "fp32"):
     """x + Dropout(exit(MultiHeadAttention(enter(LN(x)), kv)) + b_o), kv = enter(LN(x)) (self)
     or `memory` (cross-attention).
 
@@ -285,7 +290,9 @@ def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
     n_heads: the heads whose columns this params dict holds (all of them, unless it is a
     tensor-parallel shard). The output bias is added after `exit`, so that a layout whose exit
     sums partial outputs over ranks adds it once. keep_weights=False: the backward pass
-    recomputes the attention weights (selective recomputation).
+    recomputes the attention weights (selective recomputation). precision: 16-bit products
+    (mixed precision, see tfcourse.nn.precision); LayerNorm, softmax and the residual stream
+    stay float32.
     """
     ln_name, attn_name = _names(prefix, memory is not None)
     normed, ln_cache = layernorm_forward(x, params[ln_name + "gamma"], params[ln_name + "beta"])
@@ -295,7 +302,7 @@ def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
         mask = causal_mask(kv.shape[1])             # of them, even where x holds only a slice
     weights = {name: params[attn_name + name] for name in MHA_PARAM_NAMES if name != "b_o"}
     partial, attn_cache = mha_forward(entered, kv, weights, n_heads, mask, check=False,
-                                      keep_weights=keep_weights)
+                                      keep_weights=keep_weights, precision=precision)
     out = ops.exit.forward(partial)
     out += params[attn_name + "b_o"]
     dropped, drop_cache = dropout_forward(out, dropout, rng)
@@ -324,13 +331,13 @@ def _names(prefix: str, is_cross: bool) -> tuple[str, str]:
 
 
 def ffn_sublayer_forward(params: dict, prefix: str, x, activation: str = "gelu",
-                         dropout: float = 0.0, rng=None, ops=SERIAL):
+                         dropout: float = 0.0, rng=None, ops=SERIAL, precision: str = "fp32"):
     """x + Dropout(exit(FFN(enter(LN(x)))) + b2) with params prefix + "ln2.*" and "ffn.*"."""
     normed, ln_cache = layernorm_forward(x, params[prefix + "ln2.gamma"],
                                          params[prefix + "ln2.beta"])
     p = subdict(params, prefix + "ffn.")
     partial, ffn_cache = ffn_forward(ops.enter.forward(normed), p["w1"], p["b1"], p["w2"], None,
-                                     activation)
+                                     activation, precision)
     out = ops.exit.forward(partial)
     out += p["b2"]
     dropped, drop_cache = dropout_forward(out, dropout, rng)
@@ -355,9 +362,10 @@ def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, 
     n_heads = params[prefix + "attn.w_q"].shape[1] // config.d_head  # fewer on a TP shard
     h, attn_cache = attention_sublayer_forward(params, prefix, x, "causal", n_heads,
                                                config.dropout, rng, ops=ops,
-                                               keep_weights=keep_weights)
+                                               keep_weights=keep_weights,
+                                               precision=config.precision)
     y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation, config.dropout, rng,
-                                        ops)
+                                        ops, config.precision)
     return y, (attn_cache, ffn_cache)
 
 
@@ -395,10 +403,10 @@ def require_recompute(name: str, value) -> str:
     return value
 
 
-def head_forward(params: dict, x):
+def head_forward(params: dict, x, precision: str = "fp32"):
     """Final LayerNorm and the linear map to vocabulary logits: (B, T, d) -> (B, T, V)."""
     normed, ln_cache = layernorm_forward(x, params["ln_f.gamma"], params["ln_f.beta"])
-    logits, lin_cache = linear_forward(normed, params["head.w"], params["head.b"])
+    logits, lin_cache = linear_forward(normed, params["head.w"], params["head.b"], precision)
     return logits, (ln_cache, lin_cache)
 
 
@@ -465,7 +473,7 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
             caches.append((block_backward, cache, piece))
     if head:
         piece = enter("head")
-        x, cache = head_forward(params, x)
+        x, cache = head_forward(params, x, config.precision)
         caches.append((head_backward, cache, piece))
     return x, caches
 
@@ -515,19 +523,26 @@ def check_batch(params: dict, tokens, targets, config: TransformerConfig,
 
 def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
                    ignore_index: int | None = None, rng: np.random.Generator | None = None,
-                   *, ops: SublayerOps = SERIAL, on_grads=None, check: bool = True):
+                   *, ops: SublayerOps = SERIAL, on_grads=None, check: bool = True,
+                   loss_scale: float = 1.0):
     """Mean cross-entropy of next-token `targets` (B, T) and its gradient for every parameter.
 
     Returns (loss: float, grads: dict with exactly the keys of params). `rng` is needed only
     when config.dropout > 0. The parallel modes call it too, having checked their inputs once
     (check=False): tensor parallelism with its `ops` on a shard of the dict, data parallelism
     with `on_grads` (see `backward_pass`). config.recompute: see `forward_pass`.
+    loss_scale: the backward pass starts from loss_scale x dloss, so every gradient comes out
+    multiplied by it (mixed precision's loss scaling: optim.loss_scale_update; the caller
+    divides it out).
     """
     if check:
         tokens, targets = check_batch(params, tokens, targets, config, ignore_index)
     logits, caches = forward_pass(params, tokens, config, rng, ops)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
-    _, grads = backward_pass(cross_entropy_backward(loss_cache), caches, on_grads)
+    dlogits = cross_entropy_backward(loss_cache)
+    if loss_scale != 1.0:
+        dlogits *= loss_scale
+    _, grads = backward_pass(dlogits, caches, on_grads)
     return loss, {name: grads[name] for name in params}
 
 

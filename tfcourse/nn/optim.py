@@ -246,3 +246,35 @@ def adamw_step(
         new_params[name] = p - lr * update
         new_state[f"m.{name}"], new_state[f"v.{name}"] = m, v
     return new_params, new_state
+
+
+# --------------------------------------------------------------------------- loss scaling
+
+
+def loss_scale_init(scale: float = 2.0**16) -> dict:
+    """Dynamic loss scaling's state (Micikevicius et al. 2018): the scale the loss is
+    multiplied by before the backward pass, the good steps since it last changed, and the
+    steps skipped in a row. 2^16 is PyTorch's GradScaler start."""
+    require_real("scale", scale, positive=True)
+    return {"scale": float(scale), "good_steps": 0, "skipped_in_a_row": 0}
+
+
+def loss_scale_update(state: dict, finite: bool, growth_interval: int = 100,
+                      max_skips: int = 24) -> tuple[dict, bool]:
+    """One step of dynamic loss scaling; returns (new state, whether to apply the step).
+
+    Gradients with an inf or NaN (fp16 overflowed, at 65504): skip the step, halve the scale.
+    After `growth_interval` good steps in a row: double it, to keep small gradients clear of
+    fp16's underflow at 2^-24. (GradScaler waits 2000 steps; this course's runs are 200
+    long.) `max_skips` skipped steps in a row - the scale has fallen 2^max_skips - means the
+    gradients are not finite at any scale: a FloatingPointError, not training on garbage."""
+    scale, good, skipped = state["scale"], state["good_steps"], state["skipped_in_a_row"]
+    if not finite:
+        if skipped + 1 >= max_skips:
+            raise FloatingPointError(
+                f"loss scaling: {skipped + 1} steps in a row had inf or NaN gradients (scale "
+                f"now {scale / 2:g}): training diverged - lower the learning rate, or use bf16")
+        return {"scale": scale / 2, "good_steps": 0, "skipped_in_a_row": skipped + 1}, False
+    if good + 1 >= growth_interval:
+        return {"scale": scale * 2, "good_steps": 0, "skipped_in_a_row": 0}, True
+    return {"scale": scale, "good_steps": good + 1, "skipped_in_a_row": 0}, True

@@ -17,6 +17,11 @@ Stage 3 shards the parameters too (tfcourse.parallel.zero3: gathered piece by pi
 
 --allreduce overlap (PyTorch DDP's idea, Li et al. 2020): the model's backward pass calls back
 after each layer, and that layer's gradients start a non-blocking all-reduce at once.
+
+--precision bf16|fp16 (mixed precision, Micikevicius et al. 2018; ZeRO-0): every rank runs the
+model on the 16-bit copy of its float32 master weights; the ranks' gradients (at the loss
+scale) are summed in float32 - MPI has no 16-bit sum, so 4 bytes a value travel where a GPU
+sends 2 - and `train.mixed_precision_update` takes the same step on every rank.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.nn.model import loss_and_grads, param_shapes
-from tfcourse.nn.optim import state_nbytes, sum_of_squares
+from tfcourse.nn.optim import loss_scale_init, state_nbytes, sum_of_squares
+from tfcourse.nn.precision import PRECISIONS, state_bytes
 from tfcourse.nn.validate import require_positive_int, require_real
 from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.comm import ALLREDUCES
@@ -60,7 +66,14 @@ from tfcourse.perf.costmodel import (
     zero_bytes_sent_per_step,
     zero_state_bytes_per_rank,
 )
-from tfcourse.train import TrainingSetup, TrainSettings, optimizer_update, training_setup
+from tfcourse.train import (
+    TrainingSetup,
+    TrainSettings,
+    half_weights,
+    mixed_precision_update,
+    optimizer_update,
+    training_setup,
+)
 
 # --------------------------------------------------------------------------- communication
 
@@ -112,7 +125,7 @@ def broadcast_from_owners(params: dict, owners: dict, comm, log) -> dict:
 
 
 def overlapped_loss_and_grads(params: dict, x, y, weight: float, config, comm,
-                              log) -> tuple[float, dict]:
+                              log, loss_scale: float = 1.0) -> tuple[float, dict]:
     """The serial model's loss and the all-ranks sum of weight * gradients, with each piece's
     gradients sent (non-blocking Iallreduce) from the model's backward-pass callback as soon
     as they exist, so communication of layer i overlaps the backward pass of layer i - 1.
@@ -127,7 +140,8 @@ def overlapped_loss_and_grads(params: dict, x, y, weight: float, config, comm,
         in_flight.append((comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM), flat, names,
                           piece_grads))
 
-    local_loss, _ = loss_and_grads(params, x, y, config, on_grads=send, check=False)
+    local_loss, _ = loss_and_grads(params, x, y, config, on_grads=send, check=False,
+                                   loss_scale=loss_scale)
     with log.span("iallreduce wait", nbytes=sum(int(f.nbytes) for _, f, _, _ in in_flight)):
         MPI.Request.Waitall([request for request, *_ in in_flight])
     averaged = {}
@@ -157,19 +171,26 @@ def train_step(state: State, x, y, step: int, log, dp: DataParallel):
     the gradients this rank keeps)."""
     if dp.zero == 3:  # the parameters sharded too: gathered piece by piece
         return zero3_step(state, x, y, step, log, dp)
-    comm = dp.comm
+    comm, precision = dp.comm, dp.config.precision
     lo, hi = batch_rows(len(x), comm.rank, comm.size)
     weight = (hi - lo) / len(x)
+    params = state.params if precision == "fp32" else half_weights(state.params, precision)[1]
+    scale = state.loss_scale["scale"] if state.loss_scale else 1.0  # fp16 only
     if dp.algorithm == "overlap":  # zero == 0 (checked in prepare)
-        local_loss, grads = overlapped_loss_and_grads(state.params, x[lo:hi], y[lo:hi], weight,
-                                                      dp.config, comm, log)
+        local_loss, grads = overlapped_loss_and_grads(params, x[lo:hi], y[lo:hi], weight,
+                                                      dp.config, comm, log, scale)
     else:
-        local_loss, grads = loss_and_grads(state.params, x[lo:hi], y[lo:hi], dp.config,
-                                           check=False)
+        local_loss, grads = loss_and_grads(params, x[lo:hi], y[lo:hi], dp.config,
+                                           check=False, loss_scale=scale)
     loss = comm.allreduce(local_loss * weight, op=MPI.SUM)
     if dp.zero == 0:
         if dp.algorithm != "overlap":
             grads = average_gradients(grads, weight, dp.buckets, comm, dp.algorithm, log)
+        if precision != "fp32":  # every rank has the same sum: the same step, or skip
+            params, opt_state, loss_scale, grads16, _ = mixed_precision_update(
+                state.params, grads, state.opt_state, state.loss_scale, dp.settings, step,
+                precision)
+            return State(params, opt_state, loss_scale), loss, grads16
         params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state,
                                                 dp.settings, step)
         return State(params, opt_state), loss, grads
@@ -196,10 +217,14 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     if args.allreduce == "overlap" and args.zero:
         raise ValueError(f"--allreduce: 'overlap' averages whole gradients (ZeRO-0); "
                          f"got --zero {args.zero}")
+    if args.precision != "fp32" and args.zero:
+        raise ValueError(f"--zero: mixed precision runs with ZeRO-0 here (ZeRO would shard "
+                         f"the float32 master weights too), expected 0 with --precision "
+                         f"{args.precision}, got {args.zero}")
     if args.zero == 3 and args.allreduce != "mpi":
         raise ValueError(f"--allreduce: ZeRO-3 all-reduces nothing (it reduces each gradient "
                          f"to its owner); expected the default 'mpi', got {args.allreduce!r}")
-    setup = training_setup(args)
+    setup = training_setup(args, PRECISIONS)
     batch_rows(setup.settings.batch_size, 0, world_size)  # every rank needs at least one row
     return setup
 
@@ -215,15 +240,23 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     dp = DataParallel(config, settings, comm, args.allreduce, args.zero,
                       make_buckets(list(sizes), sizes, int(args.bucket_mb * 2**20 // 8)),
                       owners if args.zero else None)
+    if config.precision == "fp16":
+        start = start._replace(state=start.state._replace(loss_scale=loss_scale_init()))
     result = train(comm, setup, start, functools.partial(train_step, dp=dp), args.split_waiting,
                    saving, args.trace_memory)
-    itemsize = np.dtype(config.dtype).itemsize
+    itemsize, mixed = np.dtype(config.dtype).itemsize, config.precision != "fp32"
+    final = result.state
+    if mixed:  # the 16-bit weights and gradients, the float32 master weights, m and v
+        memory = state_bytes(final.params, final.opt_state,
+                             half_weights(final.params, config.precision)[0], result.grads)
+        itemsize = 2
+    else:
+        memory = state_nbytes(final.params, result.grads, final.opt_state)
     return result_record(
-        result, setup, comm, state_nbytes(result.state.params, result.grads,
-                                          result.state.opt_state),
-        allreduce=args.allreduce, zero=args.zero,
+        result, setup, comm, memory, allreduce=args.allreduce, zero=args.zero,
+        precision=config.precision,
         predicted_memory_bytes=zero_state_bytes_per_rank(
-            sum(sizes.values()), comm.size, args.zero, itemsize),
+            sum(sizes.values()), comm.size, args.zero, itemsize, mixed),
         bytes_sent_per_step=bytes_sent(result.logs, comm.size, SENDS) / settings.steps,
         predicted_bytes_sent_per_step=zero_bytes_sent_per_step(
             sum(sizes.values()), comm.size, args.zero, itemsize))

@@ -232,6 +232,7 @@ class State(NamedTuple):
 
     params: dict
     opt_state: dict
+    loss_scale: dict | None = None  # fp16 mixed precision: optim.loss_scale_init's state
 
 
 class Start(NamedTuple):
