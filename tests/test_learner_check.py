@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from tfcourse import check as mpi_check
-from tfcourse.parallel import comm, task_parallel
+from tfcourse.parallel import comm, task_parallel, zero3
 
 pytestmark = pytest.mark.mpi
 
@@ -201,3 +201,56 @@ def test_a_notebook_function_is_saved_with_its_imports_and_checked(tmp_path, cap
     exec(code, namespace)
     mpi_check.check_under_mpi("ring_all_gather", namespace["ring_all_gather"], ranks=(3,))
     assert capsys.readouterr().out.startswith("✓ ring_all_gather: equals the library")
+
+
+RIGHT_ZERO3 = inspect.getsource(zero3.zero3_hooks).replace("(gather: Gather)", "(gather)")
+FORWARD_DROP = "        if k > 0:\n            gather.drop(order[k - 1])\n"
+FORWARD_FILL = "        gather.fill(piece, order[k + 1] if k + 1 < len(order) else None)\n"
+BACKWARD_FILL = "        gather.fill(piece, order[k - 1] if k > 0 else None)\n"
+ZERO3_WRONG = {  # what goes wrong: ([(right, wrong), ...], what the message must say)
+    "never drops": ([("gather.drop(order[k - 1])", "pass"), ("gather.drop(order[k + 1])", "pass")],
+                    r"1 block\(s\): forward_hook\('blocks.0'\): the working dict still holds "
+                    r"embed's tensors \(tok_emb, pos_emb\) after the hook: drop the piece the "
+                    r"walk has just left \(going forward, the piece before\)"),
+    "no prefetch": ([(FORWARD_FILL, "        gather.fill(piece, None)\n"),
+                     (BACKWARD_FILL, "        gather.fill(piece, None)\n")],
+                    r"forward_hook\('embed'\): blocks.0's broadcasts were not posted once embed "
+                    r"was filled - prefetch: pass the piece the walk needs next"),
+    "forward drops the wrong neighbour (k + 1)": (
+        [("gather.drop(order[k - 1])", "gather.drop(order[k + 1])")],
+        r"forward_hook\('blocks.0'\): the working dict still holds embed's tensors"),
+    "backward prefetches the wrong way (k + 1)": (
+        [(BACKWARD_FILL, FORWARD_FILL)],
+        r"backward_hook\('head'\): blocks.0's broadcasts were not posted once head was filled "
+        r"- prefetch: .*\(walking back, the piece before\)"),
+    # fill waits for this piece and posts the next: filling first holds three pieces at once
+    "forward fills before it drops": (
+        [(FORWARD_DROP + FORWARD_FILL, FORWARD_FILL + FORWARD_DROP)],
+        r"forward_hook\('blocks.0'\): embed's tensors were still in the working dict when "
+        r"blocks.0 was filled \(and only dropped after\).* drop the piece you are done with "
+        r"first, then fill"),
+    "reads the gather's insides": ([("order = gather.order", "order = list(gather.pieces)")],
+                                   r"raised AttributeError: gather.pieces: zero3_hooks may use "
+                                   r"gather.order, gather.fill and gather.drop only"),
+}
+
+
+def test_the_library_zero3_hooks_pass_from_the_command_line_at_one_to_four_ranks(tmp_path):
+    path = write(tmp_path, "zero3_hooks", mpi_check.header("zero3_hooks") + RIGHT_ZERO3)
+    proc = subprocess.run([sys.executable, "-m", "tfcourse.check", "zero3_hooks", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("✓ zero3_hooks: equals the library under mpiexec with 1, 2, "
+                                  "3, 4 ranks, and each rank holds one gathered piece")
+
+
+@pytest.mark.parametrize("wrong", ZERO3_WRONG)
+def test_zero3_hooks_that_hold_too_much_or_do_not_prefetch_are_rejected(tmp_path, wrong):
+    edits, says = ZERO3_WRONG[wrong]
+    source = RIGHT_ZERO3
+    for right, mistake in edits:
+        assert right in source
+        source = source.replace(right, mistake)
+    path = write(tmp_path, "zero3_hooks", mpi_check.header("zero3_hooks") + source)
+    with pytest.raises(AssertionError, match=f"zero3_hooks under mpiexec -n 3, rank \\d: .*{says}"):
+        mpi_check.run_check("zero3_hooks", path, ranks=(3,), timeout=30)

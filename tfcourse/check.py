@@ -10,7 +10,10 @@ megatron_ops(comm) returning the SublayerOps (enter = f, exit = g) of tensor par
 (tfcourse.parallel.tensor_parallel's, without its log); schedule_1f1b(p, stage, m) returning
 the list of ("F" | "B", micro-batch) that plans.pipeline.schedule("1f1b", ...) returns;
 merge_partials(a, b) as in tfcourse.nn.attention; master(tasks, comm, t0), the master of
-dynamic scheduling in tfcourse.parallel.task_parallel (its workers are the library's).
+dynamic scheduling in tfcourse.parallel.task_parallel (its workers are the library's);
+zero3_hooks(gather) returning ZeRO-3's (forward_hook, backward_hook), the order in which
+tfcourse.parallel.zero3 drops, fills and prefetches each piece (using gather.order, gather.fill
+and gather.drop only; what the rank holds and has posted is watched at every fill and hook).
 Exit status 0 with one line when it equals the library at every rank count and the program
 that uses it (data-parallel, ZeRO, tensor-parallel or pipeline training, ring attention, the
 task graph) still equals its serial reference; 1 with what differs (ranks, rank, case,
@@ -30,7 +33,7 @@ from pathlib import Path
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 
 NAMES = ("ring_reduce_scatter", "ring_all_gather", "broadcast_from_owners", "megatron_ops",
-         "schedule_1f1b", "merge_partials", "master")
+         "schedule_1f1b", "merge_partials", "master", "zero3_hooks")
 RANKS = (1, 2, 3, 4)
 CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial training",
            "ring_all_gather": "data-parallel training with it equals serial training",
@@ -39,10 +42,14 @@ CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial 
            "schedule_1f1b": "pipeline training with it equals serial training",
            "megatron_ops": "tensor-parallel training with it equals serial training (at 1, 2 "
                            "and 4 ranks: the tiny model's 4 heads do not split over 3)",
-           "master": "the chapter's task graph run by it equals a serial run"}
+           "master": "the chapter's task graph run by it equals a serial run",
+           "zero3_hooks": "each rank holds one gathered piece while the next one's broadcasts "
+                          "travel, and ZeRO-3 training with it equals serial training"}
 HINTS = {"master": "Did the master send STOP to every worker once every task had its outcome, "
                    "and can it run the tasks itself when there is no worker (one rank)?",
-         "megatron_ops": "Every rank must call the same collectives in the same order."}
+         "megatron_ops": "Every rank must call the same collectives in the same order.",
+         "zero3_hooks": "Each hook must fill its own piece (fill waits for the broadcasts it "
+                        "or an earlier `then` posted), the same way on every rank."}
 HEADER = ("import numpy as np\nfrom mpi4py import MPI\n\n"
           "from tfcourse.parallel.plans.batches import chunk_bounds\n")
 IMPORTS = {  # what a function written in a notebook may use besides numpy and MPI

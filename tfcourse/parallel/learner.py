@@ -9,7 +9,8 @@ buffer, and for a ring the messages each rank sends, p - 1 steps); then the prog
 the function runs with the learner's in the library's place and is compared with its serial
 reference: data-parallel, ZeRO-1, tensor-parallel or pipeline training against serial
 training, ring attention against full attention, the master/worker task graph against a
-serial run. Rank 0 prints one line and writes --json: {"ok", "problem"}.
+serial run; ZeRO-3's hooks also have their memory and prefetch watched (learner_zero3).
+Rank 0 prints one line and writes --json: {"ok", "problem"}.
 Start it with `python -m tfcourse.check NAME FILE` (all rank counts, one command).
 """
 
@@ -114,6 +115,7 @@ def in_its_program(name: str, fn, comm) -> str | None:
         pipeline_parallel,
         sequence_parallel,
         tensor_parallel,
+        zero3,
     )
 
     if name == "schedule_1f1b":
@@ -126,6 +128,9 @@ def in_its_program(name: str, fn, comm) -> str | None:
         data_parallel.broadcast_from_owners = lambda params, owners, c, log: fn(params,
                                                                                  owners, c)
         return training_equals_serial("tfcourse.parallel.data_parallel", ["--zero", "1"], comm)
+    if name == "zero3_hooks":  # zero3_step looks its hooks up in zero3
+        zero3.zero3_hooks = fn
+        return training_equals_serial("tfcourse.parallel.data_parallel", ["--zero", "3"], comm)
     if name == "megatron_ops":  # the library's also takes the EventLog
         tensor_parallel.megatron_ops = lambda c, log: fn(c)
         if not tensor_parallel_fits(comm.size):

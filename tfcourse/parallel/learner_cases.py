@@ -10,6 +10,7 @@ import numpy as np
 
 from tfcourse.parallel import comm as collectives
 from tfcourse.parallel.learner_master import check_master
+from tfcourse.parallel.learner_zero3 import check_zero3_hooks
 from tfcourse.parallel.plans.batches import chunk_bounds
 
 LENGTHS = (1, 2, 3, 7, 1001)
@@ -212,4 +213,5 @@ CHECKS = {"ring_reduce_scatter": check_ring_reduce_scatter,
           "merge_partials": check_merge_partials,
           "schedule_1f1b": check_schedule_1f1b,
           "megatron_ops": check_megatron_ops,
-          "master": check_master}
+          "master": check_master,
+          "zero3_hooks": check_zero3_hooks}

@@ -4,7 +4,7 @@ themselves sharded - `data_parallel --zero 3` runs this step.
 Each parameter tensor lives on one owner rank only (the owners of stages 1 and 2), with its
 gradient and AdamW state. A step walks the serial model piece by piece - embedding, block i,
 head - through the model's own `forward_pass` and `backward_pass`, whose `before(piece)`
-callbacks do the communication:
+callbacks (`zero3_hooks`) do the communication:
 - forward: the piece's tensors are broadcast from their owners into the working dict the
   model reads (the layer's "all-gather"); the next piece's broadcasts are already posted
   (non-blocking Ibcast: prefetch), and the previous piece's tensors are dropped;
@@ -71,20 +71,31 @@ class Gather:
             self.post(then)
 
     def drop(self, piece: str) -> None:
+        """Take `piece`'s tensors out of the working dict (their memory can go)."""
         for name in self.pieces[piece]:
             self.working.pop(name, None)
 
-    def forward_hook(self, piece: str) -> None:
-        k = self.order.index(piece)
-        if k > 0:
-            self.drop(self.order[k - 1])
-        self.fill(piece, self.order[k + 1] if k + 1 < len(self.order) else None)
 
-    def backward_hook(self, piece: str) -> None:
-        k = self.order.index(piece)
-        if k + 1 < len(self.order):
-            self.drop(self.order[k + 1])
-        self.fill(piece, self.order[k - 1] if k > 0 else None)
+def zero3_hooks(gather: Gather):
+    """The model walk's `before(piece)` hooks, (forward_hook, backward_hook): the order in which
+    ZeRO-3 frees, gathers and prefetches. Going forward, piece k drops piece k - 1, is filled,
+    and piece k + 1's broadcasts start; walking back, piece k drops piece k + 1, is filled, and
+    piece k - 1's start. So the working dict holds one piece, and one more is on its way."""
+    order = gather.order
+
+    def forward_hook(piece: str) -> None:
+        k = order.index(piece)
+        if k > 0:
+            gather.drop(order[k - 1])
+        gather.fill(piece, order[k + 1] if k + 1 < len(order) else None)
+
+    def backward_hook(piece: str) -> None:
+        k = order.index(piece)
+        if k + 1 < len(order):
+            gather.drop(order[k + 1])
+        gather.fill(piece, order[k - 1] if k > 0 else None)
+
+    return forward_hook, backward_hook
 
 
 def zero3_step(state: State, x, y, step: int, log, dp):
@@ -93,6 +104,7 @@ def zero3_step(state: State, x, y, step: int, log, dp):
     lo, hi = batch_rows(len(x), comm.rank, comm.size)
     weight = (hi - lo) / len(x)
     gather = Gather(state.params, dp.owners, dp.config, comm, log)
+    forward_hook, backward_hook = zero3_hooks(gather)
     grads, pending = {}, []  # owned gradients; the previous piece's reductions
 
     def finish(reductions: list) -> None:  # then their send buffers can go
@@ -112,11 +124,11 @@ def zero3_step(state: State, x, y, step: int, log, dp):
         pending[:] = posted
 
     logits, caches = forward_pass(gather.working, x[lo:hi], dp.config,
-                                  before=gather.forward_hook)
+                                  before=forward_hook)
     local_loss, loss_cache = cross_entropy_forward(logits, y[lo:hi])
     del logits
     backward_pass(cross_entropy_backward(loss_cache), caches, on_grads=reduce_to_owners,
-                  before=gather.backward_hook, keep=False)
+                  before=backward_hook, keep=False)
     gather.drop("embed")
     finish(pending)
     loss = comm.allreduce(local_loss * weight, op=MPI.SUM)
