@@ -307,7 +307,7 @@ def test_batch_smaller_than_microbatches_is_rejected_clearly():
         run_pp(2, "gpipe", 16)
 
 
-# --------------------------------------------------------------------------- chapter 10 options
+# --------------------------------------------------------------------------- chapter 11 options
 
 
 @pytest.mark.mpi

@@ -1,4 +1,4 @@
-"""Memory of one training step, measured in the process that runs it (chapter 10's anatomy of
+"""Memory of one training step, measured in the process that runs it (chapter 9's anatomy of
 memory): NumPy reports every buffer it allocates to Python's `tracemalloc`, so the bytes a
 forward pass leaves behind for the backward, and the highest point of the whole step, can be
 read exactly - per process, so per MPI rank too - and set against the cost model's formulas
