@@ -46,6 +46,8 @@ LAYOUTS = {  # name: (module, flags, ranks)
     "DP 2 x PP 2": ("tfcourse.parallel.hybrid", ["--dp", "2", "--pp", "2"], 4),
     "DP 2 x TP 2": ("tfcourse.parallel.hybrid", ["--dp", "2", "--tp", "2"], 4),
     "PP 2 x TP 2": ("tfcourse.parallel.hybrid", ["--pp", "2", "--tp", "2"], 4),
+    "DP 2 x PP 2 ZeRO-1": ("tfcourse.parallel.hybrid", ["--dp", "2", "--pp", "2", "--zero", "1"],
+                           4),
 }
 
 
@@ -64,6 +66,7 @@ def run_layout(name: str, flags: list[str]) -> list[float]:
     ["DP 3 ZeRO-1", "DP 2 x PP 2", "DP 2 ZeRO-2", "DP 2 x TP 2"],
     ["serial", "PP 3", "DP 4"],
     ["TP 2", "PP 2 x TP 2", "DP 3 ZeRO-3", "DP 3 ZeRO-1"],
+    ["DP 2 x PP 2 ZeRO-1", "DP 2 x TP 2", "DP 2 x PP 2 ZeRO-1"],
 ], ids=lambda chain: " -> ".join(chain))
 def test_resume_on_other_layouts_continues_the_serial_curve(tmp_path, chain):
     """Layout i resumes from layout i - 1's checkpoint after 2 i steps, trains to the end and
