@@ -593,9 +593,9 @@ MPI_CASES = [
     mpi_case("hybrid-sequence-parallel-without-tp", HYBRID, 2, ["--dp", "2", "--sequence-parallel"],
              r"--sequence-parallel: splits the sequence inside a tensor-parallel group, so it "
              r"needs --tp > 1"),
-    mpi_case("hybrid-sequence-parallel-with-pp", HYBRID, 4,
-             ["--pp", "2", "--tp", "2", "--sequence-parallel"],
-             r"--sequence-parallel: .* got --tp 2 --pp 2"),
+    mpi_case("hybrid-sequence-parallel-uneven-sequence", HYBRID, 4,
+             ["--pp", "2", "--tp", "2", "--sequence-parallel", "--seq-len", "31"],
+             r"--sequence-parallel: --seq-len must split evenly over --tp 2, got 31"),
     mpi_case("hybrid-replica-rows-fewer-than-microbatches", HYBRID, 4,
              ["--dp", "2", "--pp", "2", "--layers", "2", "--batch-size", "4",
               "--microbatches", "4"], r"batch_size: expected at least microbatches=4 rows"),

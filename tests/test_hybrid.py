@@ -50,13 +50,63 @@ def test_hybrid_loss_curve_equals_serial(dp, pp, tp, schedule, m, batch):
     assert len(result["memory_bytes"]) == len(result["seconds_per_step_per_rank"]) == dp * pp * tp
 
 
-@pytest.mark.parametrize("dp, tp", [(2, 2), (1, 4)])
-def test_sequence_parallel_replicas_equal_serial(dp, tp):
+SP_CASES = [  # (dp, pp, tp, schedule, micro-batches, global batch)
+    (2, 1, 2, "1f1b", 1, 8), (1, 1, 4, "1f1b", 1, 8),
+    # sequence parallelism inside pipeline stages: each tensor rank sends its slice onwards
+    (1, 2, 2, "1f1b", 2, 8), (1, 2, 2, "gpipe", 3, 6), (2, 2, 2, "1f1b", 2, 8),
+]
+
+
+@pytest.mark.parametrize("dp, pp, tp, schedule, m, batch", SP_CASES,
+                         ids=[f"dp{c[0]}-pp{c[1]}-tp{c[2]}-{c[3]}-m{c[4]}" for c in SP_CASES])
+def test_sequence_parallel_equals_serial(dp, pp, tp, schedule, m, batch):
     result = run_mpi("tfcourse.parallel.hybrid",
-                     ["--steps", str(STEPS), "--layers", str(LAYERS), "--batch-size", "8",
-                      "--dp", str(dp), "--tp", str(tp), "--sequence-parallel"],
-                     n_ranks=dp * tp, timeout=120).result
-    np.testing.assert_allclose(result["losses"], serial_losses(8), rtol=1e-10, atol=0)
+                     ["--steps", str(STEPS), "--layers", str(LAYERS), "--batch-size", str(batch),
+                      "--dp", str(dp), "--pp", str(pp), "--tp", str(tp), "--schedule", schedule,
+                      "--microbatches", str(m), "--sequence-parallel"],
+                     n_ranks=dp * pp * tp, timeout=120).result
+    np.testing.assert_allclose(result["losses"], serial_losses(batch), rtol=1e-10, atol=0)
+
+
+ZERO_CASES = [  # (dp, pp, tp, sequence parallel): ZeRO-1 across the replicas
+    (2, 1, 1, False), (3, 1, 1, False), (2, 2, 1, False), (2, 1, 2, True), (2, 2, 2, True),
+]
+
+
+@pytest.mark.parametrize("dp, pp, tp, sp", ZERO_CASES,
+                         ids=[f"dp{c[0]}-pp{c[1]}-tp{c[2]}{'-sp' if c[3] else ''}"
+                              for c in ZERO_CASES])
+def test_zero_1_across_replicas_equals_serial_and_shards_the_optimizer(dp, pp, tp, sp):
+    args = ["--steps", str(STEPS), "--layers", str(LAYERS), "--batch-size", "6", "--dp", str(dp),
+            "--pp", str(pp), "--tp", str(tp), "--microbatches", "1" if pp == 1 else "2"]
+    args += ["--sequence-parallel"] if sp else []
+    plain = run_mpi("tfcourse.parallel.hybrid", args, n_ranks=dp * pp * tp, timeout=120).result
+    zero = run_mpi("tfcourse.parallel.hybrid", [*args, "--zero", "1"], n_ranks=dp * pp * tp,
+                   timeout=120).result
+    np.testing.assert_allclose(zero["losses"], serial_losses(6), rtol=1e-10, atol=0)
+    # each part's AdamW state is split over the dp replicas that hold that part, whole tensors
+    # each: together they keep exactly one copy, and no rank keeps more than it did
+    part = pp * tp  # ranks per replica; rank = replica * part + place in replica
+    for place in range(part):
+        mine = [zero["memory_bytes"][r * part + place]["optimizer (m, v)"] for r in range(dp)]
+        whole = plain["memory_bytes"][place]["optimizer (m, v)"]
+        assert sum(mine) == whole and max(mine) < whole
+        assert zero["memory_bytes"][place]["parameters"] == plain["memory_bytes"][place][
+            "parameters"]
+
+
+def test_sequence_parallel_stages_send_a_tp_th_of_the_activations():
+    bytes_sent = {}
+    for flags in ([], ["--sequence-parallel"]):
+        result = run_mpi("tfcourse.parallel.hybrid",
+                         ["--steps", "1", "--layers", str(LAYERS), "--batch-size", "8",
+                          "--pp", "2", "--tp", "2", "--microbatches", "2", *flags],
+                         n_ranks=4, timeout=120).result
+        bytes_sent[bool(flags)] = result["pipeline_bytes_sent"]
+    # stage 0's ranks send 2 micro-batches of (4 rows, 32 positions, d 32) float64 forward
+    whole = 2 * 4 * 32 * 32 * 8
+    assert bytes_sent[False][:2] == [whole, whole]
+    assert bytes_sent[True][:2] == [whole // 2, whole // 2]
 
 
 def test_grid_shape_by_hand():

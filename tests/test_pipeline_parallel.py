@@ -12,7 +12,7 @@ import pytest
 from tfcourse import train
 from tfcourse.course.launch import MPIJobError, run_mpi
 from tfcourse.nn.model import param_shapes, preset
-from tfcourse.parallel import pipeline_parallel
+from tfcourse.parallel import pipeline_stage
 from tfcourse.parallel.plans.pipeline import (
     AUTO_MICROBATCHES,
     SCHEDULES,
@@ -343,8 +343,8 @@ def test_chosen_stage_sizes_and_a_slow_rank_still_train_the_serial_model(n_ranks
 
 
 def test_a_slower_device_takes_slowdown_times_as_long():
-    stage = pipeline_parallel.Stage(0, 1, (0, 1), slowdown=3.0)
+    stage = pipeline_stage.Stage(0, 1, (0, 1), slowdown=3.0)
     started = time.perf_counter()
-    with pipeline_parallel.slower_device(stage):
+    with pipeline_stage.slower_device(stage):
         time.sleep(0.02)  # "compute"
     assert time.perf_counter() - started >= 3 * 0.02

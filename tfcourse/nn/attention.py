@@ -16,7 +16,12 @@ import math
 
 import numpy as np
 
-from tfcourse.nn.layers import exp_shift, linear_backward, linear_forward
+from tfcourse.nn.layers import (
+    exp_shift,
+    linear_backward_input,
+    linear_backward_weight,
+    linear_forward,
+)
 from tfcourse.nn.precision import matmul, to_grid
 from tfcourse.nn.validate import (
     as_bool_array,
@@ -353,25 +358,44 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = 
     return out, cache
 
 
-def mha_backward(dout, cache, check: bool = True):
-    """Gradients of multi-head attention: returns (dx_q, dx_kv, grads).
+def mha_backward_input(dout, cache, check: bool = True):
+    """B of multi-head attention: (dx_q, dx_kv, w_work), the input gradients and what W needs.
 
-    dout: (B, n_q, d_model). grads has the same keys and shapes as params. For
-    self-attention (x_q and x_kv the same array) the gradient w.r.t. x is dx_q + dx_kv.
-    """
+    w_work holds, for each projection "q", "k", "v", "o", its output gradient and linear
+    cache (its input and weights) - not the attention weights, which B alone reads.
+    sdpa has no weights: its whole backward is B."""
     x_q, params, n_heads = cache["x_q"], cache["params"], cache["n_heads"]
     cache_q, cache_k, cache_v, cache_o = cache["linear"]
     if check:
         dout = as_float_array("dout", dout)
         require_shape("dout", dout, x_q.shape[:2] + (params["w_o"].shape[1],), "shape of out")
         require_dtype("dout", dout, x_q.dtype, "dtype of out")
+    dconcat = linear_backward_input(dout, cache_o)
+    dq, dk, dv = (merge_heads(a) for a in sdpa_backward(split_heads(dconcat, n_heads),
+                                                         cache["attn"], check=False))
+    dx_q = linear_backward_input(dq, cache_q)
+    dx_kv = linear_backward_input(dk, cache_k) + linear_backward_input(dv, cache_v)
+    w_work = {"q": (dq, cache_q), "k": (dk, cache_k), "v": (dv, cache_v), "o": (dout, cache_o)}
+    return dx_q, dx_kv, w_work
+
+
+def mha_backward_weight(w_work) -> dict:
+    """W of multi-head attention: grads with the keys of params ("b_o" only if the forward
+    pass had it), from `mha_backward_input`'s w_work."""
     grads = {}
-    dconcat, grads["w_o"], grads["b_o"] = linear_backward(dout, cache_o)
-    dq, dk, dv = sdpa_backward(split_heads(dconcat, n_heads), cache["attn"], check=False)
-    dx_q, grads["w_q"], grads["b_q"] = linear_backward(merge_heads(dq), cache_q)
-    dx_k, grads["w_k"], grads["b_k"] = linear_backward(merge_heads(dk), cache_k)
-    dx_v, grads["w_v"], grads["b_v"] = linear_backward(merge_heads(dv), cache_v)
-    return dx_q, dx_k + dx_v, {name: grads[name] for name in MHA_PARAM_NAMES if name in params}
+    for name, (dout, lin_cache) in w_work.items():
+        grads["w_" + name], grads["b_" + name] = linear_backward_weight(dout, lin_cache)
+    return {name: grads[name] for name in MHA_PARAM_NAMES if grads[name] is not None}
+
+
+def mha_backward(dout, cache, check: bool = True):
+    """Gradients of multi-head attention: returns (dx_q, dx_kv, grads), B then W.
+
+    dout: (B, n_q, d_model). grads has the same keys and shapes as params. For
+    self-attention (x_q and x_kv the same array) the gradient w.r.t. x is dx_q + dx_kv.
+    """
+    dx_q, dx_kv, w_work = mha_backward_input(dout, cache, check)
+    return dx_q, dx_kv, mha_backward_weight(w_work)
 
 
 def mha_forward_loop(x_q, x_kv, params: dict, n_heads: int, mask=None) -> np.ndarray:

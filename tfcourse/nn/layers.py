@@ -3,7 +3,12 @@
     out, cache = linear_forward(x, w, b)
     dx, dw, db = linear_backward(dout, cache)
 
-The cache holds what the backward pass needs; nothing is stored between calls. Shapes use
+The cache holds what the backward pass needs; nothing is stored between calls. A layer with
+weights splits its backward in two (zero-bubble pipelining, Qi et al. 2024): B, the gradient
+of its input (`linear_backward_input`), which the layer before waits for, and W, the gradients
+of its weights (`linear_backward_weight`), which only the optimiser waits for and which reads
+just the input x and dout - never the weights - so it can run any time later. The whole
+backward (`linear_backward`) is B then W, the one implementation of both. Shapes use
 B (batch), T (time/sequence), d (model width), V (vocabulary). Arrays keep their dtype.
 These functions trust their callers about shapes (the model validates its inputs once, at
 its public entry points) so that the inner loop stays lean.
@@ -39,14 +44,27 @@ def _matmul_2d(x, w, precision: str = "fp32"):
     return matmul(x.reshape(-1, x.shape[-1]), w, precision).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def linear_backward(dout, cache):
-    """(dx, dw, db) of y = x @ w + b; dw and db sum over every leading (batch, time) axis
-    (db is None for a layer without bias)."""
-    x, w, has_bias, precision = cache
-    dx = _matmul_2d(dout, w.T, precision)
+def linear_backward_input(dout, cache):
+    """B: dx = dout @ w^T (..., d_in), the gradient the layer before waits for."""
+    _, w, _, precision = cache
+    return _matmul_2d(dout, w.T, precision)
+
+
+def linear_backward_weight(dout, cache):
+    """W: (dw, db) = (x^T dout, dout summed), both over every leading (batch, time) axis; db
+    is None for a layer without bias. Needs x and dout, not w."""
+    x, _, has_bias, precision = cache
     dout_2d = dout.reshape(-1, dout.shape[-1])
     dw = matmul(x.reshape(-1, x.shape[-1]).T, dout_2d, precision)
     db = dout_2d.sum(axis=0) if has_bias else None
+    return dw, db
+
+
+def linear_backward(dout, cache):
+    """(dx, dw, db) of y = x @ w + b: B (`linear_backward_input`) then W
+    (`linear_backward_weight`)."""
+    dx = linear_backward_input(dout, cache)
+    dw, db = linear_backward_weight(dout, cache)
     return dx, dw, db
 
 
@@ -59,7 +77,8 @@ def embedding_forward(ids, table):
 
 
 def embedding_backward(dout, cache):
-    """Gradient of the table (V, d): row v accumulates dout at every position where ids == v."""
+    """Gradient of the table (V, d): row v accumulates dout at every position where ids == v.
+    All of it is W (a weight gradient): the integer ids have no gradient, so there is no B."""
     ids, table_shape = cache
     dtable = np.zeros(table_shape, dtype=dout.dtype)
     np.add.at(dtable, ids.reshape(-1), dout.reshape(-1, table_shape[1]))
@@ -81,19 +100,30 @@ def layernorm_forward(x, gamma, beta, eps: float = 1e-5):
     return x_hat * gamma + beta, (x_hat, rstd, gamma)
 
 
-def layernorm_backward(dout, cache):
-    """(dx, dgamma, dbeta) of LayerNorm.
-
-    With x_hat = (x - mean) * rstd and g = dout * gamma, differentiating through the mean and
-    the variance gives dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-    """
+def layernorm_backward_input(dout, cache):
+    """B: dx of LayerNorm. With x_hat = (x - mean) * rstd and g = dout * gamma,
+    differentiating through the mean and the variance gives
+    dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))."""
     x_hat, rstd, gamma = cache
+    g = dout * gamma
+    return rstd * (g - g.mean(axis=-1, keepdims=True)
+                   - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+
+
+def layernorm_backward_weight(dout, cache):
+    """W: (dgamma, dbeta) = (dout * x_hat, dout), each summed over every leading axis."""
+    x_hat = cache[0]
     d = x_hat.shape[-1]
     dgamma = (dout * x_hat).reshape(-1, d).sum(axis=0)
     dbeta = dout.reshape(-1, d).sum(axis=0)
-    g = dout * gamma
-    dx = rstd * (g - g.mean(axis=-1, keepdims=True)
-                 - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    return dgamma, dbeta
+
+
+def layernorm_backward(dout, cache):
+    """(dx, dgamma, dbeta) of LayerNorm: B (`layernorm_backward_input`) then W
+    (`layernorm_backward_weight`)."""
+    dx = layernorm_backward_input(dout, cache)
+    dgamma, dbeta = layernorm_backward_weight(dout, cache)
     return dx, dgamma, dbeta
 
 
@@ -164,18 +194,35 @@ def ffn_forward(x, w1, b1, w2, b2=None, activation: str = "gelu", precision: str
     return out, (cache1, cache_act, cache2, activation)
 
 
-def ffn_backward(dout, cache):
-    """Returns (dx, {"w1", "b1", "w2", "b2"}) for the feed-forward network ("b2" only if the
-    forward pass had one)."""
+def ffn_backward_input(dout, cache):
+    """B of the feed-forward network: (dx, w_work). w_work is what W needs and no more: each
+    linear layer's output gradient and cache (its input and weights), ((dhidden, cache1),
+    (dout, cache2)); the activation's cache is not in it."""
     cache1, cache_act, cache2, activation = cache
     _, act_backward = ACTIVATIONS[activation]
-    dactivated, dw2, db2 = linear_backward(dout, cache2)
+    dactivated = linear_backward_input(dout, cache2)
     dhidden = act_backward(dactivated, cache_act)
-    dx, dw1, db1 = linear_backward(dhidden, cache1)
+    dx = linear_backward_input(dhidden, cache1)
+    return dx, ((dhidden, cache1), (dout, cache2))
+
+
+def ffn_backward_weight(w_work):
+    """W: {"w1", "b1", "w2", "b2"} from `ffn_backward_input`'s w_work ("b2" only if the
+    forward pass had one)."""
+    (dhidden, cache1), (dout, cache2) = w_work
+    dw1, db1 = linear_backward_weight(dhidden, cache1)
+    dw2, db2 = linear_backward_weight(dout, cache2)
     grads = {"w1": dw1, "b1": db1, "w2": dw2}
     if db2 is not None:
         grads["b2"] = db2
-    return dx, grads
+    return grads
+
+
+def ffn_backward(dout, cache):
+    """Returns (dx, {"w1", "b1", "w2", "b2"}) for the feed-forward network ("b2" only if the
+    forward pass had one): B then W."""
+    dx, w_work = ffn_backward_input(dout, cache)
+    return dx, ffn_backward_weight(w_work)
 
 
 # --------------------------------------------------------------------------- dropout

@@ -10,6 +10,13 @@ a linear head to vocabulary logits. Every parallel chapter reuses *these* functi
 *this* dict: `forward_pass`/`backward_pass` are the one walk over the model (pipeline stages
 run a range of blocks; data parallelism sends each piece's gradients from `on_grads`), and
 the sublayers take entry/exit operators (`SublayerOps`: tensor parallelism passes f and g).
+
+Every backward is B then W (zero-bubble pipelining, Qi et al. 2024): B, `*_backward_input`,
+returns the input gradient - what the previous piece, or pipeline stage, waits for - and the
+w_work that W, `*_backward_weight`, turns into the weight gradients later.
+`backward_input_pass` and `weight_pass` walk the model that way; `backward_pass` runs each
+piece's B and W back to back. w_work keeps each weight-bearing layer's input and output
+gradient alive until W runs (`perf.costmodel.weight_work_bytes_per_layer` counts them).
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tfcourse.nn.attention import MHA_PARAM_NAMES, causal_mask, mha_backward, mha_forward, softmax
+from tfcourse.nn.attention import (
+    MHA_PARAM_NAMES,
+    causal_mask,
+    mha_backward_input,
+    mha_backward_weight,
+    mha_forward,
+    softmax,
+)
 from tfcourse.nn.layers import (
     ACTIVATIONS,
     cross_entropy_backward,
@@ -28,11 +42,14 @@ from tfcourse.nn.layers import (
     dropout_forward,
     embedding_backward,
     embedding_forward,
-    ffn_backward,
+    ffn_backward_input,
+    ffn_backward_weight,
     ffn_forward,
-    layernorm_backward,
+    layernorm_backward_input,
+    layernorm_backward_weight,
     layernorm_forward,
-    linear_backward,
+    linear_backward_input,
+    linear_backward_weight,
     linear_forward,
 )
 from tfcourse.nn.positional import learned_positions_backward, learned_positions_forward
@@ -271,11 +288,23 @@ def embed_forward(params: dict, tokens: np.ndarray, config: TransformerConfig):
     return tok, (tok_cache, pos_cache)
 
 
+def embed_backward_input(dx: np.ndarray, cache):
+    """B of the embedding: token ids have no gradient, so there is nothing to do now;
+    returns (None, w_work) with w_work = (dx, cache) - the two tables' gradients are all W."""
+    return None, (dx, cache)
+
+
+def embed_backward_weight(w_work) -> dict:
+    """W of the embedding: {"tok_emb", "pos_emb"} gradients."""
+    dx, (tok_cache, pos_cache) = w_work
+    return {"tok_emb": embedding_backward(dx, tok_cache),
+            "pos_emb": learned_positions_backward(dx, pos_cache, check=False)}
+
+
 def embed_backward(dx: np.ndarray, cache):
-    """(None, grads): token ids have no gradient; the two tables do."""
-    tok_cache, pos_cache = cache
-    return None, {"tok_emb": embedding_backward(dx, tok_cache),
-                  "pos_emb": learned_positions_backward(dx, pos_cache, check=False)}
+    """(None, grads): token ids have no gradient; the two tables do (B then W)."""
+    dids, w_work = embed_backward_input(dx, cache)
+    return dids, embed_backward_weight(w_work)
 
 
 def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
@@ -309,18 +338,34 @@ def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
     return x + dropped, (prefix, memory is not None, ops, ln_cache, attn_cache, drop_cache)
 
 
-def attention_sublayer_backward(dy, cache):
-    """Returns (dx, dmemory or None, grads with full names)."""
+def attention_sublayer_backward_input(dy, cache):
+    """B: (dx, dmemory or None, w_work). The entry and exit operators' backward maps (tensor
+    parallelism's communication) are on the input gradient's path, so they run here; W
+    communicates nothing."""
     prefix, is_cross, ops, ln_cache, attn_cache, drop_cache = cache
-    ln_name, attn_name = _names(prefix, is_cross)
     dout = dropout_backward(dy, drop_cache)
-    db_o = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
-    dentered, dkv, attn_grads = mha_backward(ops.exit.backward(dout), attn_cache, check=False)
+    dentered, dkv, mha_work = mha_backward_input(ops.exit.backward(dout), attn_cache,
+                                                 check=False)
     dnormed = ops.enter.backward(dentered if is_cross else dentered + dkv)
-    dx_ln, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
-    grads = {**add_prefix(attn_grads, attn_name), attn_name + "b_o": db_o,
-             ln_name + "gamma": dgamma, ln_name + "beta": dbeta}
-    return dy + dx_ln, (dkv if is_cross else None), grads
+    dx_ln = layernorm_backward_input(dnormed, ln_cache)
+    w_work = (prefix, is_cross, dout, mha_work, dnormed, ln_cache)
+    return dy + dx_ln, (dkv if is_cross else None), w_work
+
+
+def attention_sublayer_backward_weight(w_work) -> dict:
+    """W: the sublayer's gradients with full names (b_o's is the sum of its output's)."""
+    prefix, is_cross, dout, mha_work, dnormed, ln_cache = w_work
+    ln_name, attn_name = _names(prefix, is_cross)
+    db_o = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
+    dgamma, dbeta = layernorm_backward_weight(dnormed, ln_cache)
+    return {**add_prefix(mha_backward_weight(mha_work), attn_name), attn_name + "b_o": db_o,
+            ln_name + "gamma": dgamma, ln_name + "beta": dbeta}
+
+
+def attention_sublayer_backward(dy, cache):
+    """Returns (dx, dmemory or None, grads with full names): B then W."""
+    dx, dmemory, w_work = attention_sublayer_backward_input(dy, cache)
+    return dx, dmemory, attention_sublayer_backward_weight(w_work)
 
 
 def _names(prefix: str, is_cross: bool) -> tuple[str, str]:
@@ -344,15 +389,29 @@ def ffn_sublayer_forward(params: dict, prefix: str, x, activation: str = "gelu",
     return x + dropped, (prefix, ops, ln_cache, ffn_cache, drop_cache)
 
 
-def ffn_sublayer_backward(dy, cache):
+def ffn_sublayer_backward_input(dy, cache):
+    """B: (dx, w_work); the operators' backward maps run here (see the attention sublayer)."""
     prefix, ops, ln_cache, ffn_cache, drop_cache = cache
     dout = dropout_backward(dy, drop_cache)
+    dentered, ffn_work = ffn_backward_input(ops.exit.backward(dout), ffn_cache)
+    dnormed = ops.enter.backward(dentered)
+    dx_ln = layernorm_backward_input(dnormed, ln_cache)
+    return dy + dx_ln, (prefix, dout, ffn_work, dnormed, ln_cache)
+
+
+def ffn_sublayer_backward_weight(w_work) -> dict:
+    """W: the sublayer's gradients with full names."""
+    prefix, dout, ffn_work, dnormed, ln_cache = w_work
     db2 = dout.reshape(-1, dout.shape[-1]).sum(axis=0)
-    dentered, ffn_grads = ffn_backward(ops.exit.backward(dout), ffn_cache)
-    dx_ln, dgamma, dbeta = layernorm_backward(ops.enter.backward(dentered), ln_cache)
-    grads = {**add_prefix(ffn_grads, prefix + "ffn."), prefix + "ffn.b2": db2,
-             prefix + "ln2.gamma": dgamma, prefix + "ln2.beta": dbeta}
-    return dy + dx_ln, grads
+    dgamma, dbeta = layernorm_backward_weight(dnormed, ln_cache)
+    return {**add_prefix(ffn_backward_weight(ffn_work), prefix + "ffn."), prefix + "ffn.b2": db2,
+            prefix + "ln2.gamma": dgamma, prefix + "ln2.beta": dbeta}
+
+
+def ffn_sublayer_backward(dy, cache):
+    """Returns (dx, grads with full names): B then W."""
+    dx, w_work = ffn_sublayer_backward_input(dy, cache)
+    return dx, ffn_sublayer_backward_weight(w_work)
 
 
 def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, ops=SERIAL,
@@ -369,22 +428,43 @@ def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, 
     return y, (attn_cache, ffn_cache)
 
 
-def block_backward(dy, cache):
-    """Returns (dx, grads of block i's parameters, with full names)."""
+def block_backward_input(dy, cache):
+    """B of block i: (dx, w_work) - dx for the block before, w_work for `block_backward_weight`."""
     attn_cache, ffn_cache = cache
-    dh, ffn_grads = ffn_sublayer_backward(dy, ffn_cache)
-    dx, _, attn_grads = attention_sublayer_backward(dh, attn_cache)
-    return dx, {**attn_grads, **ffn_grads}
+    dh, ffn_work = ffn_sublayer_backward_input(dy, ffn_cache)
+    dx, _, attn_work = attention_sublayer_backward_input(dh, attn_cache)
+    return dx, (attn_work, ffn_work)
+
+
+def block_backward_weight(w_work) -> dict:
+    """W of block i: its parameters' gradients, with full names."""
+    attn_work, ffn_work = w_work
+    return {**attention_sublayer_backward_weight(attn_work),
+            **ffn_sublayer_backward_weight(ffn_work)}
+
+
+def block_backward(dy, cache):
+    """Returns (dx, grads of block i's parameters, with full names): B then W."""
+    dx, w_work = block_backward_input(dy, cache)
+    return dx, block_backward_weight(w_work)
+
+
+def recomputed_block_backward_input(dy, saved):
+    """B under full recomputation: block i kept only its input; run its forward again - with
+    a copy of the dropout generator taken before the first run, so the same masks - then its
+    B. The w_work holds the replay's caches of the weight-bearing layers, so W needs no
+    second replay (`block_backward_weight`)."""
+    params, i, x, config, rng, ops = saved
+    _, cache = block_forward(params, i, x, config, rng, ops)
+    return block_backward_input(dy, cache)
 
 
 def recomputed_block_backward(dy, saved):
-    """Full recomputation: block i kept only its input; run its forward again - with a copy
-    of the dropout generator taken before the first run, so the same masks - then its
-    backward. Costs one more forward of the block (and, under tensor parallelism, its
-    all-reduces again); saves everything else the block would have kept."""
-    params, i, x, config, rng, ops = saved
-    _, cache = block_forward(params, i, x, config, rng, ops)
-    return block_backward(dy, cache)
+    """Full recomputation: block i kept only its input; B runs its forward again, then W.
+    Costs one more forward of the block (and, under tensor parallelism, its all-reduces
+    again); saves everything else the block would have kept."""
+    dx, w_work = recomputed_block_backward_input(dy, saved)
+    return dx, block_backward_weight(w_work)
 
 
 def _twin(rng: np.random.Generator | None) -> np.random.Generator | None:
@@ -410,11 +490,26 @@ def head_forward(params: dict, x, precision: str = "fp32"):
     return logits, (ln_cache, lin_cache)
 
 
-def head_backward(dlogits, cache):
+def head_backward_input(dlogits, cache):
+    """B of the head: (dx, w_work); w_work keeps dlogits (B, T, V), the largest gradient."""
     ln_cache, lin_cache = cache
-    dnormed, dw, db = linear_backward(dlogits, lin_cache)
-    dx, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
-    return dx, {"head.w": dw, "head.b": db, "ln_f.gamma": dgamma, "ln_f.beta": dbeta}
+    dnormed = linear_backward_input(dlogits, lin_cache)
+    dx = layernorm_backward_input(dnormed, ln_cache)
+    return dx, (dlogits, lin_cache, dnormed, ln_cache)
+
+
+def head_backward_weight(w_work) -> dict:
+    """W of the head: {"head.w", "head.b", "ln_f.gamma", "ln_f.beta"} gradients."""
+    dlogits, lin_cache, dnormed, ln_cache = w_work
+    dw, db = linear_backward_weight(dlogits, lin_cache)
+    dgamma, dbeta = layernorm_backward_weight(dnormed, ln_cache)
+    return {"head.w": dw, "head.b": db, "ln_f.gamma": dgamma, "ln_f.beta": dbeta}
+
+
+def head_backward(dlogits, cache):
+    """Returns (dx, grads of the final LayerNorm and the head): B then W."""
+    dx, w_work = head_backward_input(dlogits, cache)
+    return dx, head_backward_weight(w_work)
 
 
 # --------------------------------------------------------------------------- the walk
@@ -478,9 +573,70 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     return x, caches
 
 
+BACKWARD_SPLIT = {  # each piece's backward -> (its B, its W); backward = B then W
+    embed_backward: (embed_backward_input, embed_backward_weight),
+    block_backward: (block_backward_input, block_backward_weight),
+    recomputed_block_backward: (recomputed_block_backward_input, block_backward_weight),
+    head_backward: (head_backward_input, head_backward_weight),
+}
+
+
+def _given(grads: dict) -> dict:
+    return grads
+
+
+def backward_split(backward: Callable) -> tuple[Callable, Callable]:
+    """(B, W) of a piece's backward: B(dout, cache) -> (dx, w_work), W(w_work) -> grads.
+    A backward the model does not know (a caller's own piece, e.g. an embedding whose backward
+    gathers its gradient first) runs whole in B, and its W hands the gradients back."""
+    return BACKWARD_SPLIT.get(backward, (backward, _given))
+
+
+def backward_input_pass(dout, caches: list, before: Callable[[str], None] | None = None):
+    """B of the backward walk over `forward_pass`'s caches, last piece first: only the input
+    gradients, on a pipeline's critical path.
+
+    Returns (gradient of the walk's inputs - None if it began at the embedding, deferred),
+    deferred being a list of (W, w_work, piece) for `weight_pass`, in the walk's order.
+    `before(piece)` as in `backward_pass`.
+
+    Memory: deferred keeps, for every weight-bearing layer, its input and the gradient at its
+    output (and the LayerNorms' x_hat and 1/std) alive until `weight_pass` runs - for a block,
+    `perf.costmodel.weight_work_bytes_per_layer` (with d_ff = 4 d as much as its activations
+    without the attention weights); for the head, dlogits (B, T, V). So a zero-bubble schedule
+    holds this much per micro-batch whose B ran and W did not, where 1F1B holds nothing of a
+    micro-batch after its whole backward.
+    """
+    deferred = []
+    for backward, cache, piece in reversed(caches):
+        if before is not None:
+            before(piece)
+        backward_input, backward_weight = backward_split(backward)
+        dout, w_work = backward_input(dout, cache)
+        deferred.append((backward_weight, w_work, piece))
+    return dout, deferred
+
+
+def weight_pass(deferred: list, on_grads: Callable[[dict], None] | None = None,
+                keep: bool = True) -> dict:
+    """W of the backward walk: the weight gradients from `backward_input_pass`'s deferred
+    work, any time later (and, for several micro-batches, in any order). W reads activations
+    and their gradients only, never a parameter, and communicates nothing. `on_grads` and
+    `keep` as in `backward_pass`."""
+    grads = {}
+    for backward_weight, w_work, _ in deferred:
+        piece_grads = backward_weight(w_work)
+        if on_grads is not None:
+            on_grads(piece_grads)
+        if keep:
+            grads.update(piece_grads)
+    return grads
+
+
 def backward_pass(dout, caches: list, on_grads: Callable[[dict], None] | None = None,
                   before: Callable[[str], None] | None = None, keep: bool = True):
-    """The backward walk over `forward_pass`'s caches, last piece first.
+    """The backward walk over `forward_pass`'s caches, last piece first: each piece's B,
+    then at once its W (`backward_input_pass`, `weight_pass` split them).
 
     Returns (gradient of the walk's inputs - None if it began at the embedding, grads of
     every parameter it used). `on_grads(piece_grads)` is called as soon as each piece (head,
@@ -490,14 +646,9 @@ def backward_pass(dout, caches: list, on_grads: Callable[[dict], None] | None = 
     (a caller that sends each piece's away in `on_grads` need not hold them all).
     """
     grads = {}
-    for backward, cache, piece in reversed(caches):
-        if before is not None:
-            before(piece)
-        dout, piece_grads = backward(dout, cache)
-        if on_grads is not None:
-            on_grads(piece_grads)
-        if keep:
-            grads.update(piece_grads)
+    for entry in reversed(caches):
+        dout, deferred = backward_input_pass(dout, [entry], before)
+        grads.update(weight_pass(deferred, on_grads, keep))
     return dout, grads
 
 

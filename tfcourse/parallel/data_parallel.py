@@ -36,7 +36,7 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.nn.model import loss_and_grads, param_shapes
-from tfcourse.nn.optim import state_nbytes, sum_of_squares
+from tfcourse.nn.optim import loss_scale_init, state_nbytes, sum_of_squares
 from tfcourse.nn.precision import PRECISIONS, state_bytes
 from tfcourse.nn.validate import require_positive_int, require_real
 from tfcourse.parallel.checkpointing import start_training
@@ -124,6 +124,18 @@ def broadcast_from_owners(params: dict, owners: dict, comm, log) -> dict:
     return params
 
 
+def owner_update(params: dict, grads: dict, opt_state: dict, settings: TrainSettings, step: int,
+                 norm: float, owners: dict, comm, log) -> tuple[dict, dict, float]:
+    """ZeRO's update (stages 1 and 2): each rank takes the AdamW step of the tensors it owns -
+    the only ones it keeps AdamW state for - clipped with the norm of the whole gradient, and
+    the owners broadcast the new values. Same arguments and result as train.optimizer_update,
+    plus the owners and their communicator, so a layout can pass it as its update."""
+    mine = {name: g for name, g in grads.items() if owners[name] == comm.rank}
+    new, opt_state, norm = optimizer_update({name: params[name] for name in mine}, mine,
+                                            opt_state, settings, step, norm)
+    return broadcast_from_owners({**params, **new}, owners, comm, log), opt_state, norm
+
+
 def overlapped_loss_and_grads(params: dict, x, y, weight: float, config, comm,
                               log, loss_scale: float = 1.0) -> tuple[float, dict]:
     """The serial model's loss and the all-ranks sum of weight * gradients, with each piece's
@@ -199,10 +211,9 @@ def train_step(state: State, x, y, step: int, log, dp: DataParallel):
         grads = {n: g for n, g in kept.items() if dp.owners[n] == comm.rank}
     else:  # zero == 2: each gradient is reduced to its owner only
         kept = grads = reduce_gradients_to_owners(grads, weight, dp.owners, comm, log)
-    norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))
-    owned, opt_state, _ = optimizer_update({n: state.params[n] for n in grads}, grads,
-                                           state.opt_state, dp.settings, step, norm)
-    params = broadcast_from_owners({**state.params, **owned}, dp.owners, comm, log)
+    norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))  # of owned shares
+    params, opt_state, _ = owner_update(state.params, grads, state.opt_state, dp.settings, step,
+                                        norm, dp.owners, comm, log)
     return State(params, opt_state), loss, kept
 
 
@@ -240,6 +251,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     dp = DataParallel(config, settings, comm, args.allreduce, args.zero,
                       make_buckets(list(sizes), sizes, int(args.bucket_mb * 2**20 // 8)),
                       owners if args.zero else None)
+    if config.precision == "fp16":
+        start = start._replace(state=start.state._replace(loss_scale=loss_scale_init()))
     result = train(comm, setup, start, functools.partial(train_step, dp=dp), args.split_waiting,
                    saving, args.trace_memory)
     itemsize, mixed = np.dtype(config.dtype).itemsize, config.precision != "fp32"
@@ -253,7 +266,6 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     return result_record(
         result, setup, comm, memory, allreduce=args.allreduce, zero=args.zero,
         precision=config.precision,
-        **({"loss_scale": final.loss_scale} if final.loss_scale else {}),  # fp16's, at the end
         predicted_memory_bytes=zero_state_bytes_per_rank(
             sum(sizes.values()), comm.size, args.zero, itemsize, mixed),
         bytes_sent_per_step=bytes_sent(result.logs, comm.size, SENDS) / settings.steps,

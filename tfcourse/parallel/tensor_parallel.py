@@ -134,9 +134,16 @@ def sp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dic
     local_loss, loss_cache = cross_entropy_forward(logits, y[:, lo:hi])
     dx, grads = backward_pass(cross_entropy_backward(loss_cache) / p, caches)
     grads.update(embed_backward(ops.enter.forward(dx), emb_cache)[1])  # slices gathered
-    seen_here = [n for n in params if shard_axis(n) is None and not n.endswith("_emb")]
-    grads.update(average_gradients(grads, 1.0, [seen_here], comm, "mpi", log))  # summed
-    return comm.allreduce(local_loss) / p, {n: grads[n] for n in params}
+    return comm.allreduce(local_loss) / p, sum_sequence_split(grads, comm, log)
+
+
+def sum_sequence_split(grads: dict, comm, log) -> dict:
+    """Under sequence parallelism each rank saw only its slice of the positions, so the
+    gradients of the tensors every rank holds whole (LayerNorms, the biases added after g, the
+    head) are partial: sum them over the group. The embedding tables' gradients were
+    computed from the gathered whole, so they are complete already."""
+    seen_here = [n for n in grads if shard_axis(n) is None and not n.endswith("_emb")]
+    return {**grads, **average_gradients(grads, 1.0, [seen_here], comm, "mpi", log)}
 
 
 def global_grad_norm(grads: dict, comm) -> float:
@@ -171,11 +178,12 @@ def tp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dic
     return loss_and_grads(params, x, y, config, ops=megatron_ops(comm, log), check=False)
 
 
-def tp_update(state: State, grads: dict, step: int, settings: TrainSettings, comm) -> State:
-    """AdamW on this rank's shard, clipped with the norm of the full gradient."""
+def tp_update(state: State, grads: dict, step: int, settings: TrainSettings, comm,
+              update=optimizer_update) -> State:
+    """AdamW on this rank's shard, clipped with the norm of the full gradient (update: see
+    pipeline_stage.finish_step)."""
     norm = global_grad_norm(grads, comm)
-    params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, settings,
-                                            step, norm)
+    params, opt_state, _ = update(state.params, grads, state.opt_state, settings, step, norm)
     return State(params, opt_state)
 
 

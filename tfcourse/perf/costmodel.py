@@ -240,6 +240,28 @@ def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: 
     return (replicated + split // tp) * bytes_per_value + mask
 
 
+def weight_work_bytes_per_layer(batch: int, seq_len: int, d_model: int, d_ff: int,
+                                bytes_per_value: int = 4, tp: int = 1) -> int:
+    """What one decoder block's deferred W keeps alive between its B and its W (zero-bubble
+    pipelining), as `tfcourse.nn.model.block_backward_input`'s w_work holds it: every
+    weight-bearing layer's input and the gradient at its output.
+
+    Per sublayer, whole on every tensor-parallel rank: its output gradient (the output bias's,
+    and the output projection's), the normalised input LN(x) the projections read, the
+    LayerNorm's x_hat and the gradient at its output (4 (B, T, d) arrays), and 1/std (B, T).
+    Split over tp: attention's dq, dk, dv and merged heads (4 (B, T, d)), the FFN's activation
+    and the gradient of its pre-activation (2 (B, T, d_ff)). So B T (8 d + 2 + (4 d + 2 d_ff)
+    / tp) values, whatever config.recompute: under full recomputation W holds the replay's.
+    With d_ff = 4 d and tp = 1 that is B T (20 d + 2), as much as the block's activations
+    without the attention weights; 1F1B keeps nothing of a block after its whole backward.
+    Sequence parallelism is not counted here."""
+    tokens = batch * seq_len
+    if tp < 1 or d_model % tp or d_ff % tp:
+        raise ValueError(f"tp: expected a divisor of d_model={d_model} and d_ff={d_ff}, "
+                         f"got {tp}")
+    return (tokens * (8 * d_model + 2) + tokens * (4 * d_model + 2 * d_ff) // tp) * bytes_per_value
+
+
 # --------------------------------------------------------------------------- communication
 
 

@@ -89,9 +89,16 @@ def tensor_stage(names: list[str], rank: int, world_size: int) -> Placement:
                      where=inner.where, writes=lambda name: name in kept and inner.writes(name))
 
 
-def in_replica(inner: Placement, replica: int) -> Placement:
-    """`inner` inside data-parallel replica `replica`: only replica 0 writes."""
-    return dataclasses.replace(inner, writes=lambda name: replica == 0 and inner.writes(name))
+def in_replica(inner: Placement, replica: int, moment_owner: dict[str, int] | None = None
+               ) -> Placement:
+    """`inner` inside data-parallel replica `replica`: only replica 0 writes. With ZeRO-1 over
+    the replicas, `moment_owner` names the replica that keeps each parameter's AdamW state;
+    it writes that parameter and its state."""
+    if moment_owner is None:
+        return dataclasses.replace(inner, writes=lambda name: replica == 0 and inner.writes(name))
+    return dataclasses.replace(
+        inner, writes=lambda name: moment_owner[name] == replica and inner.writes(name),
+        keeps_moments=lambda name: moment_owner[name] == replica)
 
 
 def local_state(placement: Placement, params: dict, opt_state: dict) -> tuple[dict, dict]:
