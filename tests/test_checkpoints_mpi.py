@@ -160,3 +160,52 @@ def test_a_corrupt_shard_stops_every_rank_with_one_message(tmp_path):
     with pytest.raises(MPIJobError) as info:
         run_mpi(module, [*COMMON, *own, "--resume", str(folder)], n_ranks=ranks, timeout=60)
     assert info.value.stderr.count("fails verification") == 1, info.value.stderr  # one rank says it
+
+
+DP = "tfcourse.parallel.data_parallel"
+FP16 = ["--precision", "fp16", "--steps", "104", "--layers", "1", "--batch-size", "4"]
+
+
+def test_fp16_data_parallel_resumes_bit_for_bit_with_its_loss_scale(tmp_path):
+    """fp16 on 2 ranks, checkpointing every step: the loss scale doubles after the library's
+    100 good steps. A run resumed from step 50 saves the same scale, counters, losses and
+    arrays at every later step (the counters were saved and restored, not restarted)."""
+    whole, again = tmp_path / "whole", tmp_path / "again"
+    saving = ["--checkpoint-every", "1", "--keep", "104"]
+    first = run_mpi(DP, [*FP16, "--checkpoint", str(whole), *saving], n_ranks=2,
+                    timeout=180).result
+    resumed = run_mpi(DP, [*FP16, "--resume", str(checkpoint.step_folder(whole, 50)),
+                           "--checkpoint", str(again), *saving], n_ranks=2, timeout=180).result
+    assert resumed["losses"] == first["losses"]
+    assert first["loss_scale"] == {"scale": 2.0**17, "good_steps": 4, "skipped_in_a_row": 0}
+    assert resumed["loss_scale"] == first["loss_scale"]
+    for step in range(51, 105):
+        ours, theirs = (checkpoint.read_manifest(checkpoint.step_folder(f, step))
+                        for f in (again, whole))
+        assert ours["loss_scale"] == theirs["loss_scale"] and ours["losses"] == theirs["losses"]
+    assert checkpoint.read_manifest(checkpoint.step_folder(whole, 50))["loss_scale"] == {
+        "scale": 2.0**16, "good_steps": 50, "skipped_in_a_row": 0}
+    (p1, o1, _), (p2, o2, _) = (checkpoint.read_distributed(f) for f in (whole, again))
+    for name in p1:
+        np.testing.assert_array_equal(p2[name], p1[name])
+    for name in o1:
+        np.testing.assert_array_equal(o2[name], o1[name])
+
+
+def test_an_fp16_checkpoint_without_its_loss_scale_stops_every_rank(tmp_path):
+    """A checkpoint written before the loss scale was saved cannot continue an fp16 run
+    exactly: refused before any step, with one message naming --resume."""
+    from tfcourse.course.launch import MPIJobError
+    folder = tmp_path / "ck"
+    short = [*FP16[:2], "--steps", "3", "--layers", "1", "--batch-size", "4"]
+    run_mpi(DP, [*short, "--checkpoint", str(folder), "--checkpoint-every", "1"], n_ranks=2,
+            timeout=60)
+    step = checkpoint.step_folder(folder, 2)
+    path = step / checkpoint.MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["loss_scale"]  # as an older version wrote it
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(MPIJobError) as info:
+        run_mpi(DP, [*short, "--resume", str(step)], n_ranks=2, timeout=60)
+    assert info.value.stderr.count("holds no fp16 loss scale") == 1, info.value.stderr
+    assert "start a new run without --resume" in info.value.stderr

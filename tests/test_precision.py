@@ -3,11 +3,12 @@ scaling's update rule, the 2 + 2 + 12 bytes counted from real arrays, the serial
 bf16 and fp16, and data parallelism in mixed precision under real mpiexec."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
-from tfcourse import train
+from tfcourse import checkpoint, train
 from tfcourse.course.launch import MPIJobError, run_mpi
 from tfcourse.nn import model, optim, precision
 from tfcourse.nn.layers import linear_backward, linear_forward
@@ -196,7 +197,6 @@ def test_the_three_precisions_train_to_the_same_loss():
 @pytest.mark.parametrize("argv, message", [
     (["--precision", "fp8"], "--precision: expected one of"),
     (["--precision", "bf16", "--dtype", "float64"], "--dtype: mixed precision keeps float32"),
-    (["--precision", "fp16", "--checkpoint", "ck"], "--checkpoint/--resume: checkpoints do not"),
 ])
 def test_bad_precision_arguments_are_refused_by_name(argv, message, tmp_path):
     args = train.parse_args(argv)
@@ -204,6 +204,141 @@ def test_bad_precision_arguments_are_refused_by_name(argv, message, tmp_path):
         train.training_setup(args, precision.PRECISIONS)
     with pytest.raises(ValueError, match="dtype: mixed precision"):
         model.preset("tiny", 40, precision="bf16")  # float64 by default
+
+
+def fp16_resume_case():
+    corpus = train.load_corpus()
+    config = model.preset("tiny", corpus.vocab.size, dtype="float32", precision="fp16",
+                          n_layers=2)
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=110, batch_size=6)
+    return corpus, config, settings
+
+
+def test_an_fp16_run_resumed_anywhere_is_the_uninterrupted_run_bit_for_bit(tmp_path,
+                                                                          monkeypatch):
+    """The loss scale is saved with every checkpoint and resumed: started at 2^20 (the test's
+    choice, not the library's 2^16), the first three steps overflow fp16 and are skipped, the
+    scale halving each time; after 100 good steps it doubles. Runs resumed in the middle of
+    the skips (step 2) and of the good-step count (step 50) take every step the same way."""
+    monkeypatch.setattr(train, "loss_scale_init", lambda: optim.loss_scale_init(2.0**20))
+    corpus, config, settings = fp16_resume_case()
+    folder = tmp_path / "ck"
+    whole = train.train_lm(config, corpus, settings, str(folder), checkpoint_every=1,
+                           progress="none", keep=settings.steps)
+    scales = whole["loss_scales"]
+    assert scales[:4] == [2.0**20, 2.0**19, 2.0**18, 2.0**17]
+    assert whole["skipped_steps"] == 3 and scales[102] == 2.0**17 and scales[103] == 2.0**18
+    for step in range(1, settings.steps + 1):  # each checkpoint holds the state after it
+        saved = checkpoint.read_manifest(checkpoint.step_folder(folder, step))["loss_scale"]
+        assert saved["scale"] == (scales + [whole["loss_scale"]["scale"]])[step]
+    assert checkpoint.read_manifest(checkpoint.step_folder(folder, 2))["loss_scale"] == {
+        "scale": 2.0**18, "good_steps": 0, "skipped_in_a_row": 2}
+    for at in (2, 50):
+        resumed = train.train_lm(config, corpus, settings,
+                                 resume_from=str(checkpoint.step_folder(folder, at)),
+                                 progress="none")
+        assert resumed["losses"] == whole["losses"]  # exactly, the saved ones included
+        assert resumed["loss_scales"] == scales[at:]
+        assert resumed["loss_scale"] == whole["loss_scale"]
+        assert resumed["skipped_steps"] == (1 if at == 2 else 0)
+        for name, value in whole["params"].items():
+            np.testing.assert_array_equal(resumed["params"][name], value)
+
+
+CLI = ["--steps", "4", "--batch-size", "6", "--layers", "1", "--progress", "none"]
+
+
+def cli_checkpoint(tmp_path, name: str, precision: str, *flags: str) -> str:
+    """A folder of checkpoints after steps 2 and 4 of the command line in `precision`."""
+    folder = str(tmp_path / name)
+    assert train.main([*CLI, "--precision", precision, "--checkpoint", folder,
+                       "--checkpoint-every", "2", *flags]) == 0
+    return folder
+
+
+def edit_manifest(folder: str, step: int, change) -> str:
+    """Rewrite the manifest of `step` in `folder` (as an older or damaged version would have
+    written it); returns that step folder."""
+    path = checkpoint.step_folder(folder, step) / checkpoint.MANIFEST
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    return str(path.parent)
+
+
+@pytest.mark.parametrize("p", ["fp32", "bf16", "fp16"])
+def test_the_command_line_resumes_every_precision_exactly(p, tmp_path):
+    whole = cli_checkpoint(tmp_path, "ck", p, "--json", str(tmp_path / "whole.json"))
+    step2 = checkpoint.step_folder(whole, 2)
+    out = tmp_path / "resumed.json"
+    assert train.main([*CLI, "--precision", p, "--resume", str(step2), "--json", str(out)]) == 0
+    expected = json.loads((tmp_path / "whole.json").read_text())
+    got = json.loads(out.read_text())
+    assert got["losses"] == expected["losses"]
+    assert got.get("loss_scale") == expected.get("loss_scale")
+    assert ("loss_scale" in checkpoint.read_manifest(step2)) == (p == "fp16")
+
+
+def test_a_checkpoint_without_a_loss_scale_resumes_in_fp32_and_bf16_but_not_fp16(tmp_path):
+    """Checkpoints written before the loss scale was saved: fp32 and bf16 ones (even older
+    fp32 ones, whose config had no precision) continue; an fp16 one cannot continue exactly
+    and is refused, naming --resume."""
+    old32 = edit_manifest(cli_checkpoint(tmp_path, "ck32", "fp32"), 2,
+                          lambda m: m["config"].pop("precision"))
+    assert train.main([*CLI, "--resume", old32]) == 0
+    assert train.main([*CLI, "--precision", "bf16", "--resume",
+                       str(checkpoint.step_folder(cli_checkpoint(tmp_path, "ck16b", "bf16"),
+                                                  2))]) == 0
+    old16 = edit_manifest(cli_checkpoint(tmp_path, "ck16", "fp16"), 2,
+                          lambda m: m.pop("loss_scale"))
+    args = train.parse_args([*CLI, "--precision", "fp16", "--resume", old16])
+    with pytest.raises(ValueError, match=r"--resume: the checkpoint in .* holds no fp16 loss "
+                                         r"scale .* start a new run without --resume"):
+        train.training_setup(args, precision.PRECISIONS)
+
+
+@pytest.mark.parametrize("saved, asked, message", [
+    ("fp32", ["fp16"], r"trained with --precision fp32, this run asks for --precision fp16: "
+                       r"resume it with --precision fp32 --dtype float64, or start a new run"),
+    ("bf16", ["fp16"], r"trained with --precision bf16, this run asks for --precision fp16: "
+                       r"resume it with --precision bf16, or"),
+    ("fp16", ["bf16"], r"trained with --precision fp16, this run asks for --precision bf16"),
+    ("fp16", ["fp32"], r"--precision fp16 --dtype float32, or"),
+    ("fp16", ["fp32", "--dtype", "float32"], r"asks for --precision fp32: resume it with "
+                                             r"--precision fp16, or"),
+])
+def test_a_checkpoint_resumes_only_in_its_own_precision(saved, asked, message, tmp_path):
+    """Continuing the same master weights in another precision would be a third run, equal
+    to neither uninterrupted one: refused, naming the --precision (and --dtype) to use."""
+    folder = cli_checkpoint(tmp_path, "ck", saved)
+    args = train.parse_args([*CLI, "--precision", *asked, "--resume", folder])
+    with pytest.raises(ValueError, match="--resume: .*" + message):
+        train.training_setup(args, precision.PRECISIONS)
+
+
+@pytest.mark.parametrize("entry", [
+    {"scale": -1.0, "good_steps": 0, "skipped_in_a_row": 0},
+    {"scale": float("inf"), "good_steps": 0, "skipped_in_a_row": 0},
+    {"scale": 1024.0, "good_steps": 1.5, "skipped_in_a_row": 0},
+    {"scale": 1024.0, "good_steps": 0},
+    {"scale": True, "good_steps": 0, "skipped_in_a_row": 0},
+    [1024.0, 0, 0],
+])
+def test_a_damaged_loss_scale_is_refused_by_name(entry, tmp_path):
+    folder = edit_manifest(cli_checkpoint(tmp_path, "ck", "fp16"), 2,
+                           lambda m: m.update(loss_scale=entry))
+    args = train.parse_args([*CLI, "--precision", "fp16", "--resume", folder])
+    with pytest.raises(ValueError, match=r"--resume: .* has loss scale .* expected \{'scale'"):
+        train.training_setup(args, precision.PRECISIONS)
+
+
+def test_a_manifest_holds_a_loss_scale_exactly_in_fp16():
+    corpus, config, settings = fp16_resume_case()
+    with pytest.raises(ValueError, match="loss_scale: expected the loss-scale state with"):
+        train.checkpoint_manifest(1, [3.0], config, settings, {}, [])
+    with pytest.raises(ValueError, match="loss_scale: expected"):
+        train.checkpoint_manifest(1, [3.0], dataclasses.replace(config, precision="bf16"),
+                                  settings, {}, [], optim.loss_scale_init())
 
 
 def test_programs_without_mixed_precision_refuse_it():

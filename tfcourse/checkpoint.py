@@ -380,6 +380,8 @@ def describe(folder: str | os.PathLike) -> str:
         problems = verify(step, manifest)
         lines.append(f"{step}: step {manifest['step']}, written by {manifest['layout']}")
         lines.append(f"  settings: {json.dumps(manifest['settings'], sort_keys=True)}")
+        if "loss_scale" in manifest:  # fp16 mixed precision's dynamic loss scaling
+            lines.append(f"  loss scale: {json.dumps(manifest['loss_scale'], sort_keys=True)}")
         for shard in manifest["shards"]:
             lines.append(f"  {shard['file']}  {shard['bytes']:>10,d} bytes  "
                          f"sha256 {shard['sha256'][:16]}...")

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -244,7 +245,9 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
 
     checkpoint: a folder; the final state is always saved there, and with checkpoint_every
     also every that many steps, keeping the newest `keep` (see checkpoint_now).
-    resume_from: a checkpoint folder written by any training program, any layout."""
+    resume_from: a checkpoint folder written by any training program, any layout.
+    fp16 adds `loss_scales` (the scale of each step this call ran), `skipped_steps` (of
+    those) and `loss_scale` (the final state, saved with every checkpoint and resumed)."""
     check_fits(config, settings)
     params = init_params(config, settings.seed)
     opt_state = adamw_init(params)
@@ -253,8 +256,8 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     scales, skipped = [], 0
     start_step = 0
     if resume_from:
-        params, opt_state, start_step, losses = load_resume_state(resume_from, params, config,
-                                                                  settings)
+        params, opt_state, start_step, losses, loss_scale = load_resume_state(
+            resume_from, params, config, settings)
     bar = Progress(settings.steps, progress)
     start = time.perf_counter()
     for step in range(start_step, settings.steps):
@@ -274,7 +277,8 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         bar.update(step, loss)
         if checkpoint and checkpoint_now(step + 1, settings.steps, checkpoint_every):
             save_whole(checkpoint, params, opt_state, checkpoint_manifest(
-                step + 1, losses, config, settings, {"program": "tfcourse.train"}, []), keep)
+                step + 1, losses, config, settings, {"program": "tfcourse.train"}, [],
+                loss_scale), keep)
     seconds = time.perf_counter() - start
     steps_run = settings.steps - start_step
     return {
@@ -285,7 +289,8 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         "settings": dataclasses.asdict(settings),
         "unigram_baseline": unigram_cross_entropy(corpus.ids, corpus.vocab.size),
         "params": params,
-        **({"loss_scales": scales, "skipped_steps": skipped} if scales else {}),
+        **({"loss_scales": scales, "skipped_steps": skipped, "loss_scale": loss_scale}
+           if loss_scale else {}),
     }
 
 
@@ -311,9 +316,15 @@ def checkpoint_now(done: int, steps: int, every: int) -> bool:
 
 
 def checkpoint_manifest(step: int, losses: list, config: TransformerConfig,
-                        settings: TrainSettings, layout: dict, shards: list[dict]) -> dict:
+                        settings: TrainSettings, layout: dict, shards: list[dict],
+                        loss_scale: dict | None = None) -> dict:
     """The manifest of a checkpoint after `step` steps (tfcourse.checkpoint): what was trained,
-    how, by which layout, and the global arrays that the shards' pieces make up."""
+    how, by which layout, and the global arrays that the shards' pieces make up. fp16 also
+    saves dynamic loss scaling's state (`loss_scale`, optim.loss_scale_init's dict): the scale
+    and its counters decide which later steps are skipped, so an exact resume needs them."""
+    if (config.precision == "fp16") != (loss_scale is not None):
+        raise ValueError(f"loss_scale: expected the loss-scale state with precision fp16 and "
+                         f"None otherwise, got {loss_scale!r} with {config.precision}")
     dtype = np.dtype(config.dtype).name
     arrays = {"opt/step": {"shape": [], "dtype": "int64"}}
     for name, shape in param_shapes(config).items():
@@ -321,7 +332,7 @@ def checkpoint_manifest(step: int, losses: list, config: TransformerConfig,
             arrays[key] = {"shape": list(shape), "dtype": dtype}
     return {"step": step, "losses": list(losses), "config": config.to_dict(),
             "settings": dataclasses.asdict(settings), "layout": layout, "shards": shards,
-            "arrays": arrays}
+            "arrays": arrays, **({"loss_scale": dict(loss_scale)} if loss_scale else {})}
 
 
 def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings) -> dict:
@@ -339,8 +350,17 @@ def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings
         raise ValueError(f"--resume: the checkpoint in {folder!r} has step {step!r} in its "
                          f"manifest, expected an integer >= 0")
     saved_config = manifest.get("config")
-    if not isinstance(saved_config, dict) or _same_numbers(saved_config) != _same_numbers(
-            config.to_dict()):
+    model = _same_numbers(saved_config) if isinstance(saved_config, dict) else None
+    asked = _same_numbers(config.to_dict())
+    if model and model["precision"] != asked["precision"]:
+        # the same weights could continue in another precision, but then the run would be
+        # neither uninterrupted run: a resume here is always exact, so it is refused
+        flags = f"--precision {model['precision']}" + (
+            f" --dtype {model.get('dtype')}" if model.get("dtype") != asked["dtype"] else "")
+        raise ValueError(f"--resume: the checkpoint in {folder!r} was trained with --precision "
+                         f"{model['precision']}, this run asks for --precision "
+                         f"{asked['precision']}: resume it with {flags}, or start a new run")
+    if model != asked:
         raise ValueError(f"--resume: the checkpoint in {folder!r} is of another model "
                          f"({manifest.get('config')}), expected {config.to_dict()}")
     saved, wanted = manifest.get("settings", {}), dataclasses.asdict(settings)
@@ -353,7 +373,33 @@ def check_resume(folder: str, config: TransformerConfig, settings: TrainSettings
     if step >= settings.steps:
         raise ValueError(f"--resume: the checkpoint in {folder!r} is at step {step}, "
                          f"the run's last: there is nothing left to train")
+    saved_loss_scale(manifest, folder, config)
     return manifest
+
+
+def saved_loss_scale(manifest: dict, folder: str, config: TransformerConfig) -> dict | None:
+    """fp16's loss-scale state from a checkpoint's manifest (None in fp32 and bf16), checked:
+    a ValueError naming --resume if it is missing (a checkpoint written before they saved it)
+    or malformed."""
+    if config.precision != "fp16":
+        return None
+    entry = manifest.get("loss_scale")
+    if entry is None:
+        raise ValueError(f"--resume: the checkpoint in {folder!r} holds no fp16 loss scale "
+                         f"(written by a version that did not save it), so the run cannot "
+                         f"continue exactly: start a new run without --resume")
+    fields = entry if isinstance(entry, dict) else {}
+    scale, good, skipped = (fields.get(key) for key in ("scale", "good_steps", "skipped_in_a_row"))
+    if not (_is_number(scale) and math.isfinite(scale) and scale > 0
+            and all(_is_number(c) and isinstance(c, int) and c >= 0 for c in (good, skipped))):
+        raise ValueError(f"--resume: the checkpoint in {folder!r} has loss scale {entry!r} in "
+                         f"its manifest, expected {{'scale': a positive number, 'good_steps' "
+                         f"and 'skipped_in_a_row': integers >= 0}}")
+    return {"scale": float(scale), "good_steps": good, "skipped_in_a_row": skipped}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _same_numbers(config: dict) -> dict:
@@ -363,10 +409,21 @@ def _same_numbers(config: dict) -> dict:
                                     if name != "recompute"}}
 
 
+class Resumed(NamedTuple):
+    """What a run continues from: the global arrays, the steps done, their losses, and fp16's
+    loss-scale state (None in fp32 and bf16)."""
+
+    params: dict
+    opt_state: dict
+    step: int
+    losses: list
+    loss_scale: dict | None
+
+
 def load_resume_state(folder: str, fresh_params: dict, config: TransformerConfig,
-                      settings: TrainSettings) -> tuple[dict, dict, int, list[float]]:
-    """(params, opt_state, step, losses): the global arrays of the newest checkpoint in
-    `folder` (check_resume first). Every problem is a ValueError naming --resume: a missing,
+                      settings: TrainSettings) -> Resumed:
+    """The global arrays of the newest checkpoint in `folder` (check_resume first), its step,
+    losses and loss scale. Every problem is a ValueError naming --resume: a missing,
     corrupt or foreign folder, another model's shapes or dtype (`fresh_params` are the
     expected ones), or NaN/inf in the saved arrays (a run that had diverged)."""
     manifest = check_resume(folder, config, settings)
@@ -384,7 +441,8 @@ def load_resume_state(folder: str, fresh_params: dict, config: TransformerConfig
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise ValueError(f"--resume: {folder!r} holds NaN or infinite values in "
                                  f"{kind} {name!r} (saved after training diverged?)")
-    return params, opt_state, manifest["step"], manifest["losses"]
+    return Resumed(params, opt_state, manifest["step"], manifest["losses"],
+                   saved_loss_scale(manifest, folder, config))
 
 
 def train_seq2seq(config: Seq2SeqConfig, train_data: Seq2SeqData, settings: TrainSettings,
@@ -490,9 +548,6 @@ def training_setup(args: argparse.Namespace, precisions: tuple[str, ...] = ("fp3
     if precision != "fp32" and dtype != "float32":
         raise ValueError(f"--dtype: mixed precision keeps float32 master weights, expected "
                          f"float32 with --precision {precision}, got {dtype}")
-    if precision == "fp16" and (args.checkpoint or args.resume):
-        raise ValueError("--checkpoint/--resume: checkpoints do not save fp16's loss scale "
-                         "yet, expected no checkpoint with --precision fp16 (bf16 resumes)")
     corpus = load_corpus(args.text)
     config = preset(args.config, corpus.vocab.size, dtype=dtype, precision=precision,
                     **config_overrides)

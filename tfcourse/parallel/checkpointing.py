@@ -15,7 +15,7 @@ import dataclasses
 
 from tfcourse.checkpoint import step_folder, write_manifest, write_shard
 from tfcourse.nn.model import init_params, param_shapes
-from tfcourse.nn.optim import adamw_init
+from tfcourse.nn.optim import adamw_init, loss_scale_init
 from tfcourse.parallel.plans.placement import Placement, local_state, pieces
 from tfcourse.parallel.program import Start, State, agree_on_arguments, stop_together
 from tfcourse.train import TrainingSetup, checkpoint_manifest, load_resume_state
@@ -47,7 +47,7 @@ class Checkpointing:
                 if not errors:
                     write_manifest(folder, checkpoint_manifest(
                         step, losses, setup.config, setup.settings, self.layout,
-                        [e for e, _ in shards]), self.keep)
+                        [e for e, _ in shards], state.loss_scale), self.keep)
             except OSError as err:
                 errors.append(f"rank 0: {err.strerror or err}")
             error = (f"--checkpoint: saving step {step} in {self.folder!r} failed ("
@@ -58,18 +58,21 @@ class Checkpointing:
 
 def start_training(comm, args, setup: TrainingSetup, placement: Placement, layout: dict
                    ) -> tuple[Start, Checkpointing | None]:
-    """This rank's part of the serial model's fresh parameters and AdamW state - or, with
-    --resume, of the newest checkpoint there, written by any layout (every rank assembles
-    the global arrays and takes its part) - and what --checkpoint asks to save."""
+    """This rank's part of the serial model's fresh parameters and AdamW state (and fp16's
+    fresh loss scale) - or, with --resume, of the newest checkpoint there, written by any
+    layout (every rank assembles the global arrays and takes its part; the loss scale is
+    the same on every rank) - and what --checkpoint asks to save."""
     config, settings = setup.config, setup.settings
 
     def load() -> Start:
         params = init_params(config, settings.seed)
         if not args.resume:
-            return Start(State(*local_state(placement, params, adamw_init(params))))
-        params, opt_state, step, losses = load_resume_state(args.resume, params, config,
-                                                            settings)
-        return Start(State(*local_state(placement, params, opt_state)), step, tuple(losses))
+            loss_scale = loss_scale_init() if config.precision == "fp16" else None
+            return Start(State(*local_state(placement, params, adamw_init(params)),
+                               loss_scale))
+        resumed = load_resume_state(args.resume, params, config, settings)
+        return Start(State(*local_state(placement, resumed.params, resumed.opt_state),
+                           resumed.loss_scale), resumed.step, tuple(resumed.losses))
 
     start = agree_on_arguments(comm, load)  # a corrupt shard stops every rank, cleanly
     saving = None if not args.checkpoint else Checkpointing(

@@ -36,7 +36,7 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.nn.model import loss_and_grads, param_shapes
-from tfcourse.nn.optim import loss_scale_init, state_nbytes, sum_of_squares
+from tfcourse.nn.optim import state_nbytes, sum_of_squares
 from tfcourse.nn.precision import PRECISIONS, state_bytes
 from tfcourse.nn.validate import require_positive_int, require_real
 from tfcourse.parallel.checkpointing import start_training
@@ -251,8 +251,6 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     dp = DataParallel(config, settings, comm, args.allreduce, args.zero,
                       make_buckets(list(sizes), sizes, int(args.bucket_mb * 2**20 // 8)),
                       owners if args.zero else None)
-    if config.precision == "fp16":
-        start = start._replace(state=start.state._replace(loss_scale=loss_scale_init()))
     result = train(comm, setup, start, functools.partial(train_step, dp=dp), args.split_waiting,
                    saving, args.trace_memory)
     itemsize, mixed = np.dtype(config.dtype).itemsize, config.precision != "fp32"
@@ -266,6 +264,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     return result_record(
         result, setup, comm, memory, allreduce=args.allreduce, zero=args.zero,
         precision=config.precision,
+        **({"loss_scale": final.loss_scale} if final.loss_scale else {}),  # fp16's, at the end
         predicted_memory_bytes=zero_state_bytes_per_rank(
             sum(sizes.values()), comm.size, args.zero, itemsize, mixed),
         bytes_sent_per_step=bytes_sent(result.logs, comm.size, SENDS) / settings.steps,
