@@ -444,9 +444,13 @@ def block_backward_weight(w_work) -> dict:
 
 
 def block_backward(dy, cache):
-    """Returns (dx, grads of block i's parameters, with full names): B then W."""
-    dx, w_work = block_backward_input(dy, cache)
-    return dx, block_backward_weight(w_work)
+    """Returns (dx, grads of block i's parameters, with full names): each sublayer's B then
+    its W (the same functions as block_backward_input and _weight), so a sublayer's
+    gradient work is freed before the next sublayer's backward starts."""
+    attn_cache, ffn_cache = cache
+    dh, ffn_grads = ffn_sublayer_backward(dy, ffn_cache)
+    dx, _, attn_grads = attention_sublayer_backward(dh, attn_cache)
+    return dx, {**attn_grads, **ffn_grads}
 
 
 def recomputed_block_backward_input(dy, saved):
@@ -636,7 +640,8 @@ def weight_pass(deferred: list, on_grads: Callable[[dict], None] | None = None,
 def backward_pass(dout, caches: list, on_grads: Callable[[dict], None] | None = None,
                   before: Callable[[str], None] | None = None, keep: bool = True):
     """The backward walk over `forward_pass`'s caches, last piece first: each piece's B,
-    then at once its W (`backward_input_pass`, `weight_pass` split them).
+    then at once its W, sublayer by sublayer (`backward_input_pass` and `weight_pass` split
+    them, keeping W's work for later).
 
     Returns (gradient of the walk's inputs - None if it began at the embedding, grads of
     every parameter it used). `on_grads(piece_grads)` is called as soon as each piece (head,
@@ -646,9 +651,14 @@ def backward_pass(dout, caches: list, on_grads: Callable[[dict], None] | None = 
     (a caller that sends each piece's away in `on_grads` need not hold them all).
     """
     grads = {}
-    for entry in reversed(caches):
-        dout, deferred = backward_input_pass(dout, [entry], before)
-        grads.update(weight_pass(deferred, on_grads, keep))
+    for backward, cache, piece in reversed(caches):
+        if before is not None:
+            before(piece)
+        dout, piece_grads = backward(dout, cache)  # the piece's B, then its W
+        if on_grads is not None:
+            on_grads(piece_grads)
+        if keep:
+            grads.update(piece_grads)
     return dout, grads
 
 
