@@ -212,7 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--microbatches", type=int, default=2, help="micro-batches (with --pp)")
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1],
                         help="1: ZeRO-1 across the replicas (AdamW state sharded over --dp)")
-    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--schedule", default="1f1b",  # interleaving: pipeline_parallel only
+                        choices=[name for name in SCHEDULES if name != "interleaved"])
     parser.add_argument("--sequence-parallel", action="store_true",
                         help="with --tp: Megatron sequence parallelism in each replica")
     return parser.parse_args(argv)

@@ -120,8 +120,8 @@ def in_its_program(name: str, fn, comm) -> str | None:
 
     if name == "schedule_1f1b":
         library = pipeline_parallel.schedule
-        pipeline_parallel.schedule = lambda kind, p, stage, m: (
-            fn(p, stage, m) if kind == "1f1b" else library(kind, p, stage, m))
+        pipeline_parallel.schedule = lambda kind, p, stage, m, v=1: (
+            fn(p, stage, m) if kind == "1f1b" else library(kind, p, stage, m, v))
         return training_equals_serial("tfcourse.parallel.pipeline_parallel", [
             "--schedule", "1f1b", "--microbatches", "3", "--layers", "4"], comm)
     if name == "broadcast_from_owners":  # the library's also takes the EventLog

@@ -56,6 +56,8 @@ from tfcourse.parallel.plans.pipeline import (
     SCHEDULES,
     MicrobatchChooser,
     busy_seconds,
+    check_schedule_args,
+    chunk_layers,
     microbatch_rows,
     parse_microbatches,
     parse_slowdown,
@@ -79,12 +81,13 @@ class Pipeline:
     comm: object
     schedule: str
     chooser: MicrobatchChooser
+    virtual_stages: int = 1  # the interleaved schedule's chunks per rank
 
 
 def train_step(state: State, tokens, targets, step: int, log, pp: Pipeline):
     """One pipeline step on the global batch; returns (new state, loss on every rank, grads)."""
     m = pp.chooser.for_step(step)
-    ops = schedule(pp.schedule, pp.comm.size, pp.comm.rank, m)
+    ops = schedule(pp.schedule, pp.comm.size, pp.comm.rank, m, pp.virtual_stages)
     loss, grads, peak = run_schedule(pp.stage, state.params, ops, tokens, targets, pp.config,
                                      pp.comm, log)
     state, loss = finish_step(state, loss, grads, step, pp.settings, pp.comm, log)
@@ -111,17 +114,25 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     stage_layers(n_layers, world_size, args.stage_layers)  # every stage needs a block
     if args.microbatches != "auto":
         microbatch_rows(setup.settings.batch_size, args.microbatches)
+    v = require_positive_int("--virtual-stages", args.virtual_stages)
+    if args.schedule == "interleaved":
+        if args.microbatches == "auto" or args.stage_layers or args.slowdown:
+            raise ValueError("--schedule interleaved: expected a number of --microbatches and "
+                             "no --stage-layers or --slowdown (its chunks are equal)")
+        chunk_layers(n_layers, world_size, v)  # the blocks must cut into p v equal chunks
+    check_schedule_args(args.schedule, world_size, 0,
+                        1 if args.microbatches == "auto" else args.microbatches, v)
     return setup
 
 
 def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     config, settings, p = setup.config, setup.settings, comm.size
     stage, part = start(config, comm, args.stage_layers,
-                        args.slowdown[comm.rank] if args.slowdown else 1.0)
+                        args.slowdown[comm.rank] if args.slowdown else 1.0, args.virtual_stages)
     state, saving = start_training(comm, args, setup, part, {
         "program": "pipeline_parallel", "stage_layers": args.stage_layers})
     chooser = MicrobatchChooser(settings.batch_size, args.microbatches)
-    pp = Pipeline(stage, config, settings, comm, args.schedule, chooser)
+    pp = Pipeline(stage, config, settings, comm, args.schedule, chooser, args.virtual_stages)
     result = train(comm, setup, state, functools.partial(train_step, pp=pp), saving=saving,
                    trace_memory=args.trace_memory)
     last = result.logs[-1]  # the last step's timeline, every rank's
@@ -134,15 +145,21 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     events = [r["events"] for r in per_rank]
     pipeline_seconds, bubbles = stage_bubbles(events)
     used = [log.info["microbatches"] for log in result.logs]
-    m = used[-1]
+    m, v = used[-1], args.virtual_stages
+    seconds = {kind: [e["end"] - e["start"] for r in events for e in r if e["kind"] == kind]
+               for kind in ("forward", "backward", "weight")}
+    t = {kind: float(np.mean(d)) if d else 0.0 for kind, d in seconds.items()}  # per op
     return {
         **record,
         "schedule": args.schedule,
         "microbatches": m,
         "microbatches_per_step": used,
         "microbatch_trials": {str(k): v[0] for k, v in chooser.measured.items()},
-        "stage_layers": [list(bounds) for bounds in stage_layers(config.n_layers, p,
-                                                                 args.stage_layers)],
+        "virtual_stages": v,
+        "stage_layers": ([[list(c) for c in chunks] for chunks in
+                          chunk_layers(config.n_layers, p, v)] if v > 1 else
+                         [list(bounds) for bounds in stage_layers(config.n_layers, p,
+                                                                  args.stage_layers)]),
         "slowdown": args.slowdown or [1.0] * p,
         "last_step_seconds": [r["step"] for r in per_rank],
         "pipeline_seconds": pipeline_seconds,
@@ -150,9 +167,11 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         "busy_seconds": [busy_seconds(e) for e in events],
         "bubble_measured_per_rank": bubbles,
         "bubble_measured": float(np.mean(bubbles)),
-        "bubble_formula": pipeline_bubble_fraction(p, m),
+        "op_seconds": t,  # mean seconds of a forward, a backward (B) and a W, measured
+        "bubble_formula": pipeline_bubble_fraction(  # at the measured costs
+            p, m, args.schedule, v, t["forward"], t["backward"] + t["weight"], t["weight"]),
         "peak_inflight": [r["peak"] for r in per_rank],
-        "peak_inflight_predicted": [pipeline_peak_microbatches(args.schedule, p, s, m)
+        "peak_inflight_predicted": [pipeline_peak_microbatches(args.schedule, p, s, m, v)
                                     for s in range(p)],
     }
 
@@ -163,6 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="micro-batches per step, or 'auto': try 1, 2, 4, ... and keep "
                              "the fastest")
     parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--virtual-stages", type=int, default=1, metavar="V",
+                        help="with --schedule interleaved: model chunks per rank (V > 1)")
     parser.add_argument("--stage-layers", default=None, metavar="N,N,...",
                         help="blocks per stage (default: as even as possible)")
     parser.add_argument("--slowdown", default=None, metavar="F,F,...",

@@ -138,7 +138,7 @@ def print_in_rank_order(comm: MPI.Comm, line: str) -> list[str] | None:
 
 # --------------------------------------------------------------------------- timing
 
-COMPUTE = ("forward", "backward")
+COMPUTE = ("forward", "backward", "weight")
 WAITING = ("wait", "sync", "waiting")
 
 

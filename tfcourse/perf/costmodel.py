@@ -325,10 +325,29 @@ def fit_ring_links(sizes_bytes, ring_seconds, p: int) -> tuple[float, float]:
     return alpha / (2 * (p - 1)), beta
 
 
-def pipeline_bubble_fraction(p: int, m: int) -> float:
-    """Idle fraction of a GPipe/1F1B schedule with p stages and m micro-batches: (p-1)/(m+p-1)."""
+def pipeline_bubble_fraction(p: int, m: int, schedule: str = "1f1b", v: int = 1,
+                             t_forward: float = 1.0, t_backward: float = 2.0,
+                             t_weight: float | None = None) -> float:
+    """Idle fraction of a pipeline schedule with p stages and m micro-batches.
+
+    GPipe and 1F1B: (p - 1) / (m + p - 1), whatever the costs - the ramp-up and ramp-down
+    take p - 1 micro-batch slots of the m + p - 1. Interleaved with v chunks per stage
+    (Narayanan et al. 2021): each slot is a v-th as long, (p - 1) / (v m + p - 1).
+    ZB-H1 (Qi et al. 2024): the backward split into B (its input gradient, T_B = t_backward -
+    t_weight) and W (T_W = t_weight, default half), the ramp-down's waits filled with W's:
+    each stage idles (p - 1)(T_F + T_B) - min(p - 1, m - 1) min(T_B, T_W) - the paper's
+    (p - 1)(T_F + T_B - T_W) when m >= p and T_W <= T_B - against 1F1B's
+    (p - 1)(T_F + T_B + T_W). (Derived from the simulator's timelines, and tested on them.)"""
     p, m = require_positive_int("p", p), require_positive_int("m", m)
-    return (p - 1) / (m + p - 1)
+    check_schedule_args(schedule, p, 0, m, v)
+    if schedule == "interleaved":
+        return (p - 1) / (v * m + p - 1)
+    if schedule != "zb-h1":
+        return (p - 1) / (m + p - 1)
+    t_weight = t_backward / 2 if t_weight is None else t_weight
+    t_input = t_backward - t_weight
+    idle = (p - 1) * (t_forward + t_input) - min(p - 1, m - 1) * min(t_input, t_weight)
+    return idle / (idle + m * (t_forward + t_backward))
 
 
 def tensor_parallel_allreduce_bytes(batch: int, seq_len: int, d_model: int, n_layers: int,
@@ -378,12 +397,18 @@ def training_days(n_params: float, n_tokens: float, n_devices: int, peak_flops_p
                                                      * utilisation) / 86400
 
 
-def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int) -> int:
+def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int, v: int = 1) -> int:
     """Micro-batches whose activations stage `stage` of p keeps alive at once, at the peak:
     GPipe runs all m forwards before any backward (m); 1F1B starts backwards after
-    p - stage - 1 warm-up forwards, so at most min(p - stage, m)."""
-    check_schedule_args(schedule, p, stage, m)
-    return m if schedule == "gpipe" else min(p - stage, m)
+    p - stage - 1 warm-up forwards, so at most min(p - stage, m); ZB-H1 keeps each until its
+    W, stage s running W s backwards late, so min(p, m) on every stage - 1F1B's stage 0 (and
+    from B to W only what W needs: weight_work_bytes_per_layer). Interleaved: (micro-batch,
+    chunk) pairs, each a v-th of the stage's layers - its warm-up of 2 (p - stage - 1) +
+    (v - 1) p forwards, plus one (all m v when m = p)."""
+    check_schedule_args(schedule, p, stage, m, v)
+    if schedule == "interleaved":
+        return m * v if m == p else min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v)
+    return {"gpipe": m, "1f1b": min(p - stage, m), "zb-h1": min(p, m)}[schedule]
 
 
 # --------------------------------------------------------------------------- sequence parallelism
