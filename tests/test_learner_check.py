@@ -11,6 +11,7 @@ import pytest
 
 from tfcourse import check as mpi_check
 from tfcourse.parallel import comm, task_parallel, zero3
+from tfcourse.parallel.plans.pipeline import schedule
 
 pytestmark = pytest.mark.mpi
 
@@ -254,3 +255,75 @@ def test_zero3_hooks_that_hold_too_much_or_do_not_prefetch_are_rejected(tmp_path
     path = write(tmp_path, "zero3_hooks", mpi_check.header("zero3_hooks") + source)
     with pytest.raises(AssertionError, match=f"zero3_hooks under mpiexec -n 3, rank \\d: .*{says}"):
         mpi_check.run_check("zero3_hooks", path, ranks=(3,), timeout=30)
+
+
+RIGHT_ZB_H1 = '''
+def schedule_zb_h1(p, stage, m):
+    warmup = min(p - stage - 1, m)  # 1F1B's order of forwards and backwards
+    ops = [("F", i) for i in range(warmup)]
+    for i in range(m - warmup):
+        ops += [("F", warmup + i), ("B", i)]
+    ops += [("B", i) for i in range(m - warmup, m)]
+    late = stage  # stage s runs W(i) right after B(i + s)
+    with_w = []
+    for kind, i in ops:
+        with_w.append((kind, i))
+        if kind == "B" and i >= late:
+            with_w.append(("W", i - late))
+    return with_w + [("W", i) for i in range(max(m - late, 0), m)]
+'''
+W_AFTER_B = ('        with_w.append((kind, i))\n        if kind == "B" and i >= late:\n'
+             '            with_w.append(("W", i - late))\n')
+W_TAIL = ' + [("W", i) for i in range(max(m - late, 0), m)]'
+ZB_H1_WRONG = {  # what goes wrong: (right, wrong, what the message must say)
+    "W right after its own B (1F1B split)": (
+        "late = stage", "late = 0",
+        r"p=2, stage 1, m=2: op 2 is \('W', 0\) where ZB-H1 runs \('F', 1\) - every W comes "
+        r"right after its own B, on every stage: 1F1B with the backward split - it trains "
+        r"right, but .*idle 20.0% .* at p=4, m=8 .*ZB-H1's 11.1% \(1F1B's, whole backwards: "
+        r"27.3%\)"),
+    "all W's at the end": (
+        "late = stage", "late = m",
+        r"p=1, stage 0, m=2: op 2 is \('F', 1\) where ZB-H1 runs \('W', 0\) - every W at the "
+        r"very end of the step: at p=4, m=8 your stage 0 holds 8 micro-batches at once; ZB-H1 "
+        r"holds at most min\(p, m\) = 4"),
+    "W before its B": (W_AFTER_B, W_AFTER_B.replace("        with_w.append((kind, i))\n", "")
+                       + "        with_w.append((kind, i))\n",
+                       r"W\(0\) runs before B\(0\): W needs the work its B leaves"),
+    "leftover W's forgotten": (W_TAIL, "", r"p=2, stage 1, m=1: op 2 is missing \(your list "
+                               r"ends\) where ZB-H1 runs \('W', 0\) - W\(0\) is missing"),
+    "a W twice": ("range(max(m - late, 0), m)", "range(m)", r"W\(0\) runs 2 times"),
+    "W delayed p - stage - 1 (the wrong direction)": (
+        "late = stage", "late = p - stage - 1",
+        r"the wrong direction: at p=4, m=8 your stage 0 holds 7 micro-batches at once; ZB-H1 "
+        r"holds at most min\(p, m\) = 4"),
+    "whole backwards, no W": (
+        "return with_w" + W_TAIL, "return ops",
+        r"op 2 is missing \(your list ends\) where ZB-H1 runs \('W', 0\) - your lists have no "
+        r"W: their B's are whole backwards \(that is 1F1B\)"),
+}
+
+
+def test_the_library_zb_h1_passes_from_the_command_line_at_one_to_four_ranks(tmp_path):
+    namespace = {}
+    exec(RIGHT_ZB_H1, namespace)
+    assert all(namespace["schedule_zb_h1"](p, s, m) == schedule("zb-h1", p, s, m)
+               for p in range(1, 6) for s in range(p) for m in range(1, 10))
+    path = write(tmp_path, "schedule_zb_h1", mpi_check.header("schedule_zb_h1") + RIGHT_ZB_H1)
+    proc = subprocess.run([sys.executable, "-m", "tfcourse.check", "schedule_zb_h1", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("✓ schedule_zb_h1: equals the library under mpiexec with 1, "
+                                  "2, 3, 4 ranks, and pipeline training with it (B and W apart) "
+                                  "equals serial training")
+
+
+@pytest.mark.parametrize("wrong", ZB_H1_WRONG)
+def test_classic_wrong_zb_h1_schedules_are_rejected_with_what_they_cost(tmp_path, wrong):
+    right, mistake, says = ZB_H1_WRONG[wrong]
+    assert right in RIGHT_ZB_H1
+    path = write(tmp_path, "schedule_zb_h1", mpi_check.header("schedule_zb_h1")
+                 + RIGHT_ZB_H1.replace(right, mistake))
+    with pytest.raises(AssertionError, match=f"schedule_zb_h1 under mpiexec -n 3, rank \\d: "
+                       f".*{says}"):
+        mpi_check.run_check("schedule_zb_h1", path, ranks=(3,), timeout=30)

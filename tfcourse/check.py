@@ -9,6 +9,9 @@ owner's values, in a new dict (tfcourse.parallel.data_parallel's, without its lo
 megatron_ops(comm) returning the SublayerOps (enter = f, exit = g) of tensor parallelism
 (tfcourse.parallel.tensor_parallel's, without its log); schedule_1f1b(p, stage, m) returning
 the list of ("F" | "B", micro-batch) that plans.pipeline.schedule("1f1b", ...) returns;
+schedule_zb_h1(p, stage, m), the zero-bubble ZB-H1's list of ("F" | "B" | "W", micro-batch)
+(B the input gradient, W the weight gradients) that plans.pipeline.schedule("zb-h1", ...)
+returns - a list that differs is measured: micro-batches held at once, simulated bubble;
 merge_partials(a, b) as in tfcourse.nn.attention; master(tasks, comm, t0), the master of
 dynamic scheduling in tfcourse.parallel.task_parallel (its workers are the library's);
 zero3_hooks(gather) returning ZeRO-3's (forward_hook, backward_hook), the order in which
@@ -33,13 +36,14 @@ from pathlib import Path
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 
 NAMES = ("ring_reduce_scatter", "ring_all_gather", "broadcast_from_owners", "megatron_ops",
-         "schedule_1f1b", "merge_partials", "master", "zero3_hooks")
+         "schedule_1f1b", "schedule_zb_h1", "merge_partials", "master", "zero3_hooks")
 RANKS = (1, 2, 3, 4)
 CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial training",
            "ring_all_gather": "data-parallel training with it equals serial training",
            "broadcast_from_owners": "ZeRO-1 training with it equals serial training",
            "merge_partials": "ring attention with it equals full attention",
            "schedule_1f1b": "pipeline training with it equals serial training",
+           "schedule_zb_h1": "pipeline training with it (B and W apart) equals serial training",
            "megatron_ops": "tensor-parallel training with it equals serial training (at 1, 2 "
                            "and 4 ranks: the tiny model's 4 heads do not split over 3)",
            "master": "the chapter's task graph run by it equals a serial run",
@@ -48,6 +52,9 @@ CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial 
 HINTS = {"master": "Did the master send STOP to every worker once every task had its outcome, "
                    "and can it run the tasks itself when there is no worker (one rank)?",
          "megatron_ops": "Every rank must call the same collectives in the same order.",
+         "schedule_zb_h1": "Every stage must run the same micro-batches' F and B as its "
+                           "neighbours expect them: B(i) needs F(i) and the next stage's "
+                           "B(i), W(i) its own B(i).",
          "zero3_hooks": "Each hook must fill its own piece (fill waits for the broadcasts it "
                         "or an earlier `then` posted), the same way on every rank."}
 HEADER = ("import numpy as np\nfrom mpi4py import MPI\n\n"

@@ -9,7 +9,9 @@ buffer, and for a ring the messages each rank sends, p - 1 steps); then the prog
 the function runs with the learner's in the library's place and is compared with its serial
 reference: data-parallel, ZeRO-1, tensor-parallel or pipeline training against serial
 training, ring attention against full attention, the master/worker task graph against a
-serial run; ZeRO-3's hooks also have their memory and prefetch watched (learner_zero3).
+serial run (1F1B and ZB-H1 schedules: pipeline training with the learner's list for that
+--schedule); ZeRO-3's hooks also have their memory and prefetch watched (learner_zero3), a
+schedule that differs is measured - peak in flight, simulated bubble (learner_schedules).
 Rank 0 prints one line and writes --json: {"ok", "problem"}.
 Start it with `python -m tfcourse.check NAME FILE` (all rank counts, one command).
 """
@@ -107,6 +109,9 @@ def tensor_parallel_fits(world_size: int) -> bool:
     return True
 
 
+LEARNED_SCHEDULES = {"schedule_1f1b": "1f1b", "schedule_zb_h1": "zb-h1"}  # name: its --schedule
+
+
 def in_its_program(name: str, fn, comm) -> str | None:
     """Put the learner's function where the library's is looked up, then run the program
     that uses it against its serial reference."""
@@ -118,12 +123,13 @@ def in_its_program(name: str, fn, comm) -> str | None:
         zero3,
     )
 
-    if name == "schedule_1f1b":
-        library = pipeline_parallel.schedule
+    if name in LEARNED_SCHEDULES:  # the learner's list for its kind, the library's for others
+        learned, library = LEARNED_SCHEDULES[name], pipeline_parallel.schedule
         pipeline_parallel.schedule = lambda kind, p, stage, m, v=1: (
-            fn(p, stage, m) if kind == "1f1b" else library(kind, p, stage, m, v))
+            [tuple(op) for op in fn(p, stage, m)] if kind == learned
+            else library(kind, p, stage, m, v))
         return training_equals_serial("tfcourse.parallel.pipeline_parallel", [
-            "--schedule", "1f1b", "--microbatches", "3", "--layers", "4"], comm)
+            "--schedule", learned, "--microbatches", "3", "--layers", "4"], comm)
     if name == "broadcast_from_owners":  # the library's also takes the EventLog
         data_parallel.broadcast_from_owners = lambda params, owners, c, log: fn(params,
                                                                                  owners, c)

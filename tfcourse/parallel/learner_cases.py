@@ -10,6 +10,7 @@ import numpy as np
 
 from tfcourse.parallel import comm as collectives
 from tfcourse.parallel.learner_master import check_master
+from tfcourse.parallel.learner_schedules import check_schedule_1f1b, check_schedule_zb_h1
 from tfcourse.parallel.learner_zero3 import check_zero3_hooks
 from tfcourse.parallel.plans.batches import chunk_bounds
 
@@ -126,25 +127,6 @@ def check_merge_partials(fn, comm):
         yield problem
 
 
-def check_schedule_1f1b(fn, comm):
-    """1F1B's operations per stage against the library's, for 1-5 stages and 1-8
-    micro-batches."""
-    from tfcourse.parallel.plans.pipeline import schedule
-
-    for p in range(1, 6):
-        problem = None
-        for stage in range(p):
-            for m in range(1, 9):
-                got, want = [tuple(op) for op in fn(p, stage, m)], schedule("1f1b", p, stage, m)
-                if got != want:
-                    problem = (f"p={p}, stage {stage}, m={m}: {got} instead of {want}: how many "
-                               f"forwards does stage s run before its first backward?")
-                    break
-            if problem:
-                break
-        yield problem
-
-
 def check_broadcast_from_owners(fn, comm):
     """ZeRO's parameter update: each owner's updated tensors reach every rank. Every rank
     starts with different values; afterwards every tensor must hold its owner's, and the
@@ -212,6 +194,7 @@ CHECKS = {"ring_reduce_scatter": check_ring_reduce_scatter,
           "ring_all_gather": check_ring_all_gather,
           "merge_partials": check_merge_partials,
           "schedule_1f1b": check_schedule_1f1b,
+          "schedule_zb_h1": check_schedule_zb_h1,
           "megatron_ops": check_megatron_ops,
           "master": check_master,
           "zero3_hooks": check_zero3_hooks}
