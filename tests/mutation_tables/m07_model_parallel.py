@@ -161,4 +161,98 @@ for i in range(m - warmup):
 return ops + [("B", i) for i in range(m - warmup, m)]
 """,
     },
+    "schedule_zb_h1": {  # run under mpiexec by tfcourse.check
+        "W right after its own B (1F1B with a split backward)": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+ops += [("B", i) for i in range(m - warmup, m)]
+late = 0
+with_w = []
+for kind, i in ops:
+    with_w.append((kind, i))
+    if kind == "B" and i >= late:
+        with_w.append(("W", i - late))
+return with_w + [("W", i) for i in range(max(m - late, 0), m)]
+""",
+        "every W at the end": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+ops += [("B", i) for i in range(m - warmup, m)]
+late = m
+with_w = []
+for kind, i in ops:
+    with_w.append((kind, i))
+    if kind == "B" and i >= late:
+        with_w.append(("W", i - late))
+return with_w + [("W", i) for i in range(max(m - late, 0), m)]
+""",
+        "W before its B": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+ops += [("B", i) for i in range(m - warmup, m)]
+late = stage
+with_w = []
+for kind, i in ops:
+    if kind == "B" and i >= late:
+        with_w.append(("W", i - late))
+    with_w.append((kind, i))
+return with_w + [("W", i) for i in range(max(m - late, 0), m)]
+""",
+        "leftover W's forgotten": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+ops += [("B", i) for i in range(m - warmup, m)]
+late = stage
+with_w = []
+for kind, i in ops:
+    with_w.append((kind, i))
+    if kind == "B" and i >= late:
+        with_w.append(("W", i - late))
+return with_w
+""",
+        "a W twice": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+ops += [("B", i) for i in range(m - warmup, m)]
+late = stage
+with_w = []
+for kind, i in ops:
+    with_w.append((kind, i))
+    if kind == "B" and i >= late:
+        with_w.append(("W", i - late))
+return with_w + [("W", i) for i in range(m)]
+""",
+        "W late by p - stage - 1 (the wrong direction)": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+ops += [("B", i) for i in range(m - warmup, m)]
+late = p - stage - 1
+with_w = []
+for kind, i in ops:
+    with_w.append((kind, i))
+    if kind == "B" and i >= late:
+        with_w.append(("W", i - late))
+return with_w + [("W", i) for i in range(max(m - late, 0), m)]
+""",
+        "whole backwards, no W (that is 1F1B)": """
+warmup = min(p - stage - 1, m)
+ops = [("F", i) for i in range(warmup)]
+for i in range(m - warmup):
+    ops += [("F", warmup + i), ("B", i)]
+ops += [("B", i) for i in range(m - warmup, m)]
+return ops
+""",
+    },
 }
