@@ -35,6 +35,8 @@ CASES = [  # (dp, pp, tp, schedule, micro-batches, global batch)
     # 3D: pipeline stages that are tensor-parallel groups, with and without replicas (8 ranks
     # on 2 cores: a correctness run)
     (1, 2, 2, "1f1b", 2, 8), (1, 2, 2, "gpipe", 3, 6), (2, 2, 2, "1f1b", 2, 8),
+    # zero bubble H1 (B and W split) in tensor-parallel stages and over replicas
+    (1, 2, 2, "zb-h1", 4, 8), (2, 2, 1, "zb-h1", 3, 6),
 ]
 
 
@@ -54,6 +56,7 @@ SP_CASES = [  # (dp, pp, tp, schedule, micro-batches, global batch)
     (2, 1, 2, "1f1b", 1, 8), (1, 1, 4, "1f1b", 1, 8),
     # sequence parallelism inside pipeline stages: each tensor rank sends its slice onwards
     (1, 2, 2, "1f1b", 2, 8), (1, 2, 2, "gpipe", 3, 6), (2, 2, 2, "1f1b", 2, 8),
+    (1, 2, 2, "zb-h1", 2, 8),
 ]
 
 

@@ -71,13 +71,78 @@ def test_simulated_bubble_equals_the_formula(schedule_name, p, m):
     """With uniform stages, both schedules idle exactly (p-1)/(m+p-1) of the time."""
     events, simulated, formula = widgets.explorer_pipeline(schedule_name, p, m)
     assert simulated == pytest.approx(formula)
+    assert formula == pytest.approx((p - 1) / (m + p - 1))
     assert len(events) == p and all(len(stage) == 2 * m for stage in events)
 
 
-def test_bubble_explorer_builds():
+def test_explorer_pipeline_keeps_chapter_7s_call():
+    """notebooks/07_model_parallel.ipynb: explorer_pipeline(name, p=4, m=6) for GPipe and
+    1F1B, idle a third of the time (3 slots of 9) at the default costs (forward 1, backward 2)."""
+    for name in ("gpipe", "1f1b"):
+        events, simulated, formula = widgets.explorer_pipeline(name, p=4, m=6)
+        assert simulated == pytest.approx(3 / 9) and formula == pytest.approx(3 / 9)
+        assert max(e["end"] for stage in events for e in stage) == pytest.approx(9 * 3.0)
+
+
+def test_four_schedules_side_by_side_equal_costs_by_hand():
+    """p = 4, m = 8, v = 2, F = B = W = 1: GPipe and 1F1B idle 3 of 11 slots, interleaved 3
+    of 2 * 8 + 3 half-slots, ZB-H1 (p - 1)(T_F + T_B - T_W) = 3 of 8 * 3 + 3 time units."""
+    shown = widgets.explorer_pipelines(4, 8, v=2, forward_cost=1.0, input_cost=1.0,
+                                       weight_cost=1.0)
+    assert list(shown) == ["gpipe", "1f1b", "interleaved", "zb-h1"]
+    expected = {"gpipe": 3 / 11, "1f1b": 3 / 11, "interleaved": 3 / 19, "zb-h1": 3 / 27}
+    for name, bubble in expected.items():
+        assert shown[name]["simulated"] == pytest.approx(bubble, rel=1e-12), name
+        assert shown[name]["formula"] == pytest.approx(bubble, rel=1e-12), name
+        assert f"{bubble:.1%} simulated, {bubble:.1%} by" in shown[name]["title"], name
+    ops_per_stage = {"gpipe": 16, "1f1b": 16, "interleaved": 32, "zb-h1": 24}  # F B (W) each
+    for name, count in ops_per_stage.items():
+        assert [len(stage) for stage in shown[name]["events"]] == [count] * 4, name
+    assert "(p-1)/(vm+p-1)" in shown["interleaved"]["title"]
+    # every stage does the same work: m (F + B + W) = 24 time units
+    for name in expected:
+        for stage in shown[name]["events"]:
+            assert sum(e["end"] - e["start"] for e in stage) == pytest.approx(24.0), name
+
+
+def test_four_schedules_unequal_costs_by_hand():
+    """p = 2, m = 2, F = 1, B = 1, W = 2 (a whole backward of 3). GPipe and 1F1B: 1 slot of
+    3, makespan 3 * 4 = 12, bubble 1/3. Interleaved (v = 2, half-chunks of F 0.5 and backward
+    1.5): 1 half-slot of 2 * 2 + 1, bubble 1/5. ZB-H1 by hand: stage 1 F0 1-2, B0 2-3, F1 3-4,
+    B1 4-5, W0 5-7, W1 7-9; stage 0 F0 0-1, F1 1-2, B0 3-4, W0 4-6, B1 6-7, W1 7-9: busy 8
+    of 9, bubble 1/9."""
+    shown = widgets.explorer_pipelines(2, 2, v=2, forward_cost=1.0, input_cost=1.0,
+                                       weight_cost=2.0)
+    expected = {"gpipe": 1 / 3, "1f1b": 1 / 3, "interleaved": 1 / 5, "zb-h1": 1 / 9}
+    for name, bubble in expected.items():
+        assert shown[name]["simulated"] == pytest.approx(bubble, rel=1e-12), name
+        assert shown[name]["formula"] == pytest.approx(bubble, rel=1e-12), name
+    stage_0 = [(e["kind"], e["microbatch"], e["start"], e["end"])
+               for e in shown["zb-h1"]["events"][0]]
+    assert stage_0 == [("forward", 0, 0, 1), ("forward", 1, 1, 2), ("backward", 0, 3, 4),
+                       ("weight", 0, 4, 6), ("backward", 1, 6, 7), ("weight", 1, 7, 9)]
+
+
+def test_interleaved_is_refused_with_its_reason_when_m_is_no_multiple_of_p():
+    shown = widgets.explorer_pipelines(4, 6, v=2)
+    assert shown["interleaved"]["events"] is None
+    assert "expected a multiple of 4, got 6" in shown["interleaved"]["title"]
+    assert shown["zb-h1"]["simulated"] == pytest.approx(shown["zb-h1"]["formula"])
+
+
+def test_bubble_explorer_builds_and_draws_the_four_schedules():
     import matplotlib.pyplot as plt
 
-    assert callable(widgets.bubble_explorer())
+    plt.close("all")
+    draw = widgets.bubble_explorer()
+    assert callable(draw)
+    axes = plt.gcf().axes
+    assert [ax.get_title(loc="left").split(",")[0].split(":")[0] for ax in axes] == \
+        ["gpipe", "1f1b", "interleaved", "zb-h1"]
+    plt.close("all")
+    draw(p=4, m=6, v=2)  # interleaved refused: its panel says why, the others are drawn
+    titles = [ax.get_title(loc="left") for ax in plt.gcf().axes]
+    assert "multiple of 4" in titles[2] and "simulated" in titles[3]
     plt.close("all")
 
 
@@ -88,6 +153,23 @@ def test_pipeline_timeline_draws_one_bar_per_event():
     ax = viz.plot_pipeline_timeline(events, scale=1.0)
     widths = sorted(round(patch.get_width(), 6) for patch in ax.patches)
     assert widths == [1.0, 1.0, 2.0]
+
+
+def test_pipeline_timeline_draws_weight_bars_and_labels_chunks():
+    events = [[{"kind": "forward", "microbatch": 3, "chunk": 1, "start": 0.0, "end": 1.0},
+               {"kind": "backward", "microbatch": 3, "chunk": 0, "start": 1.0, "end": 2.0},
+               {"kind": "weight", "microbatch": 3, "chunk": 0, "start": 2.0, "end": 4.0},
+               {"kind": "send", "microbatch": 3, "start": 4.0, "end": 4.5}]]
+    ax = viz.plot_pipeline_timeline(events, scale=1.0)
+    assert [t.get_text() for t in ax.texts] == ["3", "3", "3"]
+    bars = ax.patches[:4]  # in event order (the legend's patches are not axes patches)
+    assert [round(bar.get_width(), 6) for bar in bars] == [1.0, 1.0, 2.0, 0.5]
+    blue = matplotlib.colors.to_rgb("tab:blue")  # chunk 1 of 2: halfway to white
+    np.testing.assert_allclose(bars[0].get_facecolor()[:3], [(c + 1) / 2 for c in blue])
+    np.testing.assert_allclose(bars[2].get_facecolor()[:3], matplotlib.colors.to_rgb("tab:green"))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == \
+        ["forward", "backward", "weight", "send"]
+    matplotlib.pyplot.close("all")
 
 
 def test_step_parts_stack_to_each_rank_step_time():

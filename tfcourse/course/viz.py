@@ -65,9 +65,10 @@ def plot_attention(weights, ax=None, title="attention weights", tokens=None, col
                         vmin=0.0, vmax=1.0, colorbar=colorbar)
 
 
-PIPELINE_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "send": "0.6",
-                    "recv": "0.8", "wait": "mistyrose", "sync": "lavender",
+PIPELINE_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "weight": "tab:green",
+                    "send": "0.6", "recv": "0.8", "wait": "mistyrose", "sync": "lavender",
                     "allreduce": "0.4"}
+PIPELINE_COMPUTE = ("forward", "backward", "weight")
 
 
 def plot_gantt(rows, row_labels, ax=None, title="", xlabel="time", legend=None):
@@ -100,11 +101,20 @@ def plot_gantt(rows, row_labels, ax=None, title="", xlabel="time", legend=None):
 def plot_pipeline_timeline(events_per_rank, ax=None, title="pipeline timeline", unit="ms",
                            scale=1e3):
     """Gantt chart: one row per rank (rank 0 on top), one bar per recorded event, labelled
-    with its micro-batch; gaps are idle time. `scale` converts event times to `unit`."""
+    with its micro-batch; when the ranks run several model chunks (interleaved), a later
+    chunk's bars are lighter. Gaps are idle time. `scale` converts event times to `unit`."""
+    from matplotlib.colors import to_rgb
+
+    chunks = 1 + max((e.get("chunk", 0) for events in events_per_rank for e in events),
+                     default=0)
+
+    def colour(e):
+        lighter = 0.5 * e.get("chunk", 0) / max(chunks - 1, 1)  # towards white
+        return tuple(c + (1.0 - c) * lighter for c in to_rgb(PIPELINE_COLOURS[e["kind"]]))
+
     rows = [[(e["start"] * scale, e["end"] * scale,
-              str(e["microbatch"]) if e["kind"] in ("forward", "backward") else "",
-              PIPELINE_COLOURS[e["kind"]], e["kind"] in ("forward", "backward"))
-             for e in events] for events in events_per_rank]
+              str(e["microbatch"]) if e["kind"] in PIPELINE_COMPUTE else "", colour(e),
+              e["kind"] in PIPELINE_COMPUTE) for e in events] for events in events_per_rank]
     kinds = sorted({e["kind"] for events in events_per_rank for e in events},
                    key=list(PIPELINE_COLOURS).index)
     return plot_gantt(rows, [f"rank {r}" for r in range(len(rows))], ax=ax, title=title,

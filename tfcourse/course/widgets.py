@@ -88,37 +88,87 @@ def positional_explorer():
     )
 
 
-def explorer_pipeline(schedule_name: str, p: int, m: int, backward_cost: float = 2.0):
-    """Simulated timeline and bubble of a schedule: (events per stage, simulated bubble,
-    formula (p-1)/(m+p-1))."""
+def explorer_pipeline(schedule_name: str, p: int, m: int, backward_cost: float = 2.0,
+                      v: int = 2, forward_cost: float = 1.0, weight_cost: float | None = None):
+    """Simulated timeline and bubble of a schedule on p stages with m micro-batches: (events
+    per stage, simulated bubble, the cost model's formula - (p-1)/(m+p-1) for GPipe and 1F1B).
+    A stage's forward takes forward_cost, its whole backward backward_cost, of which W takes
+    weight_cost with zb-h1 (default half); v: the interleaved schedule's chunks per stage
+    (the others run one)."""
     from tfcourse.parallel.plans.pipeline import bubble_fraction, schedule, simulate_pipeline
     from tfcourse.perf.costmodel import pipeline_bubble_fraction
 
-    events = simulate_pipeline([schedule(schedule_name, p, s, m) for s in range(p)],
-                               t_forward=1.0, t_backward=backward_cost)
-    return events, bubble_fraction(events), pipeline_bubble_fraction(p, m)
+    v = v if schedule_name == "interleaved" else 1
+    events = simulate_pipeline([schedule(schedule_name, p, s, m, v) for s in range(p)],
+                               forward_cost, backward_cost, weight_cost, v)
+    return events, bubble_fraction(events), pipeline_bubble_fraction(
+        p, m, schedule_name, v, forward_cost, backward_cost, weight_cost)
+
+
+PIPELINE_FORMULAS = {"gpipe": "(p-1)/(m+p-1)", "1f1b": "(p-1)/(m+p-1)",
+                     "interleaved": "(p-1)/(vm+p-1)", "zb-h1": "ZB-H1's"}
+
+
+def explorer_pipelines(p: int, m: int, v: int = 2, forward_cost: float = 1.0,
+                       input_cost: float = 1.0, weight_cost: float = 1.0) -> dict:
+    """The four schedules side by side, for p stages, m micro-batches, v interleaved chunks
+    per stage and a stage's forward, B (input gradient) and W (weight gradient) costs - the
+    schedules without W run B and W as one backward. Returns {schedule: {"events" (per stage,
+    or None when the schedule refuses these sizes), "simulated" and "formula" bubbles,
+    "title"}}."""
+    from tfcourse.parallel.plans.pipeline import SCHEDULES
+
+    shown = {}
+    for name in SCHEDULES:
+        try:
+            events, simulated, formula = explorer_pipeline(
+                name, p, m, input_cost + weight_cost, v, forward_cost, weight_cost)
+        except ValueError as error:  # interleaved: m must be a multiple of p
+            shown[name] = {"events": None, "simulated": None, "formula": None,
+                           "title": f"{name}: {error}"}
+            continue
+        label = f"{name}, v={v} (lighter: later chunks)" if name == "interleaved" else name
+        shown[name] = {"events": events, "simulated": simulated, "formula": formula,
+                       "title": f"{label}: bubble {simulated:.1%} simulated, "
+                                f"{formula:.1%} by {PIPELINE_FORMULAS[name]}"}
+    return shown
 
 
 def bubble_explorer():
-    """Sliders for stages p and micro-batches m: the schedule's timeline and its bubble."""
+    """Sliders for stages p, micro-batches m, interleaved chunks v and the F, B and W costs:
+    the four schedules' simulated timelines, one above the other on one time axis, each with
+    its simulated bubble next to its formula."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
     from tfcourse.course.viz import plot_pipeline_timeline
 
-    def draw(schedule_name="gpipe", p=4, m=4):
-        events, simulated, formula = explorer_pipeline(schedule_name, p, m)
-        ax = plot_pipeline_timeline(events, unit="time (forward = 1, backward = 2)", scale=1.0,
-                                    title=f"{schedule_name}: bubble {simulated:.1%}, "
-                                          f"formula (p-1)/(m+p-1) = {formula:.1%}")
-        ax.figure.set_size_inches(9, 0.6 + 0.45 * p)
+    def draw(p=4, m=8, v=2, forward=1.0, backward_input=1.0, weight=1.0):
+        shown = explorer_pipelines(p, m, v, forward, backward_input, weight)
+        _, axes = plt.subplots(len(shown), 1, sharex=True,
+                               figsize=(10, len(shown) * (0.9 + 0.35 * p)))
+        for ax, panel in zip(axes, shown.values(), strict=True):
+            if panel["events"] is None:
+                ax.set_title(panel["title"], loc="left", fontsize="medium")
+                ax.set_yticks([])
+            else:
+                plot_pipeline_timeline(panel["events"], ax=ax, title=panel["title"],
+                                       unit="time", scale=1.0)
+        plt.tight_layout()
         plt.show()
+
+    def cost(value, description):
+        return widgets.FloatSlider(value=value, min=0.25, max=4.0, step=0.25,
+                                   description=description)
 
     return widgets.interact(
         draw,
-        schedule_name=widgets.ToggleButtons(options=["gpipe", "1f1b"], description="schedule"),
         p=widgets.IntSlider(value=4, min=1, max=8, description="stages p"),
-        m=widgets.IntSlider(value=4, min=1, max=32, description="micro-batches m"),
+        m=widgets.IntSlider(value=8, min=1, max=32, description="micro-batches m"),
+        v=widgets.IntSlider(value=2, min=2, max=4, description="chunks v"),
+        forward=cost(1.0, "forward F"),
+        backward_input=cost(1.0, "input grad B"),
+        weight=cost(1.0, "weight grad W"),
     )
 
 

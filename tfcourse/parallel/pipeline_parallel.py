@@ -115,13 +115,21 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     if args.microbatches != "auto":
         microbatch_rows(setup.settings.batch_size, args.microbatches)
     v = require_positive_int("--virtual-stages", args.virtual_stages)
-    if args.schedule == "interleaved":
-        if args.microbatches == "auto" or args.stage_layers or args.slowdown:
-            raise ValueError("--schedule interleaved: expected a number of --microbatches and "
-                             "no --stage-layers or --slowdown (its chunks are equal)")
-        chunk_layers(n_layers, world_size, v)  # the blocks must cut into p v equal chunks
-    check_schedule_args(args.schedule, world_size, 0,
-                        1 if args.microbatches == "auto" else args.microbatches, v)
+    if args.schedule == "interleaved" and (args.microbatches == "auto" or args.stage_layers
+                                           or args.slowdown):
+        raise ValueError("--schedule interleaved: expected a number of --microbatches and "
+                         "no --stage-layers or --slowdown (its chunks are equal)")
+    m = 1 if args.microbatches == "auto" else args.microbatches
+    try:  # the plan's checks, their message prefixed with the flags they are about
+        check_schedule_args(args.schedule, world_size, 0, m, v)
+    except ValueError as error:
+        raise ValueError(f"--schedule {args.schedule} --virtual-stages {v} --microbatches "
+                         f"{args.microbatches} on {world_size} stages: {error}") from None
+    if v > 1:
+        try:  # the blocks must cut into p v equal chunks
+            chunk_layers(n_layers, world_size, v)
+        except ValueError as error:
+            raise ValueError(f"--layers {n_layers} with --virtual-stages {v}: {error}") from None
     return setup
 
 
