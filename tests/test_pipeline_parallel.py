@@ -18,6 +18,8 @@ from tfcourse.nn.model import param_shapes, preset
 from tfcourse.parallel import pipeline_stage
 from tfcourse.parallel.plans.pipeline import (
     AUTO_MICROBATCHES,
+    MAX_MICROBATCHES,
+    MAX_VIRTUAL_STAGES,
     SCHEDULES,
     bubble_fraction,
     busy_seconds,
@@ -394,8 +396,10 @@ def test_schedule_rejects_bad_input():
     for p, s, m in [(0, 0, 1), (2, 2, 1), (2, -1, 1), (2, 0, 0)]:
         with pytest.raises(ValueError, match="expected p >= 1"):
             schedule("gpipe", p, s, m)
-    with pytest.raises(ValueError, match="virtual_stages: expected more than 1.*got 1"):
+    with pytest.raises(ValueError, match="virtual_stages: expected 2 to 16 .*got 1"):
         schedule("interleaved", 2, 0, 2)
+    with pytest.raises(ValueError, match="virtual_stages: expected 2 to 16 .*got 17"):
+        schedule("interleaved", 2, 0, 2, 17)  # its message tags would pass 32767
     for name in FLAT:
         with pytest.raises(ValueError, match=f"virtual_stages: .*got 2 for '{name}'"):
             schedule(name, 2, 0, 2, 2)
@@ -455,8 +459,10 @@ def test_partition_errors_name_the_sizes():
 def test_message_tags_are_distinct():
     tags = [message_tag(kind, mb) for kind in "FB" for mb in range(50)]
     assert len(set(tags)) == len(tags)
-    tags = [message_tag(kind, mb, c) for kind in "FB" for mb in range(4096) for c in range(3)]
+    tags = [message_tag(kind, mb, c) for kind in "FB" for mb in range(MAX_MICROBATCHES)
+            for c in range(MAX_VIRTUAL_STAGES)]
     assert len(set(tags)) == len(tags) and min(tags) == 0
+    assert max(tags) <= 32767  # the largest tag the MPI standard guarantees
     assert message_tag("F", 0, 0) == message_tag("F", 0) and message_tag("B", 0, 1) != 1
 
 

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         "schedule": args.schedule,
         "microbatches": m,
         "microbatches_per_step": used,
-        "microbatch_trials": {str(k): v[0] for k, v in chooser.measured.items()},
+        "microbatch_trials": {str(k): trials[0] for k, trials in chooser.measured.items()},
         "virtual_stages": v,
         "stage_layers": ([[list(c) for c in chunks] for chunks in
                           chunk_layers(config.n_layers, p, v)] if v > 1 else

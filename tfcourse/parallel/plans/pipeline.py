@@ -18,7 +18,9 @@ from tfcourse.nn.validate import parse_list, require_positive_int, require_real
 from tfcourse.parallel.plans.batches import chunk_bounds
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-MAX_MICROBATCHES = 4096  # message tags: 2 * (chunk * MAX_MICROBATCHES + micro-batch) + kind
+# message tags are 2 * (chunk * MAX_MICROBATCHES + micro-batch) + kind: at most 32767, the
+# largest tag every MPI library must accept
+MAX_MICROBATCHES, MAX_VIRTUAL_STAGES = 1024, 16
 
 
 def stage_layers(n_layers: int, world_size: int,
@@ -88,9 +90,9 @@ def check_schedule_args(name: str, p: int, stage: int, m: int, v: int = 1) -> No
     if p < 1 or not 0 <= stage < p or not 1 <= m <= MAX_MICROBATCHES:
         raise ValueError(f"expected p >= 1, 0 <= stage < p and 1 <= m <= {MAX_MICROBATCHES}, "
                          f"got p={p}, stage={stage}, m={m}")
-    if (name == "interleaved") != (v > 1) or v < 1:
-        raise ValueError(f"virtual_stages: expected more than 1 for 'interleaved' and 1 for "
-                         f"the other schedules, got {v} for {name!r}")
+    if (name == "interleaved") != (v > 1) or not 1 <= v <= MAX_VIRTUAL_STAGES:
+        raise ValueError(f"virtual_stages: expected 2 to {MAX_VIRTUAL_STAGES} for 'interleaved' "
+                         f"and 1 for the other schedules, got {v} for {name!r}")
     if name == "interleaved" and m % p:
         raise ValueError(f"microbatches: the interleaved schedule sends micro-batches round the "
                          f"{p} stages in groups of {p}, expected a multiple of {p}, got {m}")
