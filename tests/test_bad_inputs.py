@@ -631,7 +631,7 @@ MPI_CASES = [
              r"argument --schedule: invalid choice: 'zigzag'"),
     mpi_case("pp-interleaved-one-virtual-stage", PP, 2,
              ["--schedule", "interleaved", "--virtual-stages", "1"],
-             r"--schedule interleaved --virtual-stages 1 .*virtual_stages: expected more than 1 "
+             r"--schedule interleaved --virtual-stages 1 .*virtual_stages: expected 2 to 16 "
              r"for 'interleaved'.*got 1"),
     mpi_case("pp-virtual-stages-with-1f1b", PP, 2,
              ["--schedule", "1f1b", "--virtual-stages", "2"],
