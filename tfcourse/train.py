@@ -2,6 +2,7 @@
 
     python -m tfcourse.train --config tiny --steps 200 --seed 0 --json out.json
     python -m tfcourse.train --config tiny --steps 200 --text my_book.txt
+    python -m tfcourse.train --config tiny --steps 60 --experts 4 --top-k 2   # mixture of experts
 
 The batch at step s is drawn from a generator seeded with (seed, s), so a run resumed from a
 checkpoint, and every data-parallel rank slicing the same global batch, sees exactly the
@@ -44,6 +45,7 @@ from tfcourse.data import (
 from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.nn import seq2seq
 from tfcourse.nn.model import (
+    MOE_DEFAULTS,
     PRESETS,
     RECOMPUTE,
     TransformerConfig,
@@ -247,13 +249,16 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     also every that many steps, keeping the newest `keep` (see checkpoint_now).
     resume_from: a checkpoint folder written by any training program, any layout.
     fp16 adds `loss_scales` (the scale of each step this call ran), `skipped_steps` (of
-    those) and `loss_scale` (the final state, saved with every checkpoint and resumed)."""
+    those) and `loss_scale` (the final state, saved with every checkpoint and resumed).
+    A mixture of experts (config.n_experts > 0) adds `routing`: for each step this call ran,
+    {block: {"tokens_per_expert", "routed", "dropped", "capacity", "aux_loss"}} (`routing_record`);
+    its `losses` include the weighted load-balancing loss (model.loss_and_grads)."""
     check_fits(config, settings)
     params = init_params(config, settings.seed)
     opt_state = adamw_init(params)
     losses: list[float] = []
     loss_scale = loss_scale_init() if config.precision == "fp16" else None
-    scales, skipped = [], 0
+    scales, skipped, routing = [], 0, []
     start_step = 0
     if resume_from:
         params, opt_state, start_step, losses, loss_scale = load_resume_state(
@@ -263,17 +268,20 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     for step in range(start_step, settings.steps):
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
         if config.precision == "fp32":
-            loss, grads = loss_and_grads(params, x, y, config)
+            loss, grads, step_routing = loss_and_grads(params, x, y, config, return_routing=True)
             params, opt_state, _ = optimizer_update(params, grads, opt_state, settings, step)
         else:  # the float32 master weights stay in params; the model runs on a 16-bit copy
             scale = loss_scale["scale"] if loss_scale else 1.0
             scales += [scale] if loss_scale else []
-            loss, grads = loss_and_grads(half_weights(params, config.precision)[1], x, y,
-                                         config, loss_scale=scale)
+            loss, grads, step_routing = loss_and_grads(
+                half_weights(params, config.precision)[1], x, y, config, loss_scale=scale,
+                return_routing=True)
             params, opt_state, loss_scale, _, applied = mixed_precision_update(
                 params, grads, opt_state, loss_scale, settings, step, config.precision)
             skipped += not applied
         losses.append(loss)
+        if step_routing:
+            routing.append(routing_record(step_routing))
         bar.update(step, loss)
         if checkpoint and checkpoint_now(step + 1, settings.steps, checkpoint_every):
             save_whole(checkpoint, params, opt_state, checkpoint_manifest(
@@ -291,7 +299,18 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         "params": params,
         **({"loss_scales": scales, "skipped_steps": skipped, "loss_scale": loss_scale}
            if loss_scale else {}),
+        **({"routing": routing} if config.n_experts else {}),
     }
+
+
+def routing_record(routing: dict) -> dict:
+    """One step's routing statistics, JSON-ready: {block: {"tokens_per_expert" (processed),
+    "routed" (chosen, before the capacity cut), "dropped" (choices), "capacity" (slots per
+    expert), "aux_loss" (unweighted)}} from model.moe_routing's Routing tuples."""
+    return {piece: {"tokens_per_expert": r.tokens_per_expert.tolist(),
+                    "routed": r.routed.tolist(), "dropped": r.dropped,
+                    "capacity": r.capacity, "aux_loss": r.aux_loss}
+            for piece, r in routing.items()}
 
 
 def save_whole(folder: str, params: dict, opt_state: dict, manifest: dict, keep: int) -> None:
@@ -405,8 +424,8 @@ def _is_number(value) -> bool:
 def _same_numbers(config: dict) -> dict:
     """A config without the fields that change how a step is computed but not its numbers
     (recomputing activations or not): a run may resume another's checkpoint across them."""
-    return {"precision": "fp32", **{name: value for name, value in config.items()
-                                    if name != "recompute"}}
+    return {"precision": "fp32", **MOE_DEFAULTS,  # manifests older than these fields
+            **{name: value for name, value in config.items() if name != "recompute"}}
 
 
 class Resumed(NamedTuple):
@@ -483,6 +502,21 @@ def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = Fals
                         help="activation recomputation: keep every activation (none), all but "
                              "the attention weights (selective), or only each block's input "
                              "(full); the same losses, less memory, more compute")
+    parser.add_argument("--experts", type=int, default=None, metavar="E",
+                        help="mixture of experts: E expert FFNs in every --moe-every-th block "
+                             "(tfcourse.train; default: dense)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help=f"experts per token, 1..E (default {MOE_DEFAULTS['top_k']}: "
+                             f"Switch; 2: GShard)")
+    parser.add_argument("--capacity-factor", type=float, default=None, metavar="C",
+                        help=f"slots per expert = ceil(C tokens K / E); the tokens past them "
+                             f"are dropped (default {MOE_DEFAULTS['capacity_factor']})")
+    parser.add_argument("--moe-every", type=int, default=None, metavar="N",
+                        help=f"experts in blocks N-1, 2N-1, ...: 1 all, 2 every other "
+                             f"(default {MOE_DEFAULTS['moe_every']})")
+    parser.add_argument("--aux-loss-weight", type=float, default=None, metavar="A",
+                        help=f"weight of the load-balancing loss (default "
+                             f"{MOE_DEFAULTS['aux_loss_weight']})")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
                         help="save checkpoints in this folder (always after the last step)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -528,16 +562,54 @@ class TrainingSetup:
     settings: TrainSettings
 
 
+MOE_OPTIONS = {"top_k": "--top-k", "capacity_factor": "--capacity-factor",
+               "moe_every": "--moe-every", "aux_loss_weight": "--aux-loss-weight"}
+
+
+def moe_arguments(args: argparse.Namespace, supported: bool, n_layers: int) -> dict:
+    """The config fields of --experts and its options, checked; {} for a dense model. A
+    ValueError names the option: a program that does not train experts (`supported` False)
+    refuses --experts; the other options need --experts; E >= 1, K in 1..E, C > 0,
+    N in 1..n_layers, A >= 0."""
+    given = {field: getattr(args, field, None) for field in ("n_experts", *MOE_OPTIONS)}
+    given["n_experts"] = getattr(args, "experts", None)
+    if given["n_experts"] is None:
+        for field, flag in MOE_OPTIONS.items():
+            if given[field] is not None:
+                raise ValueError(f"{flag}: an option of the mixture of experts, expected "
+                                 f"with --experts E, got {flag} {given[field]} without it")
+        return {}
+    if not supported:
+        raise ValueError(f"--experts: this program trains dense models only (mixture of "
+                         f"experts: python -m tfcourse.train), got --experts "
+                         f"{given['n_experts']}")
+    n_experts = require_positive_int("--experts", given["n_experts"])
+    fields = {**MOE_DEFAULTS, "n_experts": n_experts,
+              **{field: value for field, value in given.items() if value is not None}}
+    if not 1 <= require_positive_int("--top-k", fields["top_k"]) <= n_experts:
+        raise ValueError(f"--top-k: expected an integer in 1..{n_experts} (--experts), got "
+                         f"{fields['top_k']}")
+    require_real("--capacity-factor", fields["capacity_factor"], positive=True)
+    if not 1 <= require_positive_int("--moe-every", fields["moe_every"]) <= n_layers:
+        raise ValueError(f"--moe-every: expected at most the {n_layers} layers (else no block "
+                         f"has experts), got {fields['moe_every']}")
+    require_nonnegative_real("--aux-loss-weight", fields["aux_loss_weight"])
+    return fields
+
+
 def training_setup(args: argparse.Namespace, precisions: tuple[str, ...] = ("fp32",),
-                   **config_overrides) -> TrainingSetup:
+                   moe_supported: bool = False, **config_overrides) -> TrainingSetup:
     """Settings, corpus (--text) and model config of a training CLI, all checked.
 
     Shared by the serial and the parallel programs; `config_overrides` such as n_layers
-    change the preset; `precisions`: the --precision values the program implements. Touches
-    no output file and needs no MPI."""
+    change the preset; `precisions`: the --precision values the program implements;
+    `moe_supported`: whether it trains a mixture of experts (--experts; else refused).
+    Touches no output file and needs no MPI."""
     settings = settings_from_args(args)
     if args.layers is not None:
         config_overrides["n_layers"] = require_positive_int("--layers", args.layers)
+    config_overrides.update(moe_arguments(args, moe_supported, config_overrides.get(
+        "n_layers", PRESETS[args.config]["n_layers"])))
     config_overrides["recompute"] = require_recompute("--recompute", args.recompute)
     precision = require_precision("--precision", args.precision)
     if precision not in precisions:
@@ -596,7 +668,7 @@ def check_cli_paths(args: argparse.Namespace) -> None:
 
 def run_cli(args: argparse.Namespace) -> dict:
     """Check the arguments, train, print the final loss; returns the JSON-ready result."""
-    setup = training_setup(args, PRECISIONS)
+    setup = training_setup(args, PRECISIONS, moe_supported=True)
     check_cli_paths(args)
     result = train_lm(setup.config, setup.corpus, setup.settings, args.checkpoint,
                       args.checkpoint_every, args.resume, args.progress, args.keep)
@@ -606,6 +678,10 @@ def run_cli(args: argparse.Namespace) -> dict:
           f"{result['tokens_per_s']:.0f} tokens/s"
           + (f", {result['skipped_steps']} step(s) skipped by loss scaling"
              if "skipped_steps" in result else ""))
+    for piece, stats in (result.get("routing") or [{}])[-1].items():
+        print(f"{piece}: tokens per expert {stats['tokens_per_expert']} (routed "
+              f"{stats['routed']}, capacity {stats['capacity']}), {stats['dropped']} dropped, "
+              f"load-balancing loss {stats['aux_loss']:.4f} (last step)")
     return result
 
 

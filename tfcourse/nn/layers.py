@@ -9,7 +9,8 @@ of its input (`linear_backward_input`), which the layer before waits for, and W,
 of its weights (`linear_backward_weight`), which only the optimiser waits for and which reads
 just the input x and dout - never the weights - so it can run any time later. The whole
 backward (`linear_backward`) is B then W, the one implementation of both. Shapes use
-B (batch), T (time/sequence), d (model width), V (vocabulary). Arrays keep their dtype.
+B (batch), T (time/sequence), d (model width), V (vocabulary), E (experts), N (tokens = B T).
+Arrays keep their dtype.
 These functions trust their callers about shapes (the model validates its inputs once, at
 its public entry points) so that the inner loop stays lean.
 """
@@ -17,6 +18,7 @@ its public entry points) so that the inner loop stays lean.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -223,6 +225,170 @@ def ffn_backward(dout, cache):
     forward pass had one): B then W."""
     dx, w_work = ffn_backward_input(dout, cache)
     return dx, ffn_backward_weight(w_work)
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+
+class Routing(NamedTuple):
+    """Where a mixture-of-experts layer sent its N tokens in one call (statistics of that
+    call, kept in its cache: no state between calls)."""
+
+    probs: np.ndarray              # (N, E) the router's softmax over all experts
+    experts: np.ndarray            # (N, k) int: each token's choices, best first
+    gates: np.ndarray              # (N, k) the weight of each choice in the output
+    kept: np.ndarray               # (N, k) bool: False where the expert was full (dropped)
+    capacity: int                  # slots per expert (moe_capacity)
+    routed: np.ndarray             # (E,) int: choices of each expert, before the capacity cut
+    tokens_per_expert: np.ndarray  # (E,) int: tokens each expert processed
+    dropped: int                   # choices dropped at the capacity cut (tokens, for k = 1)
+    aux_loss: float                # the load-balancing loss E sum_e f_e P_e
+
+
+class MoECache(NamedTuple):
+    routing: Routing
+    router_cache: tuple            # linear_forward's cache of the router
+    slots: list                    # per expert: (rows, ranks) of the (token, choice) it kept
+    expert_caches: list            # per expert: ffn_forward's cache
+    expert_outs: list              # per expert: FFN_e(x) of its tokens, before the gate
+    first_fraction: np.ndarray     # (E,) f_e: tokens whose first choice is e, over N
+    shape: tuple                   # x's shape
+
+
+def moe_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor * n_tokens * top_k / n_experts) (Switch
+    Transformer, Fedus et al. 2021, eq. 3, with GShard's k choices per token). The product
+    is rounded to 9 decimals before the ceiling, so a factor's binary rounding error costs no
+    slot: 1.1 x 10 tokens is 11 slots, not 12 (1.1 * 10 = 11.000000000000002 in floats)."""
+    return math.ceil(round(capacity_factor * n_tokens * top_k / n_experts, 9))
+
+
+def moe_route(probs, top_k: int, capacity: int):
+    """Top-k routing with a capacity: (experts (N, k), gates (N, k), kept (N, k)).
+
+    Each token picks the k most probable experts; equal probabilities go to the lower expert
+    index (a stable sort), so routing is deterministic. Gates: k = 1 is Switch's - the
+    softmax probability itself, p_e(x); k >= 2 renormalises over the chosen experts,
+    p_e / sum_chosen p (GShard's top-2 gates; Mixtral's softmax over the top-k logits is the
+    same number). Capacity: every choice r = 0 (first) of every token claims a slot before
+    any choice r = 1, in token order within a rank (GShard, Lepikhin et al. 2020, Algorithm
+    1); a choice that finds its expert's `capacity` slots taken is dropped."""
+    n_tokens, n_experts = probs.shape
+    experts = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    chosen = np.take_along_axis(probs, experts, axis=1)
+    gates = chosen if top_k == 1 else chosen / chosen.sum(axis=1, keepdims=True)
+    kept = np.zeros((n_tokens, top_k), dtype=bool)
+    fill = np.zeros(n_experts, dtype=np.int64)
+    for r in range(top_k):
+        onehot = experts[:, r, None] == np.arange(n_experts)  # (N, E)
+        before = np.cumsum(onehot, axis=0) - onehot           # same-rank claims before n
+        position = fill[experts[:, r]] + before[np.arange(n_tokens), experts[:, r]]
+        kept[:, r] = position < capacity
+        fill += onehot.sum(axis=0)
+    return experts, gates, kept
+
+
+def moe_forward(x, params: dict, top_k: int, capacity_factor: float,
+                activation: str = "gelu", precision: str = "fp32"):
+    """A mixture-of-experts feed-forward layer: y(x) = sum over kept choices of
+    g_e(x) FFN_e(x), and its load-balancing loss. Returns (y, aux_loss, cache).
+
+    x: (..., d), N = its number of tokens. params: "router.w" (d, E) - a linear router
+    without bias, as in Switch and Mixtral - and for each expert e the model's FFN,
+    "experts.e.w1" (d, d_ff), "experts.e.b1", "experts.e.w2" (d_ff, d), "experts.e.b2".
+    Router probabilities p = softmax(x @ router.w); routing, gates and capacity: see
+    `moe_route` and `moe_capacity`. A dropped choice contributes nothing (its expert never
+    sees the token): with every choice dropped a token's output is zero, and the residual
+    connection around the sublayer carries it.
+
+    aux_loss = E sum_e f_e P_e (Switch Transformer, eq. 4-6): f_e the fraction of tokens
+    whose first choice is e, before the capacity cut (not differentiable), P_e the mean
+    router probability of e (differentiable). It is 1 when both are uniform. For k = 2 it
+    uses the first choice, as GShard's mean(mask_1) does, so its value means the same for
+    every k. The caller weights it (Switch: alpha = 0.01) and passes the weight to
+    `moe_backward` as daux. cache.routing (a `Routing`) holds the step's statistics.
+    """
+    shape = x.shape
+    n_experts = params["router.w"].shape[1]
+    x2 = x.reshape(-1, shape[-1])
+    logits, router_cache = linear_forward(x2, params["router.w"], None, precision)
+    probs = np.exp(log_softmax(logits))
+    capacity = moe_capacity(len(x2), n_experts, top_k, capacity_factor)
+    experts, gates, kept = moe_route(probs, top_k, capacity)
+    out = np.zeros(x2.shape, dtype=np.result_type(x2.dtype, gates.dtype))
+    slots, expert_caches, expert_outs = [], [], []
+    for e in range(n_experts):
+        rows, ranks = np.nonzero((experts == e) & kept)  # a token picks an expert at most once
+        w = {name: params[f"experts.{e}.{name}"] for name in ("w1", "b1", "w2", "b2")}
+        expert_out, expert_cache = ffn_forward(x2[rows], w["w1"], w["b1"], w["w2"], w["b2"],
+                                               activation, precision)
+        out[rows] += gates[rows, ranks, None] * expert_out
+        slots.append((rows, ranks))
+        expert_caches.append(expert_cache)
+        expert_outs.append(expert_out)
+    first_fraction = np.bincount(experts[:, 0], minlength=n_experts) / len(x2)
+    aux_loss = float(n_experts * np.sum(first_fraction * probs.mean(axis=0)))
+    routed = np.bincount(experts.reshape(-1), minlength=n_experts)
+    processed = np.bincount(experts[kept], minlength=n_experts)
+    routing = Routing(probs, experts, gates, kept, capacity, routed, processed,
+                      int(routed.sum() - processed.sum()), aux_loss)
+    cache = MoECache(routing, router_cache, slots, expert_caches, expert_outs, first_fraction,
+                     shape)
+    return out.reshape(shape), aux_loss, cache
+
+
+def moe_backward_input(dout, cache: MoECache, daux: float = 0.0):
+    """B of the mixture of experts: (dx, w_work), given dout = dL/dy and daux = dL/daux_loss
+    (the loss's weight on the auxiliary loss, times any loss scale).
+
+    Through the experts: each kept choice sends g dout to its expert (a dropped one sends
+    nothing: its expert gets no gradient from that token). Through the gates:
+    dg = dout . FFN_e(x) for kept choices; for k >= 2, g_i = p_i / S over the chosen S
+    gives dp_j = (dg_j - sum_i dg_i g_i) / S; for k = 1, dp = dg. The auxiliary loss adds
+    daux E f_e / N to dp_e of every token (f is a constant). Then the softmax,
+    dlogits = p (dp - sum_e dp_e p_e), and the router: dx += dlogits @ router.w^T."""
+    routing = cache.routing
+    probs, experts, gates = routing.probs, routing.experts, routing.gates
+    dout2 = dout.reshape(-1, dout.shape[-1])
+    dx = np.zeros(dout2.shape, dtype=dout2.dtype)
+    dgates = np.zeros_like(gates)
+    expert_work = []
+    for (rows, ranks), expert_cache, expert_out in zip(cache.slots, cache.expert_caches,
+                                                       cache.expert_outs, strict=True):
+        dgates[rows, ranks] = np.einsum("nd,nd->n", dout2[rows], expert_out)
+        dx_e, work = ffn_backward_input(gates[rows, ranks, None] * dout2[rows], expert_cache)
+        dx[rows] += dx_e
+        expert_work.append(work)
+    if experts.shape[1] == 1:
+        dchosen = dgates
+    else:
+        chosen = np.take_along_axis(probs, experts, axis=1)
+        dchosen = (dgates - (dgates * gates).sum(axis=1, keepdims=True)) / chosen.sum(
+            axis=1, keepdims=True)
+    dprobs = np.zeros_like(probs)
+    np.put_along_axis(dprobs, experts, dchosen, axis=1)  # the k experts of a row differ
+    if daux:
+        dprobs += daux * probs.shape[1] / len(probs) * cache.first_fraction
+    dlogits = probs * (dprobs - (dprobs * probs).sum(axis=1, keepdims=True))
+    dx += linear_backward_input(dlogits, cache.router_cache)
+    return dx.reshape(cache.shape), (dlogits, cache.router_cache, expert_work)
+
+
+def moe_backward_weight(w_work) -> dict:
+    """W: {"router.w", "experts.e.w1", ..., "experts.e.b2"}; an expert that processed no token
+    gets zeros."""
+    dlogits, router_cache, expert_work = w_work
+    grads = {"router.w": linear_backward_weight(dlogits, router_cache)[0]}
+    for e, work in enumerate(expert_work):
+        grads.update({f"experts.{e}.{name}": g for name, g in ffn_backward_weight(work).items()})
+    return grads
+
+
+def moe_backward(dout, cache: MoECache, daux: float = 0.0):
+    """(dx, grads) of the mixture of experts: B (`moe_backward_input`) then W
+    (`moe_backward_weight`)."""
+    dx, w_work = moe_backward_input(dout, cache, daux)
+    return dx, moe_backward_weight(w_work)
 
 
 # --------------------------------------------------------------------------- dropout

@@ -6,7 +6,9 @@
     loss, grads = loss_and_grads(params, tokens, targets, config)   # grads: same keys as params
 
 Pre-LN blocks (GPT-2): x = x + Attention(LN(x)); x = x + FFN(LN(x)), then a final LayerNorm and
-a linear head to vocabulary logits. Every parallel chapter reuses *these* functions on
+a linear head to vocabulary logits. With config.n_experts > 0, every moe_every-th block's FFN
+is a mixture of experts (layers.moe_forward; Switch Transformer, GShard), and the loss gains
+its weighted load-balancing loss. Every parallel chapter reuses *these* functions on
 *this* dict: `forward_pass`/`backward_pass` are the one walk over the model (pipeline stages
 run a range of blocks; data parallelism sends each piece's gradients from `on_grads`), and
 the sublayers take entry/exit operators (`SublayerOps`: tensor parallelism passes f and g).
@@ -51,12 +53,16 @@ from tfcourse.nn.layers import (
     linear_backward_input,
     linear_backward_weight,
     linear_forward,
+    moe_backward_input,
+    moe_backward_weight,
+    moe_forward,
 )
 from tfcourse.nn.positional import learned_positions_backward, learned_positions_forward
 from tfcourse.nn.precision import require_precision
 from tfcourse.nn.validate import (
     require_divisible,
     require_nonnegative_int,
+    require_nonnegative_real,
     require_positive_int,
     require_real,
 )
@@ -97,6 +103,13 @@ class TransformerConfig:
     init_std: float = 0.02
     recompute: str = "none"  # how training keeps activations (see forward_pass); same numbers
     precision: str = "fp32"  # "bf16" | "fp16": 16-bit products (see tfcourse.nn.precision)
+    # mixture of experts (layers.moe_forward): 0 experts = every block dense, and the other
+    # four fields keep their defaults; else blocks i with (i + 1) % moe_every == 0 use it
+    n_experts: int = 0
+    top_k: int = 1               # experts per token, 1..n_experts (Switch 1, GShard 2)
+    capacity_factor: float = 1.25  # slots per expert over the even share (Switch)
+    moe_every: int = 2           # 2: every other block (Switch, GShard); 1: all
+    aux_loss_weight: float = 0.01  # alpha of the load-balancing loss (Switch)
 
     def __post_init__(self):
         check_config(self, ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"))
@@ -106,13 +119,54 @@ class TransformerConfig:
         if require_precision("precision", self.precision) != "fp32" and self.dtype != "float32":
             raise ValueError(f"dtype: mixed precision ({self.precision}) keeps float32 master "
                              f"weights and sums, expected 'float32', got {self.dtype!r}")
+        check_moe_config(self)
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
 
+    def __repr__(self) -> str:
+        """The dataclass's repr, without the mixture-of-experts fields of a dense model (they
+        are at their defaults there, check_moe_config), so a dense config reads as before."""
+        shown = [f"{field.name}={getattr(self, field.name)!r}"
+                 for field in dataclasses.fields(self)
+                 if self.n_experts or field.name not in MOE_DEFAULTS]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+MOE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TransformerConfig)
+                if field.name in ("n_experts", "top_k", "capacity_factor", "moe_every",
+                                  "aux_loss_weight")}
+
+
+def check_moe_config(config: TransformerConfig) -> None:
+    """The mixture-of-experts fields: a ValueError naming the field. A dense model (0
+    experts) must leave the others at their defaults, so a config means one model."""
+    require_nonnegative_int("n_experts", config.n_experts)
+    if config.n_experts == 0:
+        for name, default in MOE_DEFAULTS.items():
+            if getattr(config, name) != default:
+                raise ValueError(f"{name}: a dense model (n_experts=0) has no experts, "
+                                 f"expected the default {default!r}, got "
+                                 f"{getattr(config, name)!r} (set n_experts)")
+        return
+    if not 1 <= require_positive_int("top_k", config.top_k) <= config.n_experts:
+        raise ValueError(f"top_k: expected an integer in 1..{config.n_experts} (n_experts), "
+                         f"got {config.top_k!r}")
+    require_real("capacity_factor", config.capacity_factor, positive=True)
+    if require_positive_int("moe_every", config.moe_every) > config.n_layers:
+        raise ValueError(f"moe_every: expected at most n_layers={config.n_layers} (else no "
+                         f"block has experts), got {config.moe_every}")
+    require_nonnegative_real("aux_loss_weight", config.aux_loss_weight)
+
+
+def is_moe_block(i: int, n_experts: int, moe_every: int) -> bool:
+    """Whether block i's FFN is a mixture of experts: blocks moe_every - 1, 2 moe_every - 1,
+    ... (fairseq's (i + 1) % moe_freq == 0: with 2, the second block of every pair)."""
+    return n_experts > 0 and (i + 1) % moe_every == 0
 
 
 PRESETS = {
@@ -135,19 +189,29 @@ def preset(name: str, vocab_size: int, **overrides) -> TransformerConfig:
 # --------------------------------------------------------------------------- parameters
 
 
-def block_param_shapes(prefix: str, d_model: int, d_ff: int) -> dict[str, tuple]:
-    """Shapes of one pre-LN block's parameters (self-attention + feed-forward)."""
+def block_param_shapes(prefix: str, d_model: int, d_ff: int, n_experts: int = 0
+                       ) -> dict[str, tuple]:
+    """Shapes of one pre-LN block's parameters (self-attention + feed-forward). With
+    n_experts > 0 the feed-forward is a mixture of experts: "moe.router.w" (d, E), then each
+    expert's FFN, "moe.experts.e.w1", "b1", "w2", "b2"."""
     d, f = d_model, d_ff
-    return {
+    shapes = {
         f"{prefix}ln1.gamma": (d,), f"{prefix}ln1.beta": (d,),
         f"{prefix}attn.w_q": (d, d), f"{prefix}attn.w_k": (d, d),
         f"{prefix}attn.w_v": (d, d), f"{prefix}attn.w_o": (d, d),
         f"{prefix}attn.b_q": (d,), f"{prefix}attn.b_k": (d,),
         f"{prefix}attn.b_v": (d,), f"{prefix}attn.b_o": (d,),
         f"{prefix}ln2.gamma": (d,), f"{prefix}ln2.beta": (d,),
-        f"{prefix}ffn.w1": (d, f), f"{prefix}ffn.b1": (f,),
-        f"{prefix}ffn.w2": (f, d), f"{prefix}ffn.b2": (d,),
     }  # fmt: skip
+    if n_experts == 0:
+        return {**shapes, f"{prefix}ffn.w1": (d, f), f"{prefix}ffn.b1": (f,),
+                f"{prefix}ffn.w2": (f, d), f"{prefix}ffn.b2": (d,)}
+    shapes[f"{prefix}moe.router.w"] = (d, n_experts)
+    for e in range(n_experts):
+        expert = f"{prefix}moe.experts.{e}."
+        shapes.update({expert + "w1": (d, f), expert + "b1": (f,), expert + "w2": (f, d),
+                       expert + "b2": (d,)})
+    return shapes
 
 
 def param_shapes(config: TransformerConfig) -> dict[str, tuple]:
@@ -155,7 +219,8 @@ def param_shapes(config: TransformerConfig) -> dict[str, tuple]:
     shapes = {"tok_emb": (config.vocab_size, config.d_model),
               "pos_emb": (config.max_len, config.d_model)}
     for i in range(config.n_layers):
-        shapes.update(block_param_shapes(f"blocks.{i}.", config.d_model, config.d_ff))
+        experts = config.n_experts if is_moe_block(i, config.n_experts, config.moe_every) else 0
+        shapes.update(block_param_shapes(f"blocks.{i}.", config.d_model, config.d_ff, experts))
     shapes.update({"ln_f.gamma": (config.d_model,), "ln_f.beta": (config.d_model,),
                    "head.w": (config.d_model, config.vocab_size),
                    "head.b": (config.vocab_size,)})
@@ -165,13 +230,15 @@ def param_shapes(config: TransformerConfig) -> dict[str, tuple]:
 def init_value(name: str, shape: tuple, rng: np.random.Generator, std: float, n_layers: int,
                dtype) -> np.ndarray:
     """GPT-2 initialisation: LayerNorm gains 1, biases 0, matrices N(0, std^2), with the two
-    projections that write into the residual stream (attn.w_o, ffn.w2) scaled by
-    1/sqrt(2 n_layers) so the residual sum does not grow with depth."""
+    projections that write into the residual stream (attn.w_o, ffn.w2, every expert's w2)
+    scaled by 1/sqrt(2 n_layers) so the residual sum does not grow with depth."""
     if name.endswith(".gamma"):
         return np.ones(shape, dtype=dtype)
     if len(shape) == 1:
         return np.zeros(shape, dtype=dtype)
-    scale = std / np.sqrt(2 * n_layers) if name.endswith(("attn.w_o", "ffn.w2")) else std
+    residual = name.endswith(("attn.w_o", "ffn.w2")) or (
+        "moe.experts." in name and name.endswith(".w2"))
+    scale = std / np.sqrt(2 * n_layers) if residual else std
     return (scale * rng.standard_normal(shape)).astype(dtype)
 
 
@@ -414,52 +481,111 @@ def ffn_sublayer_backward(dy, cache):
     return dx, ffn_sublayer_backward_weight(w_work)
 
 
+def moe_sublayer_forward(params: dict, prefix: str, x, config: TransformerConfig, rng=None,
+                         ops=SERIAL, aux_seed: float = 0.0):
+    """x + Dropout(exit(MoE(enter(LN(x))))) with params prefix + "ln2.*" and "moe.*": the
+    feed-forward sublayer with a mixture of experts (layers.moe_forward) in place of the FFN.
+    The experts' output biases are inside the experts (each gated), so nothing is added
+    after `exit`; tensor parallelism does not split experts (its programs refuse MoE).
+    aux_seed: dL/d(this layer's load-balancing loss), the loss's weight times any loss scale;
+    the backward adds its gradient. The cache's [3].routing holds the routing statistics."""
+    normed, ln_cache = layernorm_forward(x, params[prefix + "ln2.gamma"],
+                                         params[prefix + "ln2.beta"])
+    out, _, moe_cache = moe_forward(ops.enter.forward(normed), subdict(params, prefix + "moe."),
+                                    config.top_k, config.capacity_factor, config.activation,
+                                    config.precision)
+    dropped, drop_cache = dropout_forward(ops.exit.forward(out), config.dropout, rng)
+    return x + dropped, (prefix, ops, ln_cache, moe_cache, drop_cache, aux_seed)
+
+
+def moe_sublayer_backward_input(dy, cache):
+    """B: (dx, w_work), the load-balancing loss's gradient included."""
+    prefix, ops, ln_cache, moe_cache, drop_cache, aux_seed = cache
+    dout = dropout_backward(dy, drop_cache)
+    dentered, moe_work = moe_backward_input(ops.exit.backward(dout), moe_cache, aux_seed)
+    dnormed = ops.enter.backward(dentered)
+    dx_ln = layernorm_backward_input(dnormed, ln_cache)
+    return dy + dx_ln, (prefix, moe_work, dnormed, ln_cache)
+
+
+def moe_sublayer_backward_weight(w_work) -> dict:
+    """W: the router's, the experts' and ln2's gradients with full names."""
+    prefix, moe_work, dnormed, ln_cache = w_work
+    dgamma, dbeta = layernorm_backward_weight(dnormed, ln_cache)
+    return {**add_prefix(moe_backward_weight(moe_work), prefix + "moe."),
+            prefix + "ln2.gamma": dgamma, prefix + "ln2.beta": dbeta}
+
+
+FEED_FORWARD = {  # is the block's FFN a mixture of experts -> (B, W) of that sublayer
+    False: (ffn_sublayer_backward_input, ffn_sublayer_backward_weight),
+    True: (moe_sublayer_backward_input, moe_sublayer_backward_weight),
+}
+
+
 def block_forward(params: dict, i: int, x, config: TransformerConfig, rng=None, ops=SERIAL,
-                  keep_weights: bool = True):
-    """Decoder block i: causal self-attention sublayer, then feed-forward sublayer."""
+                  keep_weights: bool = True, loss_scale: float = 1.0):
+    """Decoder block i: causal self-attention sublayer, then feed-forward sublayer (a mixture
+    of experts where `is_moe_block`; loss_scale: what the backward's seed will be multiplied
+    by, so the load-balancing loss's gradient is scaled like the rest)."""
     prefix = f"blocks.{i}."
     n_heads = params[prefix + "attn.w_q"].shape[1] // config.d_head  # fewer on a TP shard
     h, attn_cache = attention_sublayer_forward(params, prefix, x, "causal", n_heads,
                                                config.dropout, rng, ops=ops,
                                                keep_weights=keep_weights,
                                                precision=config.precision)
-    y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation, config.dropout, rng,
-                                        ops, config.precision)
-    return y, (attn_cache, ffn_cache)
+    moe = is_moe_block(i, config.n_experts, config.moe_every)
+    if moe:
+        y, ffn_cache = moe_sublayer_forward(params, prefix, h, config, rng, ops,
+                                            config.aux_loss_weight * loss_scale)
+    else:
+        y, ffn_cache = ffn_sublayer_forward(params, prefix, h, config.activation,
+                                            config.dropout, rng, ops, config.precision)
+    return y, (attn_cache, ffn_cache, moe)
 
 
 def block_backward_input(dy, cache):
     """B of block i: (dx, w_work) - dx for the block before, w_work for `block_backward_weight`."""
-    attn_cache, ffn_cache = cache
-    dh, ffn_work = ffn_sublayer_backward_input(dy, ffn_cache)
+    attn_cache, ffn_cache, moe = cache
+    dh, ffn_work = FEED_FORWARD[moe][0](dy, ffn_cache)
     dx, _, attn_work = attention_sublayer_backward_input(dh, attn_cache)
-    return dx, (attn_work, ffn_work)
+    return dx, (attn_work, ffn_work, moe)
 
 
 def block_backward_weight(w_work) -> dict:
     """W of block i: its parameters' gradients, with full names."""
-    attn_work, ffn_work = w_work
+    attn_work, ffn_work, moe = w_work
     return {**attention_sublayer_backward_weight(attn_work),
-            **ffn_sublayer_backward_weight(ffn_work)}
+            **FEED_FORWARD[moe][1](ffn_work)}
 
 
 def block_backward(dy, cache):
     """Returns (dx, grads of block i's parameters, with full names): each sublayer's B then
     its W (the same functions as block_backward_input and _weight), so a sublayer's
     gradient work is freed before the next sublayer's backward starts."""
-    attn_cache, ffn_cache = cache
-    dh, ffn_grads = ffn_sublayer_backward(dy, ffn_cache)
+    attn_cache, ffn_cache, moe = cache
+    ffn_b, ffn_w = FEED_FORWARD[moe]
+    dh, ffn_work = ffn_b(dy, ffn_cache)
+    ffn_grads = ffn_w(ffn_work)
+    del ffn_work  # freed before the attention sublayer's backward, as its fused backward did
     dx, _, attn_grads = attention_sublayer_backward(dh, attn_cache)
     return dx, {**attn_grads, **ffn_grads}
+
+
+def block_routing(cache):
+    """The `layers.Routing` of block i's mixture of experts from its block_forward cache, or
+    None for a dense block."""
+    _, ffn_cache, moe = cache
+    return ffn_cache[3].routing if moe else None
 
 
 def recomputed_block_backward_input(dy, saved):
     """B under full recomputation: block i kept only its input; run its forward again - with
     a copy of the dropout generator taken before the first run, so the same masks - then its
     B. The w_work holds the replay's caches of the weight-bearing layers, so W needs no
-    second replay (`block_backward_weight`)."""
-    params, i, x, config, rng, ops = saved
-    _, cache = block_forward(params, i, x, config, rng, ops)
+    second replay (`block_backward_weight`). The replay routes every token as the first run
+    did (routing is a function of the same numbers)."""
+    params, i, x, config, rng, ops, loss_scale, _ = saved
+    _, cache = block_forward(params, i, x, config, rng, ops, loss_scale=loss_scale)
     return block_backward_input(dy, cache)
 
 
@@ -532,7 +658,7 @@ def piece_params(config: TransformerConfig) -> dict[str, list[str]]:
 
 def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=SERIAL,
                  layers: tuple[int, int] | None = None, embed: bool = True, head: bool = True,
-                 before: Callable[[str], None] | None = None):
+                 before: Callable[[str], None] | None = None, loss_scale: float = 1.0):
     """The model's forward walk - embedding, blocks, head - or a contiguous part of it.
 
     inputs: token ids (B, T) if `embed`, else activations (B, T, d_model). layers: the blocks
@@ -547,6 +673,11 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     keeps everything but the attention weights, which the backward recomputes; "full" keeps
     only each block's input and runs the block's forward again in the backward. The gradients
     are the same bits either way, so every layout gets it from the config.
+
+    Mixture-of-experts blocks keep their routing in their caches (`moe_routing(caches)`
+    reads it back: statistics and load-balancing losses), and seed their load-balancing
+    loss's gradient with config.aux_loss_weight x `loss_scale` - the factor the caller will
+    start the backward from (see loss_and_grads).
     """
     def enter(piece: str) -> str:
         if before is not None:
@@ -563,18 +694,37 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     for i in range(lo, hi):
         piece = enter(f"blocks.{i}")
         if config.recompute == "full":  # keep the input, and a generator that replays the dropout
-            caches.append((recomputed_block_backward,
-                           (params, i, x, config, _twin(rng), ops), piece))
-            x, _ = block_forward(params, i, x, config, rng, ops)
+            saved = (params, i, x, config, _twin(rng), ops, loss_scale)
+            x, cache = block_forward(params, i, x, config, rng, ops, loss_scale=loss_scale)
+            caches.append((recomputed_block_backward, (*saved, block_routing(cache)), piece))
+            del cache
         else:
             x, cache = block_forward(params, i, x, config, rng, ops,
-                                     keep_weights=config.recompute == "none")
+                                     keep_weights=config.recompute == "none",
+                                     loss_scale=loss_scale)
             caches.append((block_backward, cache, piece))
     if head:
         piece = enter("head")
         x, cache = head_forward(params, x, config.precision)
         caches.append((head_backward, cache, piece))
     return x, caches
+
+
+def moe_routing(caches: list) -> dict:
+    """{piece: layers.Routing} for every mixture-of-experts block in `forward_pass`'s caches,
+    in walk order (empty for a dense model): tokens per expert, dropped choices and the
+    load-balancing loss of this forward pass. Read from the caches, so no state is kept."""
+    routing = {}
+    for backward, cache, piece in caches:
+        if backward is block_backward:
+            found = block_routing(cache)
+        elif backward is recomputed_block_backward:
+            found = cache[-1]
+        else:
+            continue
+        if found is not None:
+            routing[piece] = found
+    return routing
 
 
 BACKWARD_SPLIT = {  # each piece's backward -> (its B, its W); backward = B then W
@@ -685,26 +835,37 @@ def check_batch(params: dict, tokens, targets, config: TransformerConfig,
 def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
                    ignore_index: int | None = None, rng: np.random.Generator | None = None,
                    *, ops: SublayerOps = SERIAL, on_grads=None, check: bool = True,
-                   loss_scale: float = 1.0):
+                   loss_scale: float = 1.0, return_routing: bool = False):
     """Mean cross-entropy of next-token `targets` (B, T) and its gradient for every parameter.
 
-    Returns (loss: float, grads: dict with exactly the keys of params). `rng` is needed only
-    when config.dropout > 0. The parallel modes call it too, having checked their inputs once
-    (check=False): tensor parallelism with its `ops` on a shard of the dict, data parallelism
-    with `on_grads` (see `backward_pass`). config.recompute: see `forward_pass`.
-    loss_scale: the backward pass starts from loss_scale x dloss, so every gradient comes out
-    multiplied by it (mixed precision's loss scaling: optim.loss_scale_update; the caller
-    divides it out).
+    Returns (loss: float, grads: dict with exactly the keys of params), and with
+    return_routing a third item, `moe_routing`'s {piece: Routing} of this step (empty for a
+    dense model). With mixture-of-experts blocks the loss is the cross-entropy plus
+    config.aux_loss_weight x the sum of their load-balancing losses (Switch Transformer's
+    alpha sum_layers E sum_e f_e P_e), and the gradients are of that sum; the cross-entropy
+    alone is loss - aux_loss_weight x sum(r.aux_loss for r in routing.values()).
+
+    `rng` is needed only when config.dropout > 0. The parallel modes call it too, having
+    checked their inputs once (check=False): tensor parallelism with its `ops` on a shard of
+    the dict, data parallelism with `on_grads` (see `backward_pass`). config.recompute: see
+    `forward_pass`. loss_scale: the backward pass starts from loss_scale x dloss, so every
+    gradient comes out multiplied by it (mixed precision's loss scaling:
+    optim.loss_scale_update; the caller divides it out) - the load-balancing loss's
+    gradient too (forward_pass).
     """
     if check:
         tokens, targets = check_batch(params, tokens, targets, config, ignore_index)
-    logits, caches = forward_pass(params, tokens, config, rng, ops)
+    logits, caches = forward_pass(params, tokens, config, rng, ops, loss_scale=loss_scale)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
+    routing = moe_routing(caches)
+    if routing:
+        loss += config.aux_loss_weight * sum(r.aux_loss for r in routing.values())
     dlogits = cross_entropy_backward(loss_cache)
     if loss_scale != 1.0:
         dlogits *= loss_scale
     _, grads = backward_pass(dlogits, caches, on_grads)
-    return loss, {name: grads[name] for name in params}
+    grads = {name: grads[name] for name in params}
+    return (loss, grads, routing) if return_routing else (loss, grads)
 
 
 def generate(params: dict, prompt, n_new: int, config: TransformerConfig,

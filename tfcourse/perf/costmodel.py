@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from tfcourse.nn.model import block_param_shapes
+from tfcourse.nn.model import block_param_shapes, is_moe_block
 from tfcourse.nn.validate import require_nonnegative_real, require_positive_int
 from tfcourse.parallel.plans.pipeline import check_schedule_args
 from tfcourse.parallel.plans.sequence import sequence_chunks
@@ -20,24 +20,31 @@ from tfcourse.perf.hardware import matmul_flops
 # --------------------------------------------------------------------------- parameters
 
 
-def block_params(d_model: int, d_ff: int) -> int:
+def block_params(d_model: int, d_ff: int, n_experts: int = 0) -> int:
     """One pre-LN block: attention 4d^2 + 4d, FFN 2 d d_ff + d_ff + d, two LayerNorms 4d -
-    counted from the model's own parameter shapes (the one home of the architecture)."""
-    return sum(math.prod(shape) for shape in block_param_shapes("", d_model, d_ff).values())
+    counted from the model's own parameter shapes (the one home of the architecture). With
+    n_experts E > 0 the FFN is a mixture of experts: E FFNs and a d x E router."""
+    return sum(math.prod(shape)
+               for shape in block_param_shapes("", d_model, d_ff, n_experts).values())
 
 
 def lm_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int, max_len: int,
-              tied_head: bool = False) -> int:
+              tied_head: bool = False, n_experts: int = 0, moe_every: int = 2) -> int:
     """All parameters of `tfcourse.nn.model` (learned positions): embeddings (V + max_len) d,
     n_layers blocks, final LayerNorm 2d and the head d V + V.
 
     tied_head=True counts as GPT-2 and GPT-3 do: the head reuses the token embedding
     (logits = h E^T, no head bias), so it adds no parameters. The course's model has its own
-    head; published sizes (GPT-2 small's 124M) are tied counts."""
+    head; published sizes (GPT-2 small's 124M) are tied counts. n_experts > 0: every
+    moe_every-th block (model.is_moe_block) holds n_experts FFNs and a router - all stored
+    and trained, though each token uses only top_k of them."""
     d = d_model
     embeddings = vocab_size * d + max_len * d
     head = 0 if tied_head else d * vocab_size + vocab_size
-    return embeddings + n_layers * block_params(d, d_ff) + 2 * d + head
+    n_moe = sum(is_moe_block(i, n_experts, moe_every) for i in range(n_layers))
+    blocks = (n_layers - n_moe) * block_params(d, d_ff) + (
+        n_moe * block_params(d, d_ff, n_experts) if n_moe else 0)
+    return embeddings + blocks + 2 * d + head
 
 
 def matmul_params(vocab_size: int, d_model: int, n_layers: int, d_ff: int) -> int:
