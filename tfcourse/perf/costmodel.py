@@ -346,7 +346,7 @@ def pipeline_bubble_fraction(p: int, m: int, schedule: str = "1f1b", v: int = 1,
     (p - 1)(T_F + T_B - T_W) when m >= p and T_W <= T_B - against 1F1B's
     (p - 1)(T_F + T_B + T_W). (Derived from the simulator's timelines, and tested on them.)"""
     p, m = require_positive_int("p", p), require_positive_int("m", m)
-    check_schedule_args(schedule, p, 0, m, v)
+    check_schedule_args(schedule, p, 0, m, v, sent=False)
     if schedule == "interleaved":
         return (p - 1) / (v * m + p - 1)
     if schedule != "zb-h1":
@@ -412,7 +412,7 @@ def pipeline_peak_microbatches(schedule: str, p: int, stage: int, m: int, v: int
     from B to W only what W needs: weight_work_bytes_per_layer). Interleaved: (micro-batch,
     chunk) pairs, each a v-th of the stage's layers - its warm-up of 2 (p - stage - 1) +
     (v - 1) p forwards, plus one (all m v when m = p)."""
-    check_schedule_args(schedule, p, stage, m, v)
+    check_schedule_args(schedule, p, stage, m, v, sent=False)
     if schedule == "interleaved":
         return m * v if m == p else min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v)
     return {"gpipe": m, "1f1b": min(p - stage, m), "zb-h1": min(p, m)}[schedule]

@@ -81,16 +81,20 @@ def chunk_layers(n_layers: int, world_size: int, v: int) -> list[list[tuple[int,
             for s in range(world_size)]
 
 
-def check_schedule_args(name: str, p: int, stage: int, m: int, v: int = 1) -> None:
+def check_schedule_args(name: str, p: int, stage: int, m: int, v: int = 1,
+                        sent: bool = True) -> None:
     """A known schedule, p >= 1 stages, 0 <= stage < p, m >= 1 micro-batches and v model
     chunks per stage: v > 1 only, and always, for "interleaved", whose m must be a multiple
-    of p (Megatron-LM's rule: the micro-batches go round the stages in groups of p)."""
+    of p (Megatron-LM's rule: the micro-batches go round the stages in groups of p). sent:
+    the schedule runs as MPI messages, whose tags allow m <= MAX_MICROBATCHES and v <=
+    MAX_VIRTUAL_STAGES (a formula's schedule, sent=False, has no such bound)."""
+    m_max, v_max = (MAX_MICROBATCHES, MAX_VIRTUAL_STAGES) if sent else (m, max(v, 2))
     if name not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {name!r}")
-    if p < 1 or not 0 <= stage < p or not 1 <= m <= MAX_MICROBATCHES:
+    if p < 1 or not 0 <= stage < p or not 1 <= m <= m_max:
         raise ValueError(f"expected p >= 1, 0 <= stage < p and 1 <= m <= {MAX_MICROBATCHES}, "
                          f"got p={p}, stage={stage}, m={m}")
-    if (name == "interleaved") != (v > 1) or not 1 <= v <= MAX_VIRTUAL_STAGES:
+    if (name == "interleaved") != (v > 1) or not 1 <= v <= v_max:
         raise ValueError(f"virtual_stages: expected 2 to {MAX_VIRTUAL_STAGES} for 'interleaved' "
                          f"and 1 for the other schedules, got {v} for {name!r}")
     if name == "interleaved" and m % p:
