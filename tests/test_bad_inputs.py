@@ -538,6 +538,7 @@ TP = "tfcourse.parallel.tensor_parallel"
 PP = "tfcourse.parallel.pipeline_parallel"
 SP = "tfcourse.parallel.sequence_parallel"
 HYBRID = "tfcourse.parallel.hybrid"
+EP = "tfcourse.parallel.expert_parallel"
 TASKS = "tfcourse.parallel.task_parallel"
 COMM = "tfcourse.parallel.comm"
 HELLO = "tfcourse.hello"
@@ -658,6 +659,19 @@ MPI_CASES = [
     mpi_case("pp-seq-len-zero", PP, 2, ["--seq-len", "0"], r"--seq-len: expected a positive"),
     mpi_case("pp-json-missing-folder", PP, 2, ["--steps", "1000"],
              r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    # expert parallel
+    mpi_case("ep-experts-not-divisible", EP, 3, ["--experts", "4"],
+             r"--experts: .*expected a multiple of the 3 ranks, got 4"),
+    mpi_case("ep-no-experts", EP, 2, [], r"--experts: expert parallelism trains a mixture of "
+             r"experts, expected --experts E"),
+    mpi_case("ep-top-k-without-experts", EP, 2, ["--top-k", "2"],
+             r"--top-k: an option of the mixture of experts, expected with --experts E"),
+    mpi_case("ep-top-k-over-experts", EP, 2, ["--experts", "2", "--top-k", "3"],
+             r"--top-k: expected an integer in 1..2 \(--experts\), got 3"),
+    mpi_case("ep-capacity-factor-zero", EP, 2, ["--experts", "2", "--capacity-factor", "0"],
+             r"--capacity-factor: expected a positive"),
+    mpi_case("ep-precision-bf16", EP, 2, ["--experts", "2", "--precision", "bf16"],
+             r"--precision"),
     # sequence parallel
     mpi_case("sp-seq-len-zero", SP, 2, ["--seq-len", "0"], r"--seq-len: expected a positive"),
     mpi_case("sp-sequence-shorter-than-ranks", SP, 2, ["--seq-len", "1"],

@@ -17,7 +17,9 @@ its public entry points) so that the inner loop stays lean.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -249,10 +251,11 @@ class MoECache(NamedTuple):
     routing: Routing
     router_cache: tuple            # linear_forward's cache of the router
     slots: list                    # per expert: (rows, ranks) of the (token, choice) it kept
-    expert_caches: list            # per expert: ffn_forward's cache
+    expert_cache: object           # experts.forward's cache (the serial one: per expert FFN's)
     expert_outs: list              # per expert: FFN_e(x) of its tokens, before the gate
     first_fraction: np.ndarray     # (E,) f_e: tokens whose first choice is e, over N
     shape: tuple                   # x's shape
+    experts: ExpertOps             # how the experts were reached (the backward goes back so)
 
 
 def moe_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -263,33 +266,109 @@ def moe_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: flo
     return math.ceil(round(capacity_factor * n_tokens * top_k / n_experts, 9))
 
 
-def moe_route(probs, top_k: int, capacity: int):
-    """Top-k routing with a capacity: (experts (N, k), gates (N, k), kept (N, k)).
-
-    Each token picks the k most probable experts; equal probabilities go to the lower expert
-    index (a stable sort), so routing is deterministic. Gates: k = 1 is Switch's - the
-    softmax probability itself, p_e(x); k >= 2 renormalises over the chosen experts,
-    p_e / sum_chosen p (GShard's top-2 gates; Mixtral's softmax over the top-k logits is the
-    same number). Capacity: every choice r = 0 (first) of every token claims a slot before
-    any choice r = 1, in token order within a rank (GShard, Lepikhin et al. 2020, Algorithm
-    1); a choice that finds its expert's `capacity` slots taken is dropped."""
-    n_tokens, n_experts = probs.shape
+def moe_choose(probs, top_k: int):
+    """Each token's k most probable experts and their gates: (experts (N, k), gates (N, k)).
+    Equal probabilities go to the lower expert index (a stable sort), so routing is
+    deterministic. Gates: k = 1 is Switch's - the softmax probability itself, p_e(x);
+    k >= 2 renormalises over the chosen experts, p_e / sum_chosen p (GShard's top-2 gates;
+    Mixtral's softmax over the top-k logits is the same number)."""
     experts = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
     chosen = np.take_along_axis(probs, experts, axis=1)
     gates = chosen if top_k == 1 else chosen / chosen.sum(axis=1, keepdims=True)
+    return experts, gates
+
+
+def moe_claims(experts, n_experts: int) -> np.ndarray:
+    """(k, E) int: how many tokens chose expert e as their choice r (r = 0 the first)."""
+    return np.stack([np.bincount(column, minlength=n_experts) for column in experts.T])
+
+
+def moe_route(probs, top_k: int, capacity: int, claimed_before=None):
+    """Top-k routing with a capacity: (experts (N, k), gates (N, k), kept (N, k)).
+
+    Choices and gates: `moe_choose`. Capacity: every choice r = 0 (first) of every token
+    claims a slot before any choice r = 1, in token order (GShard, Lepikhin et al. 2020,
+    Algorithm 1); a choice that finds its expert's `capacity` slots taken is dropped.
+    claimed_before: (k, E) slots of expert e already claimed when these N tokens' choices r
+    come (default none): where these tokens are one rank's part of a larger batch, the
+    claims of every round before r and of the tokens before them in round r (`ExpertOps`'s
+    agree), so the cut is the whole batch's."""
+    n_tokens, n_experts = probs.shape
+    experts, gates = moe_choose(probs, top_k)
     kept = np.zeros((n_tokens, top_k), dtype=bool)
     fill = np.zeros(n_experts, dtype=np.int64)
     for r in range(top_k):
+        if claimed_before is not None:
+            fill = np.asarray(claimed_before[r], dtype=np.int64)
         onehot = experts[:, r, None] == np.arange(n_experts)  # (N, E)
         before = np.cumsum(onehot, axis=0) - onehot           # same-rank claims before n
         position = fill[experts[:, r]] + before[np.arange(n_tokens), experts[:, r]]
         kept[:, r] = position < capacity
-        fill += onehot.sum(axis=0)
+        fill = fill + onehot.sum(axis=0)
     return experts, gates, kept
 
 
+def agree_alone(claims):
+    """The serial `agree`: these tokens are the whole batch, so before their choices r come,
+    the slots claimed are their choices of the rounds before r; their claims are all the
+    claims."""
+    return np.cumsum(claims, axis=0) - claims, claims
+
+
+def experts_forward(params: dict, inputs: list, activation: str, precision: str):
+    """The serial `forward`: expert e's FFN on inputs[e] (its tokens' rows), for every
+    expert, all held here. Returns (outputs, per expert ffn_forward's cache)."""
+    outs, caches = [], []
+    for e, x_e in enumerate(inputs):
+        w = {name: params[f"experts.{e}.{name}"] for name in ("w1", "b1", "w2", "b2")}
+        out, cache = ffn_forward(x_e, w["w1"], w["b1"], w["w2"], w["b2"], activation, precision)
+        outs.append(out)
+        caches.append(cache)
+    return outs, caches
+
+
+def experts_backward_input(douts: list, caches):
+    """The serial `backward_input`: (dinputs, w_work) - each expert's B on its tokens."""
+    dxs, works = [], []
+    for dout, cache in zip(douts, caches, strict=True):
+        dx, work = ffn_backward_input(dout, cache)
+        dxs.append(dx)
+        works.append(work)
+    return dxs, works
+
+
+def experts_backward_weight(works) -> dict:
+    """The serial `backward_weight`: {"experts.e.w1", ...} of every expert."""
+    return {f"experts.{e}.{name}": g for e, work in enumerate(works)
+            for name, g in ffn_backward_weight(work).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertOps:
+    """How a mixture of experts reaches its experts - the serial one (the default) holds them
+    all; expert parallelism (tfcourse.parallel.expert_parallel) holds a share on each rank
+    and sends tokens to them with all-to-all.
+
+    agree(claims (k, E)) -> (claimed_before (k, E), all_claims (k, E)): the routing
+    decisions of the whole batch, for the capacity cut (`moe_route`), the number of tokens
+    (all_claims[0].sum()) and the load-balancing loss's f (all_claims[0] / that);
+    forward(params, inputs, activation, precision) -> (outputs, cache): FFN_e(inputs[e]) for
+    every expert e, inputs[e] the rows of the tokens kept for e (dispatch, experts, combine);
+    backward_input(douts, cache) -> (dinputs, w_work); backward_weight(w_work) -> the
+    experts' gradients {"experts.e.w1", ...} (of the experts this process holds)."""
+
+    agree: Callable = agree_alone
+    forward: Callable = experts_forward
+    backward_input: Callable = experts_backward_input
+    backward_weight: Callable = experts_backward_weight
+
+
+LOCAL_EXPERTS = ExpertOps()
+
+
 def moe_forward(x, params: dict, top_k: int, capacity_factor: float,
-                activation: str = "gelu", precision: str = "fp32"):
+                activation: str = "gelu", precision: str = "fp32",
+                experts: ExpertOps = LOCAL_EXPERTS):
     """A mixture-of-experts feed-forward layer: y(x) = sum over kept choices of
     g_e(x) FFN_e(x), and its load-balancing loss. Returns (y, aux_loss, cache).
 
@@ -307,33 +386,34 @@ def moe_forward(x, params: dict, top_k: int, capacity_factor: float,
     uses the first choice, as GShard's mean(mask_1) does, so its value means the same for
     every k. The caller weights it (Switch: alpha = 0.01) and passes the weight to
     `moe_backward` as daux. cache.routing (a `Routing`) holds the step's statistics.
+
+    experts: an `ExpertOps` (default: all experts here). Under expert parallelism x is one
+    rank's tokens; capacity and f are then the whole batch's (agree), P_e this rank's mean,
+    so the ranks' aux_loss weighted by their share of the tokens add up to the batch's.
     """
     shape = x.shape
     n_experts = params["router.w"].shape[1]
     x2 = x.reshape(-1, shape[-1])
     logits, router_cache = linear_forward(x2, params["router.w"], None, precision)
     probs = np.exp(log_softmax(logits))
-    capacity = moe_capacity(len(x2), n_experts, top_k, capacity_factor)
-    experts, gates, kept = moe_route(probs, top_k, capacity)
+    claimed_before, claims = experts.agree(moe_claims(moe_choose(probs, top_k)[0], n_experts))
+    n_tokens = int(claims[0].sum())  # of the whole batch
+    capacity = moe_capacity(n_tokens, n_experts, top_k, capacity_factor)
+    chosen, gates, kept = moe_route(probs, top_k, capacity, claimed_before)
+    slots = [np.nonzero((chosen == e) & kept) for e in range(n_experts)]  # an expert at most
+    expert_outs, expert_cache = experts.forward(params, [x2[rows] for rows, _ in slots],
+                                                activation, precision)  # once per token
     out = np.zeros(x2.shape, dtype=np.result_type(x2.dtype, gates.dtype))
-    slots, expert_caches, expert_outs = [], [], []
-    for e in range(n_experts):
-        rows, ranks = np.nonzero((experts == e) & kept)  # a token picks an expert at most once
-        w = {name: params[f"experts.{e}.{name}"] for name in ("w1", "b1", "w2", "b2")}
-        expert_out, expert_cache = ffn_forward(x2[rows], w["w1"], w["b1"], w["w2"], w["b2"],
-                                               activation, precision)
+    for (rows, ranks), expert_out in zip(slots, expert_outs, strict=True):
         out[rows] += gates[rows, ranks, None] * expert_out
-        slots.append((rows, ranks))
-        expert_caches.append(expert_cache)
-        expert_outs.append(expert_out)
-    first_fraction = np.bincount(experts[:, 0], minlength=n_experts) / len(x2)
+    first_fraction = claims[0] / n_tokens
     aux_loss = float(n_experts * np.sum(first_fraction * probs.mean(axis=0)))
-    routed = np.bincount(experts.reshape(-1), minlength=n_experts)
-    processed = np.bincount(experts[kept], minlength=n_experts)
-    routing = Routing(probs, experts, gates, kept, capacity, routed, processed,
+    routed = np.bincount(chosen.reshape(-1), minlength=n_experts)
+    processed = np.bincount(chosen[kept], minlength=n_experts)
+    routing = Routing(probs, chosen, gates, kept, capacity, routed, processed,
                       int(routed.sum() - processed.sum()), aux_loss)
-    cache = MoECache(routing, router_cache, slots, expert_caches, expert_outs, first_fraction,
-                     shape)
+    cache = MoECache(routing, router_cache, slots, expert_cache, expert_outs, first_fraction,
+                     shape, experts)
     return out.reshape(shape), aux_loss, cache
 
 
@@ -352,13 +432,13 @@ def moe_backward_input(dout, cache: MoECache, daux: float = 0.0):
     dout2 = dout.reshape(-1, dout.shape[-1])
     dx = np.zeros(dout2.shape, dtype=dout2.dtype)
     dgates = np.zeros_like(gates)
-    expert_work = []
-    for (rows, ranks), expert_cache, expert_out in zip(cache.slots, cache.expert_caches,
-                                                       cache.expert_outs, strict=True):
+    for (rows, ranks), expert_out in zip(cache.slots, cache.expert_outs, strict=True):
         dgates[rows, ranks] = np.einsum("nd,nd->n", dout2[rows], expert_out)
-        dx_e, work = ffn_backward_input(gates[rows, ranks, None] * dout2[rows], expert_cache)
+    dxs, expert_work = cache.experts.backward_input(
+        [gates[rows, ranks, None] * dout2[rows] for rows, ranks in cache.slots],
+        cache.expert_cache)
+    for (rows, _), dx_e in zip(cache.slots, dxs, strict=True):
         dx[rows] += dx_e
-        expert_work.append(work)
     if experts.shape[1] == 1:
         dchosen = dgates
     else:
@@ -371,17 +451,15 @@ def moe_backward_input(dout, cache: MoECache, daux: float = 0.0):
         dprobs += daux * probs.shape[1] / len(probs) * cache.first_fraction
     dlogits = probs * (dprobs - (dprobs * probs).sum(axis=1, keepdims=True))
     dx += linear_backward_input(dlogits, cache.router_cache)
-    return dx.reshape(cache.shape), (dlogits, cache.router_cache, expert_work)
+    return dx.reshape(cache.shape), (dlogits, cache.router_cache, expert_work, cache.experts)
 
 
 def moe_backward_weight(w_work) -> dict:
     """W: {"router.w", "experts.e.w1", ..., "experts.e.b2"}; an expert that processed no token
-    gets zeros."""
-    dlogits, router_cache, expert_work = w_work
-    grads = {"router.w": linear_backward_weight(dlogits, router_cache)[0]}
-    for e, work in enumerate(expert_work):
-        grads.update({f"experts.{e}.{name}": g for name, g in ffn_backward_weight(work).items()})
-    return grads
+    gets zeros. Under expert parallelism, only the experts this rank holds."""
+    dlogits, router_cache, expert_work, experts = w_work
+    return {"router.w": linear_backward_weight(dlogits, router_cache)[0],
+            **experts.backward_weight(expert_work)}
 
 
 def moe_backward(dout, cache: MoECache, daux: float = 0.0):

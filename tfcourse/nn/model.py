@@ -38,6 +38,8 @@ from tfcourse.nn.attention import (
 )
 from tfcourse.nn.layers import (
     ACTIVATIONS,
+    LOCAL_EXPERTS,
+    ExpertOps,
     cross_entropy_backward,
     cross_entropy_forward,
     dropout_backward,
@@ -336,10 +338,14 @@ class SublayerOps:
     `exit` maps their output before the output bias, dropout and the residual add. The serial
     model uses the identity for both. Megatron's tensor parallelism (chapter 7) passes
     enter = f (identity; all-reduce of the gradient) and exit = g (all-reduce; identity).
+    `experts`: how a mixture-of-experts sublayer reaches its experts (layers.ExpertOps; the
+    serial one holds them all) - expert parallelism passes the routing agreement across
+    ranks and the all-to-all dispatch and combine around each rank's share of the experts.
     """
 
     enter: Operator = Operator()
     exit: Operator = Operator()
+    experts: ExpertOps = LOCAL_EXPERTS
 
 
 SERIAL = SublayerOps()
@@ -486,14 +492,15 @@ def moe_sublayer_forward(params: dict, prefix: str, x, config: TransformerConfig
     """x + Dropout(exit(MoE(enter(LN(x))))) with params prefix + "ln2.*" and "moe.*": the
     feed-forward sublayer with a mixture of experts (layers.moe_forward) in place of the FFN.
     The experts' output biases are inside the experts (each gated), so nothing is added
-    after `exit`; tensor parallelism does not split experts (its programs refuse MoE).
+    after `exit`; tensor parallelism does not split experts (its programs refuse MoE);
+    expert parallelism shards them (ops.experts: the all-to-alls around the experts).
     aux_seed: dL/d(this layer's load-balancing loss), the loss's weight times any loss scale;
     the backward adds its gradient. The cache's [3].routing holds the routing statistics."""
     normed, ln_cache = layernorm_forward(x, params[prefix + "ln2.gamma"],
                                          params[prefix + "ln2.beta"])
     out, _, moe_cache = moe_forward(ops.enter.forward(normed), subdict(params, prefix + "moe."),
                                     config.top_k, config.capacity_factor, config.activation,
-                                    config.precision)
+                                    config.precision, ops.experts)
     dropped, drop_cache = dropout_forward(ops.exit.forward(out), config.dropout, rng)
     return x + dropped, (prefix, ops, ln_cache, moe_cache, drop_cache, aux_seed)
 

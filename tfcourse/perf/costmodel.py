@@ -395,6 +395,23 @@ def tensor_parallel_bytes_sent(batch: int, seq_len: int, d_model: int, n_layers:
     return sent + (allgather_bytes(n, p) if sequence_parallel else 0.0)
 
 
+def expert_alltoall_bytes(tokens: int, d_model: int, top_k: int, p: int,
+                          n_moe_layers: int = 1, bytes_per_value: int = 8,
+                          full_recompute: bool = False) -> float:
+    """Activation bytes one rank sends per training step under expert parallelism over p
+    ranks, `tokens` being that rank's tokens (its rows x seq_len): every MoE layer moves each
+    of its tokens' top_k hidden states (d values) to the experts' owners and back in the
+    forward pass (dispatch, combine) and their gradients the same two ways in the backward -
+    four all-to-alls, six with full recomputation (the forward runs again). A dispatch sends
+    the rank's own rows, a combine the rows its experts processed for the other ranks. With
+    balanced routing and no token dropped, both are (p - 1)/p of its tokens' k rows (the rest
+    stay with its own experts), so each all-to-all sends tokens k (p - 1)/p d values.
+    Imbalance moves the measure either way; dropped choices send nothing. The exchanged row
+    counts and routing decisions (a few E integers) are not counted."""
+    per_alltoall = tokens * top_k * (p - 1) / p * d_model * bytes_per_value
+    return (6 if full_recompute else 4) * n_moe_layers * per_alltoall
+
+
 def training_days(n_params: float, n_tokens: float, n_devices: int, peak_flops_per_s: float,
                   utilisation: float, flops_per_param: float = 6) -> float:
     """Wall-clock days to train on n_tokens with flops_per_param x N FLOPs per token (attention
