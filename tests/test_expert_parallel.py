@@ -1,14 +1,18 @@
 """Expert parallelism (issue 21 item 4): the MPI-free pieces - the expert split, the cost
 model's all-to-all bytes, the layer's capacity cut over a batch split in parts equal to the
 whole batch's - and, under real mpiexec at 1-4 ranks, the loss curve and the routing equal to
-serial MoE training (top-1 and top-2, tokens dropped by capacity)."""
+serial MoE training (top-1 and top-2, tokens dropped by capacity); at 2 ranks, --resume bit for
+bit the uninterrupted run, checkpoints that serial MoE training resumes and vice versa, and
+--recompute selective / full equal to serial training with the same recomputation (full
+replays the dispatch and combine: 1.5x the all-to-all bytes, measured and predicted)."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
-from tfcourse import train
+from tfcourse import checkpoint, train
 from tfcourse.course.launch import run_mpi
 from tfcourse.nn import layers, model
 from tfcourse.parallel.plans import experts as plan
@@ -115,3 +119,92 @@ def test_expert_parallel_equals_serial_moe_training(n_ranks, experts, top_k, fac
         assert (sent.sum(axis=0) <= 4 * n_moe * top_k * 32 * 8 * tokens.sum()).all()
     times = result["seconds_per_step_per_rank"][0]
     assert times["communication"] > 0 and times["compute"] > 0
+
+
+# --------------------------------------------------------------------------- checkpoints and
+# recomputation under expert parallelism (2 ranks, E = 4, top-2)
+
+EP = "tfcourse.parallel.expert_parallel"
+MOE = ["--steps", str(STEPS), "--batch-size", str(BATCH), "--experts", "4", "--top-k", "2"]
+
+
+def run_ep(flags: list[str]) -> dict:
+    return run_mpi(EP, [*MOE, *flags], n_ranks=2, timeout=120).result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Expert parallelism at 2 ranks, no recomputation, a checkpoint every 2 steps."""
+    folder = tmp_path_factory.mktemp("ep") / "ck"
+    return run_ep(["--checkpoint", str(folder), "--checkpoint-every", "2", "--keep", "3"]), folder
+
+
+@pytest.mark.mpi
+def test_expert_parallel_resumed_is_bit_for_bit_the_uninterrupted_run(uninterrupted, tmp_path):
+    whole, folder = uninterrupted
+    again = tmp_path / "again"
+    resumed = run_ep(["--resume", str(checkpoint.step_folder(folder, 2)),
+                      "--checkpoint", str(again)])
+    assert resumed["losses"] == whole["losses"]  # exactly
+    assert resumed["routing"] == whole["routing"][2:]  # the steps this run trained
+    manifest = checkpoint.read_manifest(checkpoint.step_folder(folder, STEPS))
+    assert len(manifest["shards"]) == 2 and manifest["layout"]["program"] == "expert_parallel"
+    (p1, o1, _), (p2, o2, _) = (checkpoint.read_distributed(f) for f in (folder, again))
+    assert sorted(p1) == sorted(p2) and any(".moe.experts.3." in n for n in p1)
+    for name in p1:
+        np.testing.assert_array_equal(p2[name], p1[name])
+    for name in o1:
+        np.testing.assert_array_equal(o2[name], o1[name])
+
+
+@pytest.mark.mpi
+def test_serial_and_expert_parallel_checkpoints_resume_each_other(tmp_path):
+    """Serial MoE training (tfcourse.train --experts 4 --top-k 2) checkpoints step 1, expert
+    parallelism at 2 ranks resumes it and checkpoints step 2, serial training resumes that:
+    every run continues the serial curve."""
+    reference = serial(4, 2, 1.25)["losses"]
+    first, second, third = (tmp_path / name for name in ("serial", "ep", "serial2"))
+    saving = ["--checkpoint-every", "1", "--keep", str(STEPS)]
+    out = tmp_path / "serial.json"
+    assert train.main([*MOE, "--progress", "none", "--checkpoint", str(first), *saving,
+                       "--json", str(out)]) == 0
+    np.testing.assert_allclose(json.loads(out.read_text())["losses"], reference, rtol=0,
+                               atol=1e-12)
+    ep = run_ep(["--resume", str(checkpoint.step_folder(first, 1)), "--checkpoint",
+                 str(second), *saving])
+    np.testing.assert_allclose(ep["losses"], reference, rtol=0, atol=1e-10)
+    manifest = checkpoint.read_manifest(checkpoint.step_folder(second, 2))
+    assert manifest["layout"]["program"] == "expert_parallel" and len(manifest["shards"]) == 2
+    assert train.main([*MOE, "--progress", "none", "--resume",
+                       str(checkpoint.step_folder(second, 2)), "--json", str(out)]) == 0
+    np.testing.assert_allclose(json.loads(out.read_text())["losses"], reference, rtol=0,
+                               atol=1e-10)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_expert_parallel_with_recomputation_equals_serial(recompute, uninterrupted):
+    """The same losses and routing as serial MoE training with the same recomputation; full
+    recomputation replays each MoE block's forward - its dispatch and combine - in the
+    backward: six all-to-alls per MoE layer instead of four, measured and predicted
+    (selective recomputes only attention weights: four)."""
+    corpus = train.load_corpus()
+    config = model.preset("tiny", corpus.vocab.size, n_experts=4, top_k=2, recompute=recompute)
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=STEPS, batch_size=BATCH)
+    reference = train.train_lm(config, corpus, settings, progress="none")
+    result = run_ep(["--recompute", recompute])
+    np.testing.assert_allclose(result["losses"], reference["losses"], rtol=0, atol=1e-10)
+    assert counts(result["routing"]) == counts(reference["routing"])
+    plain, _ = uninterrupted  # no recomputation: the same routing, so the same rows move
+    assert counts(plain["routing"]) == counts(result["routing"])
+    factor = 1.5 if recompute == "full" else 1.0
+    sent = np.array(result["alltoall_bytes_sent_per_step_per_rank"])
+    np.testing.assert_array_equal(
+        sent, factor * np.array(plain["alltoall_bytes_sent_per_step_per_rank"]))
+    n_moe = sum(model.is_moe_block(i, 4, config.moe_every) for i in range(config.n_layers))
+    tokens = np.array([np.subtract(*batch_rows(BATCH, r, 2)[::-1]) * 32 for r in range(2)])
+    predicted = np.array(result["predicted_alltoall_bytes_sent_per_step_per_rank"])
+    np.testing.assert_allclose(predicted, factor * np.array(
+        plain["predicted_alltoall_bytes_sent_per_step_per_rank"]))
+    np.testing.assert_allclose(predicted, costmodel.expert_alltoall_bytes(
+        tokens, 32, 2, 2, n_moe, 8, full_recompute=recompute == "full"))
