@@ -684,6 +684,16 @@ MPI_CASES = [
     mpi_case("sp-seq-len-missing", SP, 2, [], r"the following arguments are required: --seq-len"),
     mpi_case("sp-json-missing-folder", SP, 2, ["--seq-len", "8"],
              r"--json: folder '.*missing' does not exist", json="missing/result.json"),
+    # context-parallel training (sequence_parallel --train)
+    mpi_case("cp-ulysses-ranks-not-dividing-heads", SP, 3, ["--train", "--method", "ulysses"],
+             r"--method ulysses: splits the heads over the ranks, expected a number of ranks "
+             r"dividing n_heads=4, got 3"),
+    mpi_case("cp-ulysses-uneven-sequence", SP, 2,
+             ["--train", "--method", "ulysses", "--seq-len", "31"],
+             r"--seq-len: --method ulysses splits every sequence evenly over the 2 rank\(s\), "
+             r"expected a multiple of 2, got 31"),
+    mpi_case("cp-unknown-method", SP, 2, ["--train", "--method", "tree"],
+             r"argument --method: invalid choice: 'tree'"),
     # task parallel
     mpi_case("tasks-fail-task-out-of-range", TASKS, 2, ["--fail-task", "99"],
              r"--fail-task: expected a task id in \[0, 6\), got 99"),

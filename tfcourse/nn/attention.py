@@ -12,7 +12,9 @@ float32 in gives float32 out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -192,6 +194,39 @@ def sdpa_backward(dout, cache, check: bool = True):
     return dq, dk, dv
 
 
+def local_attention_forward(q, k, v, mask=None, keep_weights: bool = True,
+                            precision: str = "fp32"):
+    """The attention kernel of one process: `sdpa_forward` (no input checks) over the
+    positions it is given. mask "causal" is the causal mask over k's positions."""
+    if isinstance(mask, str):
+        mask = causal_mask(k.shape[-2])
+    return sdpa_forward(q, k, v, mask, check=False, keep_weights=keep_weights,
+                        precision=precision)
+
+
+def local_attention_backward(dout, cache):
+    """(dq, dk, dv) of `local_attention_forward`: `sdpa_backward`, no input checks."""
+    return sdpa_backward(dout, cache, check=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernel:
+    """How multi-head attention turns its per-head q, k, v (B, H, T, d_head) into the heads'
+    outputs (B, H, T, d_head): the part between the projections.
+
+    forward(q, k, v, mask, keep_weights, precision) -> (out, cache); backward(dout, cache)
+    -> (dq, dk, dv). The serial kernel is sdpa on what the process holds; context
+    parallelism passes one whose q, k, v hold a slice of the sequence and which
+    communicates to attend over all of it (DeepSpeed-Ulysses: all-to-alls around the serial
+    sdpa; ring attention: K/V blocks passed round a ring with the online softmax)."""
+
+    forward: Callable = local_attention_forward
+    backward: Callable = local_attention_backward
+
+
+LOCAL_ATTENTION = AttentionKernel()
+
+
 def scaled_dot_product_attention(q, k, v, mask=None):
     """Attention output and weights: returns (out (..., n_q, d_v), weights (..., n_q, n_k)).
 
@@ -319,7 +354,8 @@ def _check_mha_inputs(x_q, x_kv, params, n_heads, mask):
 
 
 def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = True,
-                keep_weights: bool = True, precision: str = "fp32"):
+                keep_weights: bool = True, precision: str = "fp32",
+                kernel: AttentionKernel = LOCAL_ATTENTION):
     """Multi-head attention, returning (out (B, n_q, d_model), cache).
 
     x_q: (B, n_q, d_model) queries; x_kv: (B, n_k, d_kv_in) keys/values. For self-attention
@@ -334,18 +370,26 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = 
     leave out "b_o" (no output bias: a tensor-parallel rank adds it after
     summing the ranks' partial outputs, chapter 7). n_heads then counts the heads of this
     params' columns. keep_weights=False: selective recomputation (see `sdpa_forward`).
-    precision: mixed precision in every product (see `sdpa_forward`).
+    precision: mixed precision in every product (see `sdpa_forward`). mask may also be
+    "causal": causal over the positions the kernel attends over. kernel: what runs between
+    the projections (`AttentionKernel`; the serial sdpa by default, context parallelism
+    passes its own).
     """
+    causal = isinstance(mask, str)
+    if causal and mask != "causal":
+        raise ValueError(f"mask: expected a bool array, None or 'causal', got {mask!r}")
     if check:
-        x_q, x_kv, params, mask = _check_mha_inputs(x_q, x_kv, params, n_heads, mask)
-    if mask is not None and mask.ndim == 3:
+        x_q, x_kv, params, checked = _check_mha_inputs(x_q, x_kv, params, n_heads,
+                                                       None if causal else mask)
+        mask = mask if causal else checked
+    if not causal and mask is not None and mask.ndim == 3:
         mask = mask[:, None]  # insert the head axis: the same mask for every head
     q, cache_q = linear_forward(x_q, params["w_q"], params["b_q"], precision)
     k, cache_k = linear_forward(x_kv, params["w_k"], params["b_k"], precision)
     v, cache_v = linear_forward(x_kv, params["w_v"], params["b_v"], precision)
     q, k, v = (split_heads(a, n_heads) for a in (q, k, v))
-    heads, attn_cache = sdpa_forward(q, k, v, mask, check=False,  # (B, n_heads, n_q, d_head)
-                                     keep_weights=keep_weights, precision=precision)
+    heads, attn_cache = kernel.forward(q, k, v, mask,  # (B, n_heads, n_q, d_head)
+                                       keep_weights=keep_weights, precision=precision)
     out, cache_o = linear_forward(merge_heads(heads), params["w_o"], params.get("b_o"),
                                   precision)
     cache = {
@@ -353,6 +397,7 @@ def mha_forward(x_q, x_kv, params: dict, n_heads: int, mask=None, check: bool = 
         "params": params,
         "n_heads": n_heads,
         "attn": attn_cache,
+        "kernel": kernel,
         "linear": (cache_q, cache_k, cache_v, cache_o),
     }
     return out, cache
@@ -371,8 +416,8 @@ def mha_backward_input(dout, cache, check: bool = True):
         require_shape("dout", dout, x_q.shape[:2] + (params["w_o"].shape[1],), "shape of out")
         require_dtype("dout", dout, x_q.dtype, "dtype of out")
     dconcat = linear_backward_input(dout, cache_o)
-    dq, dk, dv = (merge_heads(a) for a in sdpa_backward(split_heads(dconcat, n_heads),
-                                                         cache["attn"], check=False))
+    dq, dk, dv = (merge_heads(a) for a in cache["kernel"].backward(
+        split_heads(dconcat, n_heads), cache["attn"]))
     dx_q = linear_backward_input(dq, cache_q)
     dx_kv = linear_backward_input(dk, cache_k) + linear_backward_input(dv, cache_v)
     w_work = {"q": (dq, cache_q), "k": (dk, cache_k), "v": (dv, cache_v), "o": (dout, cache_o)}

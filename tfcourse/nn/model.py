@@ -29,8 +29,9 @@ from collections.abc import Callable
 import numpy as np
 
 from tfcourse.nn.attention import (
+    LOCAL_ATTENTION,
     MHA_PARAM_NAMES,
-    causal_mask,
+    AttentionKernel,
     mha_backward_input,
     mha_backward_weight,
     mha_forward,
@@ -341,11 +342,15 @@ class SublayerOps:
     `experts`: how a mixture-of-experts sublayer reaches its experts (layers.ExpertOps; the
     serial one holds them all) - expert parallelism passes the routing agreement across
     ranks and the all-to-all dispatch and combine around each rank's share of the experts.
+    `attention`: the kernel between attention's projections (attention.AttentionKernel; the
+    serial sdpa) - context parallelism, whose ranks hold a slice of every sequence, passes
+    one that communicates to attend over the whole sequence (DeepSpeed-Ulysses).
     """
 
     enter: Operator = Operator()
     exit: Operator = Operator()
     experts: ExpertOps = LOCAL_EXPERTS
+    attention: AttentionKernel = LOCAL_ATTENTION
 
 
 SERIAL = SublayerOps()
@@ -353,10 +358,14 @@ SERIAL = SublayerOps()
 # --------------------------------------------------------------------------- pieces
 
 
-def embed_forward(params: dict, tokens: np.ndarray, config: TransformerConfig):
-    """Token embedding + learned position embedding (chapter 3): (B, T) ids -> (B, T, d)."""
+def embed_forward(params: dict, tokens: np.ndarray, config: TransformerConfig,
+                  offset: int = 0):
+    """Token embedding + learned position embedding (chapter 3): (B, T) ids -> (B, T, d).
+    offset: the position of tokens[:, 0] (context parallelism: a rank's slice of every
+    sequence starts there)."""
     tok, tok_cache = embedding_forward(tokens, params["tok_emb"])
-    pos, pos_cache = learned_positions_forward(params["pos_emb"], tokens.shape[1], check=False)
+    pos, pos_cache = learned_positions_forward(params["pos_emb"], tokens.shape[1], check=False,
+                                               offset=offset)
     tok += pos
     return tok, (tok_cache, pos_cache)
 
@@ -387,8 +396,9 @@ def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
     or `memory` (cross-attention).
 
     Reads params[prefix + "ln1.*"] and [prefix + "attn.*"] (cross: "ln_x.*", "xattn.*").
-    mask: a bool mask, None, or "causal": causal over the positions `enter` hands on (under
-    sequence parallelism x holds a slice of the sequence and `enter` gathers all of it).
+    mask: a bool mask, None, or "causal": causal over the positions the attention kernel
+    attends over (under sequence parallelism x holds a slice of the sequence and `enter`
+    gathers all of it; under context parallelism ops.attention reaches the other slices).
     n_heads: the heads whose columns this params dict holds (all of them, unless it is a
     tensor-parallel shard). The output bias is added after `exit`, so that a layout whose exit
     sums partial outputs over ranks adds it once. keep_weights=False: the backward pass
@@ -400,11 +410,10 @@ def attention_sublayer_forward(params: dict, prefix: str, x, mask, n_heads: int,
     normed, ln_cache = layernorm_forward(x, params[ln_name + "gamma"], params[ln_name + "beta"])
     entered = ops.enter.forward(normed)
     kv = entered if memory is None else memory
-    if isinstance(mask, str) and mask == "causal":  # over the positions `enter` delivers: all
-        mask = causal_mask(kv.shape[1])             # of them, even where x holds only a slice
     weights = {name: params[attn_name + name] for name in MHA_PARAM_NAMES if name != "b_o"}
     partial, attn_cache = mha_forward(entered, kv, weights, n_heads, mask, check=False,
-                                      keep_weights=keep_weights, precision=precision)
+                                      keep_weights=keep_weights, precision=precision,
+                                      kernel=ops.attention)
     out = ops.exit.forward(partial)
     out += params[attn_name + "b_o"]
     dropped, drop_cache = dropout_forward(out, dropout, rng)
@@ -665,7 +674,8 @@ def piece_params(config: TransformerConfig) -> dict[str, list[str]]:
 
 def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=SERIAL,
                  layers: tuple[int, int] | None = None, embed: bool = True, head: bool = True,
-                 before: Callable[[str], None] | None = None, loss_scale: float = 1.0):
+                 before: Callable[[str], None] | None = None, loss_scale: float = 1.0,
+                 offset: int = 0):
     """The model's forward walk - embedding, blocks, head - or a contiguous part of it.
 
     inputs: token ids (B, T) if `embed`, else activations (B, T, d_model). layers: the blocks
@@ -685,6 +695,10 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     reads it back: statistics and load-balancing losses), and seed their load-balancing
     loss's gradient with config.aux_loss_weight x `loss_scale` - the factor the caller will
     start the backward from (see loss_and_grads).
+
+    offset: the position of the inputs' first token (context parallelism: a rank holds
+    positions offset .. offset + T - 1 of every sequence, and its ops.attention reaches the
+    others).
     """
     def enter(piece: str) -> str:
         if before is not None:
@@ -695,7 +709,7 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     x = inputs
     if embed:
         piece = enter("embed")
-        x, cache = embed_forward(params, x, config)
+        x, cache = embed_forward(params, x, config, offset)
         caches.append((embed_backward, cache, piece))
     lo, hi = (0, config.n_layers) if layers is None else layers
     for i in range(lo, hi):
@@ -842,7 +856,7 @@ def check_batch(params: dict, tokens, targets, config: TransformerConfig,
 def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
                    ignore_index: int | None = None, rng: np.random.Generator | None = None,
                    *, ops: SublayerOps = SERIAL, on_grads=None, check: bool = True,
-                   loss_scale: float = 1.0, return_routing: bool = False):
+                   loss_scale: float = 1.0, return_routing: bool = False, offset: int = 0):
     """Mean cross-entropy of next-token `targets` (B, T) and its gradient for every parameter.
 
     Returns (loss: float, grads: dict with exactly the keys of params), and with
@@ -858,11 +872,13 @@ def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
     `forward_pass`. loss_scale: the backward pass starts from loss_scale x dloss, so every
     gradient comes out multiplied by it (mixed precision's loss scaling:
     optim.loss_scale_update; the caller divides it out) - the load-balancing loss's
-    gradient too (forward_pass).
+    gradient too (forward_pass). offset: the position of tokens[:, 0] (forward_pass; context
+    parallelism passes its slice's start and its ops, check=False).
     """
     if check:
         tokens, targets = check_batch(params, tokens, targets, config, ignore_index)
-    logits, caches = forward_pass(params, tokens, config, rng, ops, loss_scale=loss_scale)
+    logits, caches = forward_pass(params, tokens, config, rng, ops, loss_scale=loss_scale,
+                                  offset=offset)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
     routing = moe_routing(caches)
     if routing:

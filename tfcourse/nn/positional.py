@@ -20,6 +20,7 @@ from tfcourse.nn.validate import (
     require_dtype,
     require_generator,
     require_ndim,
+    require_nonnegative_int,
     require_positive_int,
     require_real,
     require_shape,
@@ -117,8 +118,10 @@ def init_learned_positions(max_len: int, d_model: int, rng, dtype=np.float64) ->
     return (0.02 * rng.standard_normal((max_len, d_model))).astype(dtype)
 
 
-def learned_positions_forward(table, seq_len: int, check: bool = True):
-    """Position vectors for positions 0 .. seq_len-1: returns (out (seq_len, d_model), cache).
+def learned_positions_forward(table, seq_len: int, check: bool = True, offset: int = 0):
+    """Position vectors for positions offset .. offset+seq_len-1: returns (out (seq_len,
+    d_model), cache). offset: the first position (context parallelism: a rank holding a
+    slice of every sequence embeds its slice's positions).
 
     `out` broadcasts against token embeddings of shape (B, seq_len, d_model): x + out.
     It is a copy, so editing it in place cannot change the table. check=False skips the input
@@ -128,19 +131,21 @@ def learned_positions_forward(table, seq_len: int, check: bool = True):
         table = as_float_array("table", table)
         require_ndim("table", table, 2, 2)
         seq_len = require_positive_int("seq_len", seq_len)
+        offset = require_nonnegative_int("offset", offset)
         max_len = table.shape[0]
-        if seq_len > max_len:
-            raise ValueError(
-                f"seq_len: expected at most max_len={max_len} (rows of table), got {seq_len}"
-            )
-    cache = {"table_shape": table.shape, "dtype": table.dtype, "seq_len": seq_len}
-    return table[:seq_len].copy(), cache
+        if offset + seq_len > max_len:
+            after = f" - offset {offset}" if offset else ""
+            raise ValueError(f"seq_len: expected at most max_len={max_len}{after} (rows of "
+                             f"table), got {seq_len}")
+    cache = {"table_shape": table.shape, "dtype": table.dtype, "seq_len": seq_len,
+             "offset": offset}
+    return table[offset:offset + seq_len].copy(), cache
 
 
 def learned_positions_backward(dout, cache, check: bool = True) -> np.ndarray:
     """Gradient of the table, given dout (B, seq_len, d_model) (or (seq_len, d_model)).
 
-    Row t < seq_len gets dout[:, t] summed over the batch; rows >= seq_len get zero.
+    Row offset + t (t < seq_len) gets dout[:, t] summed over the batch; the others get zero.
     """
     seq_len, (_, d_model) = cache["seq_len"], cache["table_shape"]
     if check:
@@ -150,7 +155,8 @@ def learned_positions_backward(dout, cache, check: bool = True) -> np.ndarray:
                       "(B, seq_len, d_model)")
         require_dtype("dout", dout, cache["dtype"], "dtype of the table")
     dtable = np.zeros(cache["table_shape"], dtype=cache["dtype"])
-    dtable[:seq_len] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
+    offset = cache["offset"]
+    dtable[offset:offset + seq_len] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
     return dtable
 
 

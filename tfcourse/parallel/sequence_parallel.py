@@ -30,6 +30,12 @@ contiguous layout the last rank attends to the whole past and does about p times
 rank's work; zig-zag balances it. The pure parts (chunks, ring schedule, online softmax,
 block gradients) are in tfcourse.nn.attention, the chunks in tfcourse.parallel.plans.sequence,
 the predictions in tfcourse.perf.costmodel.
+
+--train trains the whole model with every rank holding a slice of every sequence
+(tfcourse.parallel.context_parallel: --method ulysses, DeepSpeed-Ulysses's all-to-alls):
+
+    mpiexec -n 2 python -m mpi4py -m tfcourse.parallel.sequence_parallel --train \\
+        --method ulysses --steps 20 --json out.json
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from tfcourse.nn.attention import (
     sdpa_forward,
 )
 from tfcourse.nn.validate import require_nonnegative_int, require_positive_int
+from tfcourse.parallel import context_parallel
 from tfcourse.parallel.plans.sequence import (
     chunk_positions,
     ring_block_owner,
@@ -279,6 +286,9 @@ def _kib(nbytes: float) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--train" in argv:  # the whole model, context-parallel
+        return context_parallel.main(argv)
     args = parse_args(argv)
 
     def summary(result: dict) -> str:

@@ -412,6 +412,23 @@ def expert_alltoall_bytes(tokens: int, d_model: int, top_k: int, p: int,
     return (6 if full_recompute else 4) * n_moe_layers * per_alltoall
 
 
+def ulysses_alltoall_bytes(batch: int, seq_len: int, d_model: int, p: int,
+                           n_layers: int = 1, bytes_per_value: int = 8,
+                           full_recompute: bool = False) -> float:
+    """Bytes one rank sends per training step in DeepSpeed-Ulysses' all-to-alls (Jacobs et
+    al. 2023) over p ranks, each holding seq_len/p positions of every one of `batch`
+    sequences. A tensor of the attention's width d_model on a rank's slice is batch
+    seq_len/p d_model values; one all-to-all keeps the 1/p of it that is this rank's heads
+    of its own slice and sends the other (p - 1)/p. Per layer, the forward sends q, k and v
+    from the sequence split to the head split (3) and the heads' output back (1); the
+    backward sends the output's gradient to the head split (1) and dq, dk, dv back (3): 8
+    all-to-all tensors, 12 with full recomputation (the forward's 4 again). About
+    8 batch seq_len d / p values: it falls as p grows, where ring attention's K/V traffic
+    does not (ring_attention_bytes_sent)."""
+    per_tensor = batch * seq_len / p * d_model * (p - 1) / p * bytes_per_value
+    return (12 if full_recompute else 8) * n_layers * per_tensor
+
+
 def training_days(n_params: float, n_tokens: float, n_devices: int, peak_flops_per_s: float,
                   utilisation: float, flops_per_param: float = 6) -> float:
     """Wall-clock days to train on n_tokens with flops_per_param x N FLOPs per token (attention
