@@ -47,7 +47,7 @@ from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.data_parallel import average_gradients
 from tfcourse.parallel.plans import placement
-from tfcourse.parallel.plans.batches import make_buckets
+from tfcourse.parallel.plans.batches import chunk_bounds, make_buckets
 from tfcourse.parallel.program import (
     State,
     add_split_waiting_argument,
@@ -116,15 +116,9 @@ def ulysses_attention(comm, log) -> AttentionKernel:
 # --------------------------------------------------------------------------- one step
 
 
-def slice_bounds(seq_len: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Positions [lo, hi) of every sequence that `rank` holds (p divides seq_len)."""
-    rows = seq_len // world_size
-    return rank * rows, (rank + 1) * rows
-
-
 def train_step(state: State, x, y, step: int, log, config, settings, comm, buckets):
     """One step on the global batch; returns (new state, global loss, the summed grads)."""
-    lo, hi = slice_bounds(x.shape[1], comm.rank, comm.size)
+    lo, hi = chunk_bounds(x.shape[1], comm.size)[comm.rank]  # p divides seq_len (prepare)
     share = (hi - lo) / x.shape[1]
     ops = SublayerOps(attention=ulysses_attention(comm, log))
     local_loss, grads = loss_and_grads(state.params, x[:, lo:hi], y[:, lo:hi], config, ops=ops,

@@ -31,6 +31,7 @@ from tfcourse.nn.model import (
     weight_pass,
 )
 from tfcourse.parallel.plans import placement
+from tfcourse.parallel.plans.batches import chunk_bounds
 from tfcourse.parallel.plans.pipeline import (
     chunk_layers,
     message_tag,
@@ -59,7 +60,7 @@ class Stage:
     chunks: tuple = ()  # interleaved: the blocks [lo, hi) of each of this rank's chunks
 
     def positions(self, length: int) -> tuple[int, int]:
-        return self.slice * length // self.slices, (self.slice + 1) * length // self.slices
+        return chunk_bounds(length, self.slices)[self.slice]
 
     def blocks(self, chunk: int) -> tuple[int, int]:
         return self.chunks[chunk] if self.chunks else self.layers

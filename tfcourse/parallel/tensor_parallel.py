@@ -53,6 +53,7 @@ from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.comm import mpi_allreduce
 from tfcourse.parallel.data_parallel import average_gradients
 from tfcourse.parallel.plans import placement
+from tfcourse.parallel.plans.batches import chunk_bounds
 from tfcourse.parallel.plans.tensor import (
     check_world_size,
     shard_axis,
@@ -127,7 +128,7 @@ def sp_loss_and_grads(params: dict, x, y, config, comm, log) -> tuple[float, dic
     (the tables are replicated), then the model's own walk runs on its slice of positions
     with `sequence_ops`; the loss is the mean of the ranks' equal slices."""
     p, length = comm.size, x.shape[1]
-    lo, hi = comm.rank * length // p, (comm.rank + 1) * length // p
+    lo, hi = chunk_bounds(length, p)[comm.rank]
     ops = sequence_ops(comm, log)
     emb, emb_cache = embed_forward(params, x, config)
     logits, caches = forward_pass(params, emb[:, lo:hi], config, ops=ops, embed=False)
