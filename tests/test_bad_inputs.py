@@ -692,6 +692,11 @@ MPI_CASES = [
              ["--train", "--method", "ulysses", "--seq-len", "31"],
              r"--seq-len: --method ulysses splits every sequence evenly over the 2 rank\(s\), "
              r"expected a multiple of 2, got 31"),
+    mpi_case("cp-ring-sequence-not-in-2p-chunks", SP, 3, ["--train", "--method", "ring"],
+             r"--seq-len: --method ring cuts every sequence into 2 x 3 equal zig-zag chunks, "
+             r"expected a multiple of 6, got 32"),
+    mpi_case("cp-ring-odd-sequence", SP, 2, ["--train", "--method", "ring", "--seq-len", "30"],
+             r"expected a multiple of 4, got 30"),
     mpi_case("cp-unknown-method", SP, 2, ["--train", "--method", "tree"],
              r"argument --method: invalid choice: 'tree'"),
     # task parallel

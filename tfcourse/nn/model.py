@@ -359,13 +359,13 @@ SERIAL = SublayerOps()
 
 
 def embed_forward(params: dict, tokens: np.ndarray, config: TransformerConfig,
-                  offset: int = 0):
+                  positions=0):
     """Token embedding + learned position embedding (chapter 3): (B, T) ids -> (B, T, d).
-    offset: the position of tokens[:, 0] (context parallelism: a rank's slice of every
-    sequence starts there)."""
+    positions: the position of tokens[:, 0], or a (T,) array of every token's position
+    (context parallelism: a rank's slice of every sequence; zig-zag holds two pieces)."""
     tok, tok_cache = embedding_forward(tokens, params["tok_emb"])
     pos, pos_cache = learned_positions_forward(params["pos_emb"], tokens.shape[1], check=False,
-                                               offset=offset)
+                                               positions=positions)
     tok += pos
     return tok, (tok_cache, pos_cache)
 
@@ -675,7 +675,7 @@ def piece_params(config: TransformerConfig) -> dict[str, list[str]]:
 def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=SERIAL,
                  layers: tuple[int, int] | None = None, embed: bool = True, head: bool = True,
                  before: Callable[[str], None] | None = None, loss_scale: float = 1.0,
-                 offset: int = 0):
+                 positions=0):
     """The model's forward walk - embedding, blocks, head - or a contiguous part of it.
 
     inputs: token ids (B, T) if `embed`, else activations (B, T, d_model). layers: the blocks
@@ -696,9 +696,9 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     loss's gradient with config.aux_loss_weight x `loss_scale` - the factor the caller will
     start the backward from (see loss_and_grads).
 
-    offset: the position of the inputs' first token (context parallelism: a rank holds
-    positions offset .. offset + T - 1 of every sequence, and its ops.attention reaches the
-    others).
+    positions: the position of the inputs' first token, or a (T,) array of every input's
+    position (context parallelism: a rank holds a slice of every sequence - zig-zag: two
+    pieces - and its ops.attention reaches the others).
     """
     def enter(piece: str) -> str:
         if before is not None:
@@ -709,7 +709,7 @@ def forward_pass(params: dict, inputs, config: TransformerConfig, rng=None, ops=
     x = inputs
     if embed:
         piece = enter("embed")
-        x, cache = embed_forward(params, x, config, offset)
+        x, cache = embed_forward(params, x, config, positions)
         caches.append((embed_backward, cache, piece))
     lo, hi = (0, config.n_layers) if layers is None else layers
     for i in range(lo, hi):
@@ -856,7 +856,7 @@ def check_batch(params: dict, tokens, targets, config: TransformerConfig,
 def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
                    ignore_index: int | None = None, rng: np.random.Generator | None = None,
                    *, ops: SublayerOps = SERIAL, on_grads=None, check: bool = True,
-                   loss_scale: float = 1.0, return_routing: bool = False, offset: int = 0):
+                   loss_scale: float = 1.0, return_routing: bool = False, positions=0):
     """Mean cross-entropy of next-token `targets` (B, T) and its gradient for every parameter.
 
     Returns (loss: float, grads: dict with exactly the keys of params), and with
@@ -872,13 +872,13 @@ def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
     `forward_pass`. loss_scale: the backward pass starts from loss_scale x dloss, so every
     gradient comes out multiplied by it (mixed precision's loss scaling:
     optim.loss_scale_update; the caller divides it out) - the load-balancing loss's
-    gradient too (forward_pass). offset: the position of tokens[:, 0] (forward_pass; context
-    parallelism passes its slice's start and its ops, check=False).
+    gradient too (forward_pass). positions: the position of tokens[:, 0] or of every token
+    (forward_pass; context parallelism passes its slice's and its ops, check=False).
     """
     if check:
         tokens, targets = check_batch(params, tokens, targets, config, ignore_index)
     logits, caches = forward_pass(params, tokens, config, rng, ops, loss_scale=loss_scale,
-                                  offset=offset)
+                                  positions=positions)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index)
     routing = moe_routing(caches)
     if routing:

@@ -118,10 +118,13 @@ def init_learned_positions(max_len: int, d_model: int, rng, dtype=np.float64) ->
     return (0.02 * rng.standard_normal((max_len, d_model))).astype(dtype)
 
 
-def learned_positions_forward(table, seq_len: int, check: bool = True, offset: int = 0):
-    """Position vectors for positions offset .. offset+seq_len-1: returns (out (seq_len,
-    d_model), cache). offset: the first position (context parallelism: a rank holding a
-    slice of every sequence embeds its slice's positions).
+def learned_positions_forward(table, seq_len: int, check: bool = True, positions=0):
+    """Position vectors for seq_len positions: returns (out (seq_len, d_model), cache).
+
+    positions: an int, the first position (rows positions .. positions + seq_len - 1: the
+    whole sequence from 0, or a contiguous slice of it), or a (seq_len,) array of distinct
+    positions in any order (context parallelism: a rank holding a slice of every sequence, in
+    zig-zag two pieces of it, embeds its own positions).
 
     `out` broadcasts against token embeddings of shape (B, seq_len, d_model): x + out.
     It is a copy, so editing it in place cannot change the table. check=False skips the input
@@ -131,21 +134,44 @@ def learned_positions_forward(table, seq_len: int, check: bool = True, offset: i
         table = as_float_array("table", table)
         require_ndim("table", table, 2, 2)
         seq_len = require_positive_int("seq_len", seq_len)
-        offset = require_nonnegative_int("offset", offset)
-        max_len = table.shape[0]
-        if offset + seq_len > max_len:
-            after = f" - offset {offset}" if offset else ""
+        positions = _check_positions(positions, seq_len, table.shape[0])
+    rows = _position_rows(positions, seq_len)
+    cache = {"table_shape": table.shape, "dtype": table.dtype, "seq_len": seq_len,
+             "rows": rows}
+    return table[rows].copy(), cache
+
+
+def _position_rows(positions, seq_len: int):
+    """The table rows of `positions`: a slice for an int start, else the array itself."""
+    if isinstance(positions, np.ndarray):
+        return positions
+    return slice(positions, positions + seq_len)
+
+
+def _check_positions(positions, seq_len: int, max_len: int):
+    if not isinstance(positions, np.ndarray):
+        start = require_nonnegative_int("positions", positions)
+        if start + seq_len > max_len:
+            after = f" - positions {start}" if start else ""
             raise ValueError(f"seq_len: expected at most max_len={max_len}{after} (rows of "
                              f"table), got {seq_len}")
-    cache = {"table_shape": table.shape, "dtype": table.dtype, "seq_len": seq_len,
-             "offset": offset}
-    return table[offset:offset + seq_len].copy(), cache
+        return start
+    if (positions.shape != (seq_len,) or not np.issubdtype(positions.dtype, np.integer)
+            or len(np.unique(positions)) != seq_len):
+        raise ValueError(f"positions: expected {seq_len} distinct integer positions (one per "
+                         f"token), got an array of shape {positions.shape} and dtype "
+                         f"{positions.dtype}")
+    if seq_len and (positions.min() < 0 or positions.max() >= max_len):
+        raise ValueError(f"positions: expected positions in [0, max_len={max_len}) (rows of "
+                         f"table), got {positions.min()} .. {positions.max()}")
+    return positions
 
 
 def learned_positions_backward(dout, cache, check: bool = True) -> np.ndarray:
     """Gradient of the table, given dout (B, seq_len, d_model) (or (seq_len, d_model)).
 
-    Row offset + t (t < seq_len) gets dout[:, t] summed over the batch; the others get zero.
+    The row of each position t's slot gets dout[:, t] summed over the batch; the others get
+    zero (the positions are distinct, so no row gets two).
     """
     seq_len, (_, d_model) = cache["seq_len"], cache["table_shape"]
     if check:
@@ -155,8 +181,7 @@ def learned_positions_backward(dout, cache, check: bool = True) -> np.ndarray:
                       "(B, seq_len, d_model)")
         require_dtype("dout", dout, cache["dtype"], "dtype of the table")
     dtable = np.zeros(cache["table_shape"], dtype=cache["dtype"])
-    offset = cache["offset"]
-    dtable[offset:offset + seq_len] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
+    dtable[cache["rows"]] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
     return dtable
 
 

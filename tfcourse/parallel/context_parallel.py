@@ -1,15 +1,24 @@
-"""Issue 21: context-parallel training of the whole model - every rank holds a contiguous slice
-of every sequence, and only attention communicates (DeepSpeed-Ulysses, Jacobs et al. 2023).
+"""Issue 21: context-parallel training of the whole model - every rank holds a slice of every
+sequence, and only attention communicates: ring attention (Liu, Zaharia and Abbeel 2023) or
+DeepSpeed-Ulysses (Jacobs et al. 2023).
 
     mpiexec -n 2 python -m mpi4py -m tfcourse.parallel.sequence_parallel --train \\
-        --method ulysses --steps 20 --json out.json
+        --method ring|ulysses --steps 20 --json out.json
 
-Rank r of p holds positions [r T/p, (r + 1) T/p) of all B sequences of the global batch and a
-replica of every parameter. It runs the serial model's `loss_and_grads` on its slice: the
-embedding (with its slice's positions, offset r T/p), LayerNorms, MLPs, the head and the loss
-are per token and need nothing from the other slices. Attention does: every query meets every
-earlier key. The model's SublayerOps.attention is the kernel between attention's projections,
-and Ulysses passes this one:
+Rank r of p holds a slice of all B sequences of the global batch and a replica of every
+parameter. It runs the serial model's `loss_and_grads` on its slice: the embedding (with its
+slice's positions), LayerNorms, MLPs, the head and the loss are per token and need nothing
+from the other slices. Attention does: every query meets every earlier key. The model's
+SublayerOps.attention is the kernel between attention's projections; each method passes one.
+
+ring: rank r holds chunks r and 2p - 1 - r of 2p (zig-zag, so the causal work is balanced: p
+must divide 2p chunks, T a multiple of 2p) and keeps its queries; the kernel is
+tfcourse.parallel.ring_attention - K/V blocks passed round the ring with the online softmax,
+and in the backward K, V with their dK, dV accumulators. A rank sends about 6 (p - 1)/p of the
+whole sequence's K/V rows per layer (costmodel.ring_attention_bytes_sent), whatever p; any
+number of heads.
+
+ulysses: rank r holds positions [r T/p, (r + 1) T/p), and the kernel is:
 
   forward   all-to-all q, k, v from the sequence split (B, H, T/p, d_head) to the head split
             (B, H/p, T, d_head): rank r sends heads [s H/p, (s + 1) H/p) of its slice to rank
@@ -21,10 +30,11 @@ and Ulysses passes this one:
 
 So p must divide the heads and the sequence (refused before any collective otherwise), and a
 rank sends 8 (p - 1)/p of its slice's d_model-wide activations per layer per step
-(costmodel.ulysses_alltoall_bytes) - less as p grows, where ring attention passes K and V
-p - 1 times. Each rank seeds its backward with its share of the positions (loss_scale = 1/p),
-so its gradients are its slice's share of the batch's, and they are summed over ranks
-(data_parallel.average_gradients with weight 1). The loss curve equals serial training.
+(costmodel.ulysses_alltoall_bytes) - less as p grows, where the ring passes K and V p - 1
+times. With either method each rank seeds its backward with its share of the positions
+(loss_scale = 1/p), so its gradients are its slice's share of the batch's, and they are
+summed over ranks (data_parallel.average_gradients with weight 1). The loss curve equals
+serial training.
 """
 
 from __future__ import annotations
@@ -47,7 +57,8 @@ from tfcourse.nn.validate import require_positive_int
 from tfcourse.parallel.checkpointing import start_training
 from tfcourse.parallel.data_parallel import average_gradients
 from tfcourse.parallel.plans import placement
-from tfcourse.parallel.plans.batches import chunk_bounds, make_buckets
+from tfcourse.parallel.plans.batches import make_buckets
+from tfcourse.parallel.plans.sequence import chunk_positions, sequence_chunks
 from tfcourse.parallel.program import (
     State,
     add_split_waiting_argument,
@@ -56,10 +67,16 @@ from tfcourse.parallel.program import (
     run_program,
     train,
 )
-from tfcourse.perf.costmodel import ulysses_alltoall_bytes
+from tfcourse.parallel.ring_attention import (
+    RingCounters,
+    ring_attention_backward,
+    ring_attention_forward,
+)
+from tfcourse.perf.costmodel import ring_attention_bytes_sent, ulysses_alltoall_bytes
 from tfcourse.train import TrainingSetup, optimizer_update, training_setup
 
-METHODS = ("ulysses",)
+METHODS = ("ring", "ulysses")
+TRAFFIC = {"ring": "sendrecv:ring", "ulysses": "alltoall:ulysses"}  # the event log's kinds
 
 # --------------------------------------------------------------------------- the all-to-alls
 
@@ -113,16 +130,47 @@ def ulysses_attention(comm, log) -> AttentionKernel:
     return AttentionKernel(forward, backward)
 
 
+def ring_attention(comm, log, chunks) -> AttentionKernel:
+    """The model's attention kernel for one step: this rank's queries (its `chunks` of the
+    sequence) attend over the whole sequence, K/V passed round the ring (causal only)."""
+    counters = RingCounters(log=log)
+
+    def forward(q, k, v, mask=None, keep_weights: bool = True, precision: str = "fp32"):
+        if not (isinstance(mask, str) and mask == "causal"):
+            raise ValueError(f"mask: the ring skips and masks blocks by their global "
+                             f"positions, expected 'causal', got {mask!r}")
+        q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
+        out, lse = ring_attention_forward(q, k, v, chunks, comm, counters)
+        return out, (q, k, v, out, lse)  # never the scores: the backward recomputes them
+
+    def backward(dout, cache):
+        return ring_attention_backward(np.ascontiguousarray(dout), *cache, chunks, comm,
+                                       counters)
+
+    return AttentionKernel(forward, backward)
+
+
 # --------------------------------------------------------------------------- one step
 
 
-def train_step(state: State, x, y, step: int, log, config, settings, comm, buckets):
+def slice_positions(method: str, seq_len: int, p: int, rank: int):
+    """The positions rank `rank` holds of every sequence: ring, zig-zag chunks r and 2p-1-r
+    (an array); ulysses, the contiguous chunk r (its first position: an int)."""
+    chunks = sequence_chunks(seq_len, p, zigzag=method == "ring")[rank]
+    return chunk_positions(chunks) if method == "ring" else chunks[0][0]
+
+
+def train_step(state: State, x, y, step: int, log, config, settings, comm, buckets, method):
     """One step on the global batch; returns (new state, global loss, the summed grads)."""
-    lo, hi = chunk_bounds(x.shape[1], comm.size)[comm.rank]  # p divides seq_len (prepare)
-    share = (hi - lo) / x.shape[1]
-    ops = SublayerOps(attention=ulysses_attention(comm, log))
-    local_loss, grads = loss_and_grads(state.params, x[:, lo:hi], y[:, lo:hi], config, ops=ops,
-                                       check=False, loss_scale=share, offset=lo)
+    n, p = x.shape[1], comm.size  # the method's split of seq_len is even (prepare)
+    positions = slice_positions(method, n, p, comm.rank)
+    mine = positions if method == "ring" else slice(positions, positions + n // p)
+    kernel = (ring_attention(comm, log, sequence_chunks(n, p, zigzag=True)) if method == "ring"
+              else ulysses_attention(comm, log))
+    share = 1 / p
+    local_loss, grads = loss_and_grads(state.params, x[:, mine], y[:, mine], config,
+                                       ops=SublayerOps(attention=kernel), check=False,
+                                       loss_scale=share, positions=positions)
     loss = comm.allreduce(local_loss * share, op=MPI.SUM)
     grads = average_gradients(grads, 1.0, buckets, comm, "mpi", log)  # shares: summed
     params, opt_state, _ = optimizer_update(state.params, grads, state.opt_state, settings,
@@ -138,6 +186,12 @@ def prepare(args: argparse.Namespace, world_size: int) -> TrainingSetup:
     require_positive_int("--threads", args.threads)
     setup = training_setup(args)
     heads, seq_len = setup.config.n_heads, setup.settings.seq_len
+    if args.method == "ring":
+        if seq_len % (2 * world_size):
+            raise ValueError(f"--seq-len: --method ring cuts every sequence into 2 x "
+                             f"{world_size} equal zig-zag chunks, expected a multiple of "
+                             f"{2 * world_size}, got {seq_len}")
+        return setup
     if heads % world_size:
         raise ValueError(f"--method {args.method}: splits the heads over the ranks, expected a "
                          f"number of ranks dividing n_heads={heads}, got {world_size}")
@@ -155,20 +209,33 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
                                    placement.replicated(comm.rank, dict.fromkeys(sizes, 0)),
                                    {"program": "context_parallel", "method": args.method})
     step = functools.partial(train_step, config=config, settings=settings, comm=comm,
-                             buckets=make_buckets(list(sizes), sizes, 2**20 // 8))
+                             buckets=make_buckets(list(sizes), sizes, 2**20 // 8),
+                             method=args.method)
     result = train(comm, setup, start, step, args.split_waiting, saving, args.trace_memory)
-    sent = [sum(e["bytes"] for e in log.events if e["kind"] == "alltoall:ulysses")
+    sent = [sum(e["bytes"] for e in log.events if e["kind"] == TRAFFIC[args.method])
             for log in result.logs]
-    predicted = ulysses_alltoall_bytes(settings.batch_size, settings.seq_len, config.d_model,
-                                       comm.size, config.n_layers,
-                                       np.dtype(config.dtype).itemsize,
-                                       config.recompute == "full")
     final = result.state
     return result_record(
         result, setup, comm, state_nbytes(final.params, result.grads, final.opt_state),
         method=args.method, positions_per_rank=settings.seq_len // comm.size,
-        alltoall_bytes_sent_per_step_per_rank=comm.gather(sent, root=0),
-        predicted_alltoall_bytes_sent_per_step=predicted)
+        chunks=[[list(c) for c in rank_chunks] for rank_chunks in sequence_chunks(
+            settings.seq_len, comm.size, zigzag=args.method == "ring")],
+        attention_bytes_sent_per_step_per_rank=comm.gather(sent, root=0),
+        predicted_attention_bytes_sent_per_step_per_rank=predicted_bytes(args.method, setup,
+                                                                         comm.size))
+
+
+def predicted_bytes(method: str, setup: TrainingSetup, p: int) -> list[float]:
+    """Bytes every rank sends per training step in attention's communication (costmodel)."""
+    config, settings = setup.config, setup.settings
+    common = dict(n_layers=config.n_layers, bytes_per_value=np.dtype(config.dtype).itemsize,
+                  full_recompute=config.recompute == "full")
+    if method == "ring":
+        return ring_attention_bytes_sent(settings.seq_len, p, settings.batch_size,
+                                         config.n_heads, config.d_model // config.n_heads,
+                                         zigzag=True, **common)
+    return [ulysses_alltoall_bytes(settings.batch_size, settings.seq_len, config.d_model, p,
+                                   **common)] * p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -185,12 +252,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def summary(result: dict) -> str:
-        sent = np.mean(result["alltoall_bytes_sent_per_step_per_rank"], axis=1)
+        sent = np.mean(result["attention_bytes_sent_per_step_per_rank"], axis=1)
         return (f"context parallel ({args.method}) on {result['world_size']} rank(s), "
                 f"{result['positions_per_rank']} positions of every sequence each: final loss "
-                f"{result['losses'][-1]:.4f} after {len(result['losses'])} steps; all-to-all "
+                f"{result['losses'][-1]:.4f} after {len(result['losses'])} steps; attention "
                 f"bytes sent per step per rank {sent.round().tolist()}, predicted "
-                f"{round(result['predicted_alltoall_bytes_sent_per_step'])}")
+                f"{np.round(result['predicted_attention_bytes_sent_per_step_per_rank']).tolist()}")
 
     return run_program(args, prepare, run, summary)
 

@@ -505,19 +505,24 @@ def ring_attention_peak_score_bytes(seq_len: int, p: int, batch: int, heads: int
 
 
 def ring_attention_bytes_sent(seq_len: int, p: int, batch: int, heads: int, d_head: int,
-                              bytes_per_value: int = 4, zigzag: bool = False) -> list[int]:
-    """Bytes each rank sends in ring attention's forward and backward pass together.
+                              bytes_per_value: int = 4, zigzag: bool = False,
+                              n_layers: int = 1, full_recompute: bool = False) -> list[int]:
+    """Bytes each rank sends in ring attention's forward and backward pass together, for each
+    of n_layers attention layers (context-parallel training: heads d_head = d_model).
 
     Forward: p - 1 steps, each passing the (K, V) block it holds to the next rank. Backward:
     p - 1 steps passing (K, V, dK, dV), then one last step sending (dK, dV) of the block it
     holds home. Rank r never sends block r + 1's K and V (it receives it last), so it sends
     6 (n - n_{r+1}) + 2 n_{r+1} token rows of B heads d_head values: linear in n, about
-    6 n (p - 1) / p, while the scores that are never sent are quadratic.
+    6 n (p - 1) / p, while the scores that are never sent are quadratic - and, unlike
+    Ulysses' all-to-alls (ulysses_alltoall_bytes), not falling as p grows. Full
+    recomputation replays the forward: 2 (n - n_{r+1}) rows more.
     """
     sizes, owned = _sequence_chunk_sizes(seq_len, p, zigzag)
     if p == 1:
         return [0] * p
-    row_bytes = batch * heads * d_head * bytes_per_value
+    row_bytes = batch * heads * d_head * bytes_per_value * n_layers
+    forward = 4 if full_recompute else 2
     block_rows = [sum(sizes[a] for a in chunks) for chunks in owned]
-    return [row_bytes * (6 * (seq_len - block_rows[(r + 1) % p]) + 2 * block_rows[(r + 1) % p])
-            for r in range(p)]
+    return [row_bytes * ((forward + 4) * (seq_len - block_rows[(r + 1) % p])
+                         + 2 * block_rows[(r + 1) % p]) for r in range(p)]
