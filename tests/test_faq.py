@@ -1,4 +1,4 @@
-"""Chapter 12 (FAQ): the RNN, the sweeps and the counts, against hand computations."""
+"""Chapter 13 (FAQ): the RNN, the sweeps and the counts, against hand computations."""
 
 import math
 
