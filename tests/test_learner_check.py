@@ -2,6 +2,7 @@
 library's own algorithm passes at 1-4 ranks, and classic wrong answers are rejected with a
 message that points at the cause (issue 18)."""
 
+import contextlib
 import inspect
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import textwrap
 import pytest
 
 from tfcourse import check as mpi_check
-from tfcourse.parallel import comm, task_parallel, zero3
+from tfcourse.parallel import comm, context_parallel, task_parallel, zero3
 from tfcourse.parallel.plans.pipeline import schedule
 
 pytestmark = pytest.mark.mpi
@@ -327,3 +328,165 @@ def test_classic_wrong_zb_h1_schedules_are_rejected_with_what_they_cost(tmp_path
     with pytest.raises(AssertionError, match=f"schedule_zb_h1 under mpiexec -n 3, rank \\d: "
                        f".*{says}"):
         mpi_check.run_check("schedule_zb_h1", path, ranks=(3,), timeout=30)
+
+
+class NoLog:  # the library's Ulysses kernel logs its all-to-alls; the learner's has no log
+    def span(self, kind, nbytes=0):
+        return contextlib.nullcontext()
+
+
+LIBRARY_ULYSSES = (mpi_check.header("ulysses_attention") + "import contextlib\n\n\n"
+                   + inspect.getsource(NoLog) + "\n\n" + "\n\n".join(
+                       inspect.getsource(getattr(context_parallel, name)) for name in (
+                           "alltoall", "sequence_to_heads", "heads_to_sequence"))
+                   + "\n\n" + inspect.getsource(context_parallel.ulysses_attention).replace(
+                       "def ulysses_attention(comm, log)", "def library_kernel(comm, log)")
+                   + "\n\ndef ulysses_attention(comm):\n    return library_kernel(comm, NoLog())\n")
+RIGHT_ULYSSES = """
+def ulysses_attention(comm):
+    p = comm.size
+
+    def to_heads(x):  # (B, H, T/p, d) -> (B, H/p, T, d): my heads, every position
+        b, h, n, d = x.shape
+        send = np.ascontiguousarray(x.reshape(b, p, h // p, n, d).transpose(1, 0, 2, 3, 4))
+        recv = np.empty_like(send)
+        comm.Alltoall(send, recv)  # recv[s]: rank s's positions of my heads
+        return recv.transpose(1, 2, 0, 3, 4).reshape(b, h // p, p * n, d)
+
+    def to_sequence(y):  # (B, H/p, T, d) -> (B, H, T/p, d): every head, my positions
+        b, h, n, d = y.shape
+        send = np.ascontiguousarray(y.reshape(b, h, p, n // p, d).transpose(2, 0, 1, 3, 4))
+        recv = np.empty_like(send)
+        comm.Alltoall(send, recv)  # recv[s]: rank s's heads of my positions
+        return recv.transpose(1, 0, 2, 3, 4).reshape(b, p * h, n // p, d)
+
+    def forward(q, k, v, mask=None, keep_weights=True, precision="fp32"):
+        q, k, v = (to_heads(x) for x in (q, k, v))
+        out, cache = local_attention_forward(q, k, v, mask, keep_weights, precision)
+        return to_sequence(out), cache
+
+    def backward(dout, cache):
+        dq, dk, dv = local_attention_backward(to_heads(dout), cache)
+        return tuple(to_sequence(g) for g in (dq, dk, dv))
+
+    return AttentionKernel(forward, backward)
+"""
+STRIDED_THERE = ("x.reshape(b, p, h // p, n, d).transpose(1, 0, 2, 3, 4)",
+                 "x.reshape(b, h // p, p, n, d).transpose(2, 0, 1, 3, 4)")  # heads r::p
+STRIDED_BACK = ("recv.transpose(1, 0, 2, 3, 4).reshape", "recv.transpose(1, 2, 0, 3, 4).reshape")
+SHAPE = r"\(1, 4, 8, 3\): {} has shape \(1, 1, 8, 3\), expected \(1, 4, 2, 3\) = \(B, H, T/p, " \
+        r"d_head\), this rank's slice of the positions for every head: did it go back"
+POSITION_ORDER = (r"\(1, 4, 8, 3\): out differs from causal attention over the whole sequence "
+                  r"\(max error .*, first at sequence 0, head 0, position {}\): does each rank "
+                  r"attend over the whole sequence, with the slices in position order")
+ULYSSES_WRONG = {  # what goes wrong: ([(right, wrong), ...], what the message must say at -n 4)
+    "no all-to-all back in the forward": (
+        [("return to_sequence(out), cache", "return out, cache")], SHAPE.format("out")),
+    "the slices gathered in reverse rank order": (
+        [("return recv.transpose(1, 2, 0, 3, 4)", "return recv[::-1].transpose(1, 2, 0, 3, 4)")],
+        POSITION_ORDER.format(0)),
+    "the slices interleaved (a wrong transpose)": (
+        [("recv.transpose(1, 2, 0, 3, 4).reshape", "recv.transpose(1, 2, 3, 0, 4).reshape")],
+        POSITION_ORDER.format(1)),
+    # heads r::p out and contiguous blocks back: two heads per rank land in each other's places
+    "heads r::p sent, contiguous blocks returned": (
+        [STRIDED_THERE], r"two heads per rank, B=2 \(B, H, T, d_head\) = \(2, 8, 12, 4\): each "
+                         r"head's output is right but in another head's place \(head 1 holds "
+                         r"head 4's\): every head must come back to where it left from"),
+    "no all-to-all back in the backward": (
+        [("return tuple(to_sequence(g) for g in (dq, dk, dv))", "return dq, dk, dv")],
+        SHAPE.format("backward's dq")),
+    "a backward that recomputes without the causal mask": (
+        [("local_attention_backward(to_heads(dout), cache)", "local_attention_backward(to_heads("
+          "dout), local_attention_forward(cache['q'], cache['k'], cache['v'])[1])")],
+        r"the forward is right, but dq is the gradient of attention without the causal mask: "
+        r"the backward must mask the scores as the forward did"),
+    # the model runs both layers' forwards before their backwards: one cache kept is wrong
+    "the cache kept in the kernel, not returned": (
+        [("    p = comm.size\n", "    p = comm.size\n    kept = {}\n"),
+         ("        return to_sequence(out), cache", "        kept['cache'] = cache\n"
+                                                  "        return to_sequence(out), None"),
+         ("local_attention_backward(to_heads(dout), cache)",
+          "local_attention_backward(to_heads(dout), kept['cache'])")],
+        r"two layers .*: layer 0: dq differs from the gradient of causal attention .*: one "
+        r"layer alone passed, but the model runs every layer's forward before the backwards"),
+    "every head sent to every rank (the learner's code raises)": (
+        [("x.reshape(b, p, h // p, n, d)", "x.reshape(b, p, h, n, d)")],
+        r"one head per rank .*: raised ValueError: cannot reshape array of size 24"),
+}
+
+
+def ulysses_source(edits=()) -> str:
+    source = RIGHT_ULYSSES
+    for right, mistake in edits:
+        assert right in source
+        source = source.replace(right, mistake)
+    return mpi_check.header("ulysses_attention") + source
+
+
+def test_the_library_ulysses_kernel_passes_from_the_command_line_at_one_to_four_ranks(tmp_path):
+    path = write(tmp_path, "ulysses_attention", LIBRARY_ULYSSES)
+    proc = subprocess.run([sys.executable, "-m", "tfcourse.check", "ulysses_attention",
+                           str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("✓ ulysses_attention: equals the library under mpiexec with "
+                                  "1, 2, 3, 4 ranks, and context-parallel training with it "
+                                  "equals serial training (at 1, 2 and 4 ranks")
+
+
+def test_a_self_consistent_strided_head_split_is_still_ulysses(tmp_path):
+    """Heads are independent: rank r may attend heads r::p, if they come back to r::p."""
+    path = write(tmp_path, "ulysses_attention", ulysses_source([STRIDED_THERE, STRIDED_BACK]))
+    line = mpi_check.run_check("ulysses_attention", path, ranks=(2, 4))
+    assert line.startswith("✓ ulysses_attention: equals the library under mpiexec with 2, 4")
+
+
+@pytest.mark.parametrize("wrong", ULYSSES_WRONG)
+def test_classic_wrong_ulysses_kernels_are_rejected_with_a_pointer(tmp_path, wrong):
+    edits, says = ULYSSES_WRONG[wrong]
+    path = write(tmp_path, "ulysses_attention", ulysses_source(edits))
+    with pytest.raises(AssertionError, match=f"ulysses_attention under mpiexec -n 4, rank \\d: "
+                                             f".*{says}"):
+        mpi_check.run_check("ulysses_attention", path, ranks=(4,), timeout=30)
+
+
+def test_a_ulysses_kernel_that_ignores_the_other_ranks_passes_alone_and_fails_at_two(tmp_path):
+    path = write(tmp_path, "ulysses_attention", mpi_check.header("ulysses_attention") + (
+        "def ulysses_attention(comm):\n"
+        "    return AttentionKernel(local_attention_forward, local_attention_backward)\n"))
+    assert mpi_check.run_check("ulysses_attention", path, ranks=(1,)).startswith("✓")
+    # rank 0's queries need no other slice; its keys are seen by rank 1's queries
+    with pytest.raises(AssertionError, match=r"ulysses_attention under mpiexec -n 2, rank 0: "
+                       r"one head per rank .*: dk is the gradient of attention over this "
+                       r"rank's own positions only: the queries the other ranks hold see"):
+        mpi_check.run_check("ulysses_attention", path, ranks=(1, 2), timeout=30)
+
+
+def test_training_with_the_learners_ulysses_kernel_is_checked_too(tmp_path):
+    """A kernel right on the checker's short sequences (at most 3p positions) but off by 1e-6
+    on the model's (32 positions) is caught by context-parallel training."""
+    path = write(tmp_path, "ulysses_attention", ulysses_source([(
+        "return to_sequence(out), cache",
+        "return to_sequence(out * (1 + 1e-6 * (q.shape[2] > 12))), cache")]))
+    with pytest.raises(AssertionError, match=r"ulysses_attention under mpiexec -n 2, rank 0: "
+                       r"training with it gives losses \[.*\], serial training \[.*\]"):
+        mpi_check.run_check("ulysses_attention", path, ranks=(2,), timeout=30)
+
+
+def test_a_ulysses_kernel_whose_alltoall_only_rank_0_calls_is_a_deadlock_with_a_pointer(
+        tmp_path):
+    path = write(tmp_path, "ulysses_attention", ulysses_source([(
+        "comm.Alltoall(send, recv)", "comm.Alltoall(send, recv) if comm.rank == 0 else None")]))
+    with pytest.raises(AssertionError, match=r"ulysses_attention under mpiexec -n 2: no answer "
+                       r"within 6 s - a deadlock\? Every rank must call Alltoall the same "
+                       r"number of times"):
+        mpi_check.run_check("ulysses_attention", path, ranks=(2,), timeout=6)
+
+
+def test_a_notebook_ulysses_kernel_is_saved_with_the_attention_imports(tmp_path, capsys):
+    path = write(tmp_path, "cell", "import numpy as np\n" + RIGHT_ULYSSES.replace(
+        "def ulysses_attention(comm)", "def my_kernel(comm)"))
+    namespace = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    mpi_check.check_under_mpi("ulysses_attention", namespace["my_kernel"], ranks=(2,))
+    assert capsys.readouterr().out.startswith("✓ ulysses_attention: equals the library")

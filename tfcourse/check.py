@@ -16,11 +16,16 @@ merge_partials(a, b) as in tfcourse.nn.attention; master(tasks, comm, t0), the m
 dynamic scheduling in tfcourse.parallel.task_parallel (its workers are the library's);
 zero3_hooks(gather) returning ZeRO-3's (forward_hook, backward_hook), the order in which
 tfcourse.parallel.zero3 drops, fills and prefetches each piece (using gather.order, gather.fill
-and gather.drop only; what the rank holds and has posted is watched at every fill and hook).
+and gather.drop only; what the rank holds and has posted is watched at every fill and hook);
+ulysses_attention(comm) returning DeepSpeed-Ulysses' AttentionKernel(forward, backward) of
+chapter 10 (tfcourse.parallel.context_parallel's, without its log): forward(q, k, v, mask,
+keep_weights, precision) -> (out, cache) and backward(dout, cache) -> (dq, dk, dv) on this
+rank's slice of the positions (B, H, T/p, d_head), equal to the serial attention over the
+whole sequence on that slice.
 Exit status 0 with one line when it equals the library at every rank count and the program
-that uses it (data-parallel, ZeRO, tensor-parallel or pipeline training, ring attention, the
-task graph) still equals its serial reference; 1 with what differs (ranks, rank, case,
-expected and got) otherwise; 2 for bad arguments. From a notebook,
+that uses it (data-parallel, ZeRO, tensor-parallel, pipeline or context-parallel training,
+ring attention, the task graph) still equals its serial reference; 1 with what differs (ranks,
+rank, case, expected and got) otherwise; 2 for bad arguments. From a notebook,
 `check_under_mpi(name, function)` saves the function's source to a file and does the same.
 """
 
@@ -36,7 +41,8 @@ from pathlib import Path
 from tfcourse.course.launch import MPIJobError, MPITimeoutError, run_mpi
 
 NAMES = ("ring_reduce_scatter", "ring_all_gather", "broadcast_from_owners", "megatron_ops",
-         "schedule_1f1b", "schedule_zb_h1", "merge_partials", "master", "zero3_hooks")
+         "schedule_1f1b", "schedule_zb_h1", "merge_partials", "master", "zero3_hooks",
+         "ulysses_attention")
 RANKS = (1, 2, 3, 4)
 CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial training",
            "ring_all_gather": "data-parallel training with it equals serial training",
@@ -48,7 +54,10 @@ CONTEXT = {"ring_reduce_scatter": "data-parallel training with it equals serial 
                            "and 4 ranks: the tiny model's 4 heads do not split over 3)",
            "master": "the chapter's task graph run by it equals a serial run",
            "zero3_hooks": "each rank holds one gathered piece while the next one's broadcasts "
-                          "travel, and ZeRO-3 training with it equals serial training"}
+                          "travel, and ZeRO-3 training with it equals serial training",
+           "ulysses_attention": "context-parallel training with it equals serial training "
+                                "(at 1, 2 and 4 ranks: the tiny model's 4 heads do not split "
+                                "over 3)"}
 HINTS = {"master": "Did the master send STOP to every worker once every task had its outcome, "
                    "and can it run the tasks itself when there is no worker (one rank)?",
          "megatron_ops": "Every rank must call the same collectives in the same order.",
@@ -56,7 +65,10 @@ HINTS = {"master": "Did the master send STOP to every worker once every task had
                            "neighbours expect them: B(i) needs F(i) and the next stage's "
                            "B(i), W(i) its own B(i).",
          "zero3_hooks": "Each hook must fill its own piece (fill waits for the broadcasts it "
-                        "or an earlier `then` posted), the same way on every rank."}
+                        "or an earlier `then` posted), the same way on every rank.",
+         "ulysses_attention": "Every rank must call Alltoall the same number of times, with "
+                              "arrays of the same shape: block s of the heads goes to rank s, "
+                              "and the slices come back in rank order."}
 HEADER = ("import numpy as np\nfrom mpi4py import MPI\n\n"
           "from tfcourse.parallel.plans.batches import chunk_bounds\n")
 IMPORTS = {  # what a function written in a notebook may use besides numpy and MPI
@@ -64,6 +76,8 @@ IMPORTS = {  # what a function written in a notebook may use besides numpy and M
     "master": ("from tfcourse.parallel.plans.tasks import (\n    dependency_inputs, ready_tasks, "
                "run_serial, skipped)\nfrom tfcourse.parallel.task_parallel import RESULT, "
                "STOP, WORK, wait_for_message\n"),
+    "ulysses_attention": ("from tfcourse.nn.attention import (\n    AttentionKernel, "
+                          "local_attention_backward, local_attention_forward)\n"),
 }
 
 

@@ -7,11 +7,13 @@ compare it with the library's (issue 18: the learner writes the algorithms).
 runs it on the same inputs as the library function and compares (learner_cases: buffer for
 buffer, and for a ring the messages each rank sends, p - 1 steps); then the program that uses
 the function runs with the learner's in the library's place and is compared with its serial
-reference: data-parallel, ZeRO-1, tensor-parallel or pipeline training against serial
-training, ring attention against full attention, the master/worker task graph against a
-serial run (1F1B and ZB-H1 schedules: pipeline training with the learner's list for that
---schedule); ZeRO-3's hooks also have their memory and prefetch watched (learner_zero3), a
-schedule that differs is measured - peak in flight, simulated bubble (learner_schedules).
+reference: data-parallel, ZeRO-1, tensor-parallel, pipeline or context-parallel (Ulysses)
+training against serial training, ring attention against full attention, the master/worker
+task graph against a serial run (1F1B and ZB-H1 schedules: pipeline training with the
+learner's list for that --schedule); ZeRO-3's hooks also have their memory and prefetch
+watched (learner_zero3), a schedule that differs is measured - peak in flight, simulated
+bubble (learner_schedules); Ulysses' kernel is compared slice by slice with the serial
+attention over the whole sequence (learner_ulysses).
 Rank 0 prints one line and writes --json: {"ok", "problem"}.
 Start it with `python -m tfcourse.check NAME FILE` (all rank counts, one command).
 """
@@ -27,6 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 from tfcourse.files import write_json_atomic
+from tfcourse.nn.model import preset
 from tfcourse.parallel import comm as collectives
 from tfcourse.parallel.learner_cases import CHECKS
 from tfcourse.parallel.program import agree_on_arguments, program_parser
@@ -99,7 +102,6 @@ def tasks_equal_serial(fn, comm) -> str | None:
 
 def tensor_parallel_fits(world_size: int) -> bool:
     """Whether the tiny model's heads and feed-forward columns split over `world_size` ranks."""
-    from tfcourse.nn.model import preset
     from tfcourse.parallel.plans.tensor import check_world_size
 
     try:
@@ -116,6 +118,7 @@ def in_its_program(name: str, fn, comm) -> str | None:
     """Put the learner's function where the library's is looked up, then run the program
     that uses it against its serial reference."""
     from tfcourse.parallel import (
+        context_parallel,
         data_parallel,
         pipeline_parallel,
         sequence_parallel,
@@ -142,6 +145,12 @@ def in_its_program(name: str, fn, comm) -> str | None:
         if not tensor_parallel_fits(comm.size):
             return None  # the tiny model's 4 heads do not split over 3 ranks
         return training_equals_serial("tfcourse.parallel.tensor_parallel", [], comm)
+    if name == "ulysses_attention":  # train_step looks its kernel up in context_parallel
+        context_parallel.ulysses_attention = lambda c, log: fn(c)  # no log: no bytes counted
+        if preset("tiny", vocab_size=1).n_heads % comm.size:
+            return None  # the tiny model's 4 heads do not split over 3 ranks
+        return training_equals_serial("tfcourse.parallel.context_parallel",
+                                      ["--train", "--method", "ulysses"], comm)
     if name == "merge_partials":
         sequence_parallel.merge_partials = fn
         return attention_equals_full(comm)

@@ -11,6 +11,7 @@ import numpy as np
 from tfcourse.parallel import comm as collectives
 from tfcourse.parallel.learner_master import check_master
 from tfcourse.parallel.learner_schedules import check_schedule_1f1b, check_schedule_zb_h1
+from tfcourse.parallel.learner_ulysses import check_ulysses_attention
 from tfcourse.parallel.learner_zero3 import check_zero3_hooks
 from tfcourse.parallel.plans.batches import chunk_bounds
 
@@ -197,4 +198,5 @@ CHECKS = {"ring_reduce_scatter": check_ring_reduce_scatter,
           "schedule_zb_h1": check_schedule_zb_h1,
           "megatron_ops": check_megatron_ops,
           "master": check_master,
-          "zero3_hooks": check_zero3_hooks}
+          "zero3_hooks": check_zero3_hooks,
+          "ulysses_attention": check_ulysses_attention}
