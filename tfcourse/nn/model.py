@@ -32,6 +32,7 @@ from tfcourse.nn.attention import (
     LOCAL_ATTENTION,
     MHA_PARAM_NAMES,
     AttentionKernel,
+    local_attention_forward,
     mha_backward_input,
     mha_backward_weight,
     mha_forward,
@@ -891,26 +892,173 @@ def loss_and_grads(params: dict, tokens, targets, config: TransformerConfig,
     return (loss, grads, routing) if return_routing else (loss, grads)
 
 
-def generate(params: dict, prompt, n_new: int, config: TransformerConfig,
-             temperature: float = 0.0, seed: int = 0) -> np.ndarray:
-    """Extend 1-D `prompt` ids by `n_new` tokens: greedy when temperature == 0, else sampled
-    from softmax(logits / temperature) with a seeded generator. Only the last max_len tokens
-    are fed to the model."""
+# --------------------------------------------------------------------------- inference
+
+
+@dataclasses.dataclass
+class KVCache:
+    """What decoding keeps of the positions already seen: every block's keys and values,
+    (B, H, max_len, d_head) arrays (H: the heads this process holds - fewer on a
+    tensor-parallel shard), and how many positions of each sequence they hold, lengths (B,).
+    `decode` fills the arrays in place: 2 n_layers d_model values per token and sequence
+    (costmodel.kv_cache_bytes)."""
+
+    keys: list
+    values: list
+    lengths: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the positions held (the arrays are allocated for max_len)."""
+        per_position = sum(k[0, :, 0].nbytes + v[0, :, 0].nbytes
+                           for k, v in zip(self.keys, self.values, strict=True))
+        return int(per_position * self.lengths.sum())
+
+
+def empty_kv_cache(params: dict, config: TransformerConfig, batch: int) -> KVCache:
+    """An empty cache for `batch` sequences of up to config.max_len positions, for the heads
+    `params` holds (a tensor-parallel shard holds n_heads / p)."""
+    w_k = params["blocks.0.attn.w_k"]
+    shape = (batch, w_k.shape[1] // config.d_head, config.max_len, config.d_head)
+    return KVCache([np.zeros(shape, w_k.dtype) for _ in range(config.n_layers)],
+                   [np.zeros(shape, w_k.dtype) for _ in range(config.n_layers)],
+                   np.zeros(batch, dtype=np.int64))
+
+
+def cached_attention(cache: KVCache, block: dict) -> AttentionKernel:
+    """The attention kernel of decoding. The new positions' keys and values go into the
+    cache at each sequence's length; the new queries attend over everything the cache holds
+    up to themselves (causal) - one query row against the cached keys, O(T d) per token,
+    instead of recomputing the whole context. block["index"]: the block running (`decode`'s
+    forward_pass hook sets it). Inference only: there is no backward pass."""
+
+    def forward(q, k, v, mask=None, keep_weights: bool = True, precision: str = "fp32"):
+        keys, values = cache.keys[block["index"]], cache.values[block["index"]]
+        rows = cache.lengths[:, None] + np.arange(q.shape[2])      # (B, n) new positions
+        seq = np.arange(len(rows))[:, None]
+        keys[seq, :, rows] = k.transpose(0, 2, 1, 3)               # (B, n, H, d_head)
+        values[seq, :, rows] = v.transpose(0, 2, 1, 3)
+        total = int(rows.max()) + 1
+        visible = np.arange(total) <= rows[:, :, None]             # (B, n, total): causal
+        out, _ = local_attention_forward(q, keys[:, :, :total], values[:, :, :total],
+                                         visible[:, None], keep_weights=False,
+                                         precision=precision)
+        return out, None
+
+    def backward(dout, cache_):
+        raise ValueError("cached_attention: decoding has no backward pass")
+
+    return AttentionKernel(forward, backward)
+
+
+def decode(params: dict, tokens, cache: KVCache, config: TransformerConfig, ops=SERIAL):
+    """The model on the next n positions of every sequence, tokens (B, n), with the cache of
+    the earlier ones: returns logits (B, n, vocab) and adds the n positions to the cache.
+    Prefill is decode on the prompt with an empty cache; then one token at a time. Each
+    position embeds its own index (positions = cache.lengths + t), so the sequences of a
+    batch may hold different lengths. ops: a layout's entry and exit operators (tensor
+    parallelism's f and g); its attention kernel is replaced by the cache's. No input
+    checks (see `generate`)."""
+    block = {"index": None}
+
+    def before(piece: str) -> None:
+        if piece.startswith("blocks."):
+            block["index"] = int(piece.split(".")[1])
+
+    ops = dataclasses.replace(ops, attention=cached_attention(cache, block))
+    positions = cache.lengths[:, None] + np.arange(tokens.shape[1])
+    if cache.lengths.max() + tokens.shape[1] > config.max_len:
+        raise ValueError(f"tokens: the cache holds {cache.lengths.max()} positions, "
+                         f"expected at most max_len={config.max_len} with the "
+                         f"{tokens.shape[1]} new ones")
+    logits, _ = forward_pass(params, tokens, config, ops=ops, before=before,
+                             positions=positions)
+    cache.lengths += tokens.shape[1]
+    return logits
+
+
+def _next_token(logits, temperature: float, rng) -> int:
+    """Greedy when temperature == 0, else a sample of softmax(logits / temperature)."""
+    logits = logits.astype(np.float64)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    p = softmax(logits / temperature)
+    return int(rng.choice(len(p), p=p))
+
+
+def _check_generation(params, n_new, config, temperature, seed):
     if require_real("temperature", temperature) < 0:
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
     n_new = require_nonnegative_int("n_new", n_new)
-    rng = np.random.default_rng(require_nonnegative_int("seed", seed))
+    seed = require_nonnegative_int("seed", seed)
+    check_params(params, param_shapes(config), config.dtype)  # once, not once per token
+    return n_new, seed, dataclasses.replace(config, dropout=0.0, recompute="none")
+
+
+def generate(params: dict, prompt, n_new: int, config: TransformerConfig,
+             temperature: float = 0.0, seed: int = 0, kv_cache: bool = True) -> np.ndarray:
+    """Extend 1-D `prompt` ids by `n_new` tokens: greedy when temperature == 0, else sampled
+    from softmax(logits / temperature) with a seeded generator. Only the last max_len tokens
+    are fed to the model (a longer prompt is cut to its last max_len tokens).
+
+    kv_cache=True (the default): prefill the context once, then run one position per new
+    token against the cache of keys and values (`decode`), O(T d) per token; False
+    recomputes the whole context for every token, O(T^2 d). The same tokens either way.
+    When the context reaches max_len the window slides, every position moves, and the cache
+    is filled again from the last max_len tokens (as the uncached model sees them). A
+    mixture of experts cuts its capacity over the tokens of each call, so cached and
+    uncached generation may drop different choices there."""
+    n_new, seed, config = _check_generation(params, n_new, config, temperature, seed)
+    rng = np.random.default_rng(seed)
     prompt = check_tokens("prompt", np.asarray(prompt).reshape(1, -1), config.vocab_size,
                           np.iinfo(np.int64).max)  # longer prompts are cut to max_len below
-    check_params(params, param_shapes(config), config.dtype)  # once, not once per token
-    config = dataclasses.replace(config, dropout=0.0, recompute="none")
-    ids = list(prompt[0])
+    ids, cache = list(prompt[0]), None
     for _ in range(n_new):
-        context = np.array(ids[-config.max_len:], dtype=np.int64)[None, :]
-        logits = forward_pass(params, context, config)[0][0, -1].astype(np.float64)
-        if temperature == 0:
-            ids.append(int(np.argmax(logits)))
+        if not kv_cache:
+            context = np.array(ids[-config.max_len:], dtype=np.int64)[None, :]
+            logits = forward_pass(params, context, config)[0][0, -1]
+        elif cache is None or cache.lengths[0] == config.max_len:  # prefill, or the window slid
+            cache = empty_kv_cache(params, config, 1)
+            context = np.array(ids[-config.max_len:], dtype=np.int64)[None, :]
+            logits = decode(params, context, cache, config)[0, -1]
         else:
-            p = softmax(logits / temperature)
-            ids.append(int(rng.choice(len(p), p=p)))
+            logits = decode(params, np.array([[ids[-1]]]), cache, config)[0, -1]
+        ids.append(_next_token(logits, temperature, rng))
     return np.array(ids, dtype=np.int64)
+
+
+def generate_batch(params: dict, prompts: list, n_new: int, config: TransformerConfig,
+                   temperature: float = 0.0, seed: int = 0) -> list[np.ndarray]:
+    """`generate` for several prompts of different lengths at once, with one KV cache: every
+    sequence of the batch has its own length, its own positions and its own sampler (seeded
+    with `seed`, as if it were generated alone), so each result equals `generate` of its
+    prompt. The prompts are padded on the right for the prefill; a query never sees a
+    padded key (causal), and the first decoded token overwrites the first pad. Every prompt
+    plus n_new must fit in max_len."""
+    n_new, seed, config = _check_generation(params, n_new, config, temperature, seed)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts: expected a non-empty list of 1-D token arrays, got "
+                         f"{type(prompts).__name__}")
+    prompts = [check_tokens(f"prompts[{i}]", np.asarray(p).reshape(1, -1), config.vocab_size,
+                            config.max_len)[0] for i, p in enumerate(prompts)]
+    longest = max(len(p) for p in prompts)
+    if longest + n_new > config.max_len:
+        raise ValueError(f"n_new: the longest prompt has {longest} tokens, expected at most "
+                         f"max_len={config.max_len} - {longest} = {config.max_len - longest} "
+                         f"new ones, got {n_new}")
+    lengths = np.array([len(p) for p in prompts])
+    padded = np.zeros((len(prompts), longest), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        padded[b, :len(p)] = p
+    rngs = [np.random.default_rng(seed) for _ in prompts]
+    ids = [list(p) for p in prompts]
+    cache = empty_kv_cache(params, config, len(prompts))
+    logits = decode(params, padded, cache, config)[np.arange(len(prompts)), lengths - 1]
+    cache.lengths[:] = lengths
+    for step in range(n_new):
+        for b, row in enumerate(logits):
+            ids[b].append(_next_token(row, temperature, rngs[b]))
+        if step + 1 < n_new:
+            latest = np.array([[seq[-1]] for seq in ids])
+            logits = decode(params, latest, cache, config)[:, -1]
+    return [np.array(seq, dtype=np.int64) for seq in ids]

@@ -124,7 +124,9 @@ def learned_positions_forward(table, seq_len: int, check: bool = True, positions
     positions: an int, the first position (rows positions .. positions + seq_len - 1: the
     whole sequence from 0, or a contiguous slice of it), or a (seq_len,) array of distinct
     positions in any order (context parallelism: a rank holding a slice of every sequence, in
-    zig-zag two pieces of it, embeds its own positions).
+    zig-zag two pieces of it, embeds its own positions), or a (B, seq_len) array, each
+    sequence's own (decoding a batch whose sequences hold different lengths; out is then
+    (B, seq_len, d_model); check=False only).
 
     `out` broadcasts against token embeddings of shape (B, seq_len, d_model): x + out.
     It is a copy, so editing it in place cannot change the table. check=False skips the input
@@ -181,7 +183,11 @@ def learned_positions_backward(dout, cache, check: bool = True) -> np.ndarray:
                       "(B, seq_len, d_model)")
         require_dtype("dout", dout, cache["dtype"], "dtype of the table")
     dtable = np.zeros(cache["table_shape"], dtype=cache["dtype"])
-    dtable[cache["rows"]] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
+    rows = cache["rows"]
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:  # each sequence its own positions
+        np.add.at(dtable, rows, dout)
+    else:
+        dtable[rows] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
     return dtable
 
 

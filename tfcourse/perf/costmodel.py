@@ -91,6 +91,41 @@ def training_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff:
     return 3 * sum(forward.values()) + again[recompute]
 
 
+def generation_flops_per_token(vocab_size: int, d_model: int, n_layers: int, d_ff: int,
+                               context: int, kv_cache: bool = True) -> int:
+    """Matmul FLOPs to produce one new token whose context (itself included) is `context`
+    positions long. With a KV cache the model runs that one position: its projections, MLP
+    and head (2N) and one query row against `context` cached keys and values
+    (4 L d T): O(T d). Without, it runs the whole context again: `context` times that, O(T^2 d)
+    in attention (and T x 2N in the matmuls)."""
+    one = sum(forward_flops_per_token(vocab_size, d_model, n_layers, d_ff, context).values())
+    return one if kv_cache else context * one
+
+
+def kv_cache_bytes(n_layers: int, d_model: int, bytes_per_value: int = 4, tokens: int = 1,
+                   batch: int = 1) -> int:
+    """Bytes of the KV cache: every block keeps a key and a value vector of d_model values
+    (all heads) for every token of every sequence, 2 L d x bytes per token."""
+    return 2 * n_layers * d_model * bytes_per_value * tokens * batch
+
+
+def decode_arithmetic_intensity(n_params: int, batch: int, bytes_per_value: int = 4) -> float:
+    """FLOPs per byte of weights read in one decoding step of `batch` sequences, counting the
+    matmul weights (n_params) read once per step and 2 FLOPs per weight per sequence:
+    2 B N / (N bytes_per_value) = 2B / bytes_per_value. The KV cache and activations are left
+    out (small next to the weights at short contexts). Prefill of T tokens reads the weights
+    once for B T tokens: 2 B T / bytes_per_value."""
+    return 2.0 * batch / bytes_per_value
+
+
+def memory_bound_batch(peak_flops_per_s: float, bandwidth_bytes_per_s: float,
+                       bytes_per_value: int = 4) -> float:
+    """The batch where decoding's intensity 2B / bytes_per_value reaches the roofline's ridge
+    (peak FLOP/s over bandwidth): below it a decoding step is bound by reading the weights,
+    and more sequences per step are nearly free."""
+    return peak_flops_per_s / bandwidth_bytes_per_s * bytes_per_value / 2
+
+
 class FlopCounter(np.ndarray):
     """An ndarray that adds the FLOPs of every matmul it takes part in to `FlopCounter.total`.
 
