@@ -226,3 +226,27 @@ def test_memory_calculator_counts_gpt3_by_hand():
 
 def test_memory_explorer_builds():
     assert callable(widgets.memory_explorer())
+
+
+def test_decode_explorer_by_hand():
+    """GPT-3 6.7B on an A100: 2 bytes x ~6.5e9 matmul weights read per step at 2.039 TB/s is
+    ~6.4 ms whatever the batch while memory-bound; B* = 312e12 / 2.039e12 x 2 / 2 = 153."""
+    spec = widgets.PLANNER_MODELS["GPT-3 6.7B"]
+    n = 32 * (4 * 4096**2 + 2 * 4096 * 16384) + 4096 * 50257
+    one = widgets.explorer_decode("GPT-3 6.7B", "A100 80GB (bf16)", 1, 1)
+    read = n * 2 + 2 * 32 * 4096 * 2  # the weights and one token's cache
+    assert one["bound"] == "memory" and one["step_ms"] == pytest.approx(read / 2.039e12 * 1e3)
+    assert one["memory_bound_batch"] == pytest.approx(312e12 / 2.039e12)
+    big = widgets.explorer_decode("GPT-3 6.7B", "A100 80GB (bf16)", 1024, 1)
+    flops = 1024 * (2 * n + 4 * 32 * 4096 * 1)
+    assert big["bound"] == "compute" and big["step_ms"] == pytest.approx(flops / 312e12 * 1e3)
+    assert big["tokens_per_s"] == pytest.approx(1024 / (flops / 312e12))
+    assert spec.d_model == 4096
+    with pytest.raises(ValueError, match=r"model_name, device: expected one of"):
+        widgets.explorer_decode("GPT-4", "A100 80GB (bf16)", 1, 1)
+    with pytest.raises(ValueError, match=r"batch, context: expected positive integers, got 0"):
+        widgets.explorer_decode("GPT-3 6.7B", "A100 80GB (bf16)", 0, 1)
+
+
+def test_decode_explorer_builds():
+    assert callable(widgets.decode_explorer())

@@ -15,7 +15,7 @@ import numpy as np
 from tfcourse.nn.attention import causal_mask, softmax
 from tfcourse.nn.positional import sinusoidal_encoding
 from tfcourse.nn.precision import require_precision
-from tfcourse.perf import planner
+from tfcourse.perf import costmodel, planner
 
 
 def explorer_attention_weights(d_k: int, temperature: float, scaled: bool, causal: bool,
@@ -283,4 +283,69 @@ def memory_explorer():
                                    description="recompute"),
         precision=widgets.Dropdown(options=["fp32", "bf16", "fp16"], value="bf16",
                                    description="precision"),
+    )
+
+
+# Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s) and the bytes of a bf16 weight
+DECODE_DEVICES = {
+    "A100 80GB (bf16)": (312e12, 2.039e12, 2),
+    "H100 SXM (bf16)": (989e12, 3.35e12, 2),
+}
+
+
+def explorer_decode(model_name: str, device: str, batch: int, context: int) -> dict:
+    """One decoding step of `batch` sequences holding `context` tokens each, on one device,
+    by the roofline: the step reads every matmul weight once and each sequence's KV cache
+    (costmodel.kv_cache_bytes), and computes batch x costmodel.generation_flops_per_token;
+    it takes whichever of reading and computing is longer. Returns ms per step (the latency
+    of one token), tokens/s, what bounds it, and costmodel.memory_bound_batch."""
+    if model_name not in PLANNER_MODELS or device not in DECODE_DEVICES:
+        raise ValueError(f"model_name, device: expected one of {sorted(PLANNER_MODELS)} and "
+                         f"{sorted(DECODE_DEVICES)}, got {model_name!r}, {device!r}")
+    if batch < 1 or context < 1:
+        raise ValueError(f"batch, context: expected positive integers, got {batch}, {context}")
+    spec, (peak, bandwidth, nbytes) = PLANNER_MODELS[model_name], DECODE_DEVICES[device]
+    sizes = (spec.vocab_size, spec.d_model, spec.n_layers, spec.d_ff)
+    read = (costmodel.matmul_params(*sizes) * nbytes
+            + costmodel.kv_cache_bytes(spec.n_layers, spec.d_model, nbytes, context, batch))
+    compute = batch * costmodel.generation_flops_per_token(*sizes, context)
+    step = max(read / bandwidth, compute / peak)
+    return {"step_ms": step * 1e3, "tokens_per_s": batch / step,
+            "bound": "memory" if read / bandwidth >= compute / peak else "compute",
+            "memory_bound_batch": costmodel.memory_bound_batch(peak, bandwidth, nbytes)}
+
+
+def decode_explorer():
+    """Batch size against tokens/s and latency when decoding: two curves over the batch, the
+    chosen batch marked, for a PLANNER_MODELS model on a DECODE_DEVICES device."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def show(model_name="GPT-3 6.7B", device="A100 80GB (bf16)", batch=16, context=1024):
+        batches = 2 ** np.arange(0, 11)
+        rows = [explorer_decode(model_name, device, int(b), context) for b in batches]
+        here = explorer_decode(model_name, device, batch, context)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+        left.loglog(batches, [r["tokens_per_s"] for r in rows], "o-")
+        right.loglog(batches, [r["step_ms"] for r in rows], "o-", color="C1")
+        for ax in (left, right):
+            ax.axvline(here["memory_bound_batch"], color="grey", ls=":")
+            ax.axvline(batch, color="k", lw=0.8)
+            ax.set_xlabel("batch (sequences decoded together)")
+        left.set_ylabel("tokens / s")
+        right.set_ylabel("ms per token (latency)")
+        fig.suptitle(f"batch {batch}: {here['tokens_per_s']:,.0f} tokens/s, "
+                     f"{here['step_ms']:.1f} ms per token, {here['bound']}-bound "
+                     f"(dotted: B* = {here['memory_bound_batch']:.0f})", fontsize=9)
+        plt.tight_layout()
+        plt.show()
+
+    return widgets.interact(
+        show,
+        model_name=widgets.Dropdown(options=list(PLANNER_MODELS), description="model"),
+        device=widgets.Dropdown(options=list(DECODE_DEVICES), description="device"),
+        batch=widgets.Dropdown(options=[int(b) for b in 2 ** np.arange(0, 11)], value=16,
+                               description="batch"),
+        context=widgets.Dropdown(options=[128, 512, 1024, 2048], value=1024,
+                                 description="context"),
     )
