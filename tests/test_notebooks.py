@@ -61,7 +61,8 @@ MPI_MODULES = ("mpi4py", "tfcourse.hello", "tfcourse.parallel.comm", "tfcourse.p
                "tfcourse.parallel.pipeline_parallel", "tfcourse.parallel.hybrid",
                "tfcourse.parallel.sequence_parallel", "tfcourse.parallel.task_parallel",
                "tfcourse.parallel.hello", "tfcourse.parallel.expert_parallel",
-               "tfcourse.parallel.context_parallel", "tfcourse.parallel.ring_attention")
+               "tfcourse.parallel.context_parallel", "tfcourse.parallel.ring_attention",
+               "tfcourse.parallel.inference")
 
 
 @pytest.mark.parametrize("path", COMMITTED + sorted((REPO_ROOT / "exercises").glob("*.ipynb")),

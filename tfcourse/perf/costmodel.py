@@ -126,6 +126,62 @@ def memory_bound_batch(peak_flops_per_s: float, bandwidth_bytes_per_s: float,
     return peak_flops_per_s / bandwidth_bytes_per_s * bytes_per_value / 2
 
 
+def tp_decode_comm_seconds(n_layers: int, batch: int, d_model: int, bytes_per_value: int,
+                           p: int, alpha: float, beta: float) -> float:
+    """alpha-beta time of tensor-parallel decoding's communication for one new token of
+    `batch` sequences (tfcourse.parallel.inference).
+
+    Megatron's g all-reduces each sublayer's partial output, so every block runs two
+    all-reduces of the new positions' activations, B x d values: 2 L of them per step. The
+    embedding, final LayerNorm and head are replicated (every rank holds them whole and sees
+    the same input), so they add none. With ring_allreduce_time for each:
+
+        t = 2 L [2 (p - 1) alpha + 2 (p - 1) / p  B d bytes beta].
+
+    For a few sequences B d bytes is a few KB and the latency term 4 L (p - 1) alpha
+    dominates: decoding's communication is latency-bound (Pope et al. 2022), and it does not
+    shrink with a smaller model. The prefill of T prompt positions is the same sum with
+    batch = B T. (MPI's own Allreduce may use fewer messages for small buffers - recursive
+    doubling, log2 p of them - so the ring's 2 (p - 1) alpha is an upper estimate there.)"""
+    n_layers = require_positive_int("n_layers", n_layers)
+    values = require_positive_int("batch", batch) * require_positive_int("d_model", d_model)
+    n_bytes = values * require_positive_int("bytes_per_value", bytes_per_value)
+    return 2 * n_layers * ring_allreduce_time(n_bytes, p, alpha, beta)
+
+
+def tp_decode_pays_off_width(p: int, alpha: float, beta: float, flops_per_s: float,
+                             batch: int = 1, bytes_per_value: int = 4) -> float:
+    """The model width d above which splitting decoding over p ranks (tensor parallelism)
+    saves more matmul time per token than its all-reduces cost.
+
+    One step of B sequences runs 2 N B matmul FLOPs with N = 12 L d^2 (per block the four
+    d x d attention projections, 4 d^2, and the d x 4d MLP, 8 d^2; the head and the attention
+    over the cache are left out). On p ranks each does 1/p of them, which saves
+
+        2 N B (1 - 1/p) / F = 24 L d^2 B (p - 1) / (p F)       (F: flops_per_s)
+
+    per step, against tp_decode_comm_seconds = 4 L (p - 1) [alpha + B d bytes beta / p].
+    Dividing both by 4 L (p - 1) / p, the layers and the (p - 1) cancel:
+
+        6 B d^2 / F = p alpha + B d bytes beta,
+        d* = [F B bytes beta + sqrt((F B bytes beta)^2 + 24 B p F alpha)] / (12 B),
+
+    which is sqrt(p F alpha / (6 B)) when beta = 0: the latency is paid per all-reduce while
+    the saving grows as d^2, so only wide models gain, and more ranks need wider ones.
+    F is the rate the matmuls really run at: at small batch decoding is bound by reading the
+    weights (decode_arithmetic_intensity), so pass min(peak, 2 B / bytes x bandwidth)."""
+    p = require_positive_int("p", p)
+    if p < 2:
+        raise ValueError(f"p: expected at least 2 ranks to split over, got {p}")
+    alpha, beta = require_nonnegative_real("alpha", alpha), require_nonnegative_real("beta", beta)
+    rate = require_nonnegative_real("flops_per_s", flops_per_s)
+    if rate == 0:
+        raise ValueError(f"flops_per_s: expected a positive rate, got {flops_per_s!r}")
+    batch = require_positive_int("batch", batch)
+    linear = rate * batch * require_positive_int("bytes_per_value", bytes_per_value) * beta
+    return (linear + math.sqrt(linear**2 + 24 * batch * p * rate * alpha)) / (12 * batch)
+
+
 class FlopCounter(np.ndarray):
     """An ndarray that adds the FLOPs of every matmul it takes part in to `FlopCounter.total`.
 
