@@ -977,7 +977,7 @@ def decode(params: dict, tokens, cache: KVCache, config: TransformerConfig, ops=
     return logits
 
 
-def _next_token(logits, temperature: float, rng) -> int:
+def next_token(logits, temperature: float, rng) -> int:
     """Greedy when temperature == 0, else a sample of softmax(logits / temperature)."""
     logits = logits.astype(np.float64)
     if temperature == 0:
@@ -986,12 +986,13 @@ def _next_token(logits, temperature: float, rng) -> int:
     return int(rng.choice(len(p), p=p))
 
 
-def _check_generation(params, n_new, config, temperature, seed):
+def _check_generation(params, n_new, config, temperature, seed, check_weights: bool = True):
     if require_real("temperature", temperature) < 0:
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
     n_new = require_nonnegative_int("n_new", n_new)
     seed = require_nonnegative_int("seed", seed)
-    check_params(params, param_shapes(config), config.dtype)  # once, not once per token
+    if check_weights:  # once, not once per token
+        check_params(params, param_shapes(config), config.dtype)
     return n_new, seed, dataclasses.replace(config, dropout=0.0, recompute="none")
 
 
@@ -1023,19 +1024,28 @@ def generate(params: dict, prompt, n_new: int, config: TransformerConfig,
             logits = decode(params, context, cache, config)[0, -1]
         else:
             logits = decode(params, np.array([[ids[-1]]]), cache, config)[0, -1]
-        ids.append(_next_token(logits, temperature, rng))
+        ids.append(next_token(logits, temperature, rng))
     return np.array(ids, dtype=np.int64)
 
 
 def generate_batch(params: dict, prompts: list, n_new: int, config: TransformerConfig,
-                   temperature: float = 0.0, seed: int = 0) -> list[np.ndarray]:
+                   temperature: float = 0.0, seed: int = 0,
+                   ops_per_call: Callable[[], SublayerOps] | None = None,
+                   return_cache: bool = False):
     """`generate` for several prompts of different lengths at once, with one KV cache: every
     sequence of the batch has its own length, its own positions and its own sampler (seeded
     with `seed`, as if it were generated alone), so each result equals `generate` of its
     prompt. The prompts are padded on the right for the prefill; a query never sees a
     padded key (causal), and the first decoded token overwrites the first pad. Every prompt
-    plus n_new must fit in max_len."""
-    n_new, seed, config = _check_generation(params, n_new, config, temperature, seed)
+    plus n_new must fit in max_len.
+
+    ops_per_call: a layout's entry and exit operators, made afresh for each `decode` call
+    (the prefill, then one call per new token but the last) - tensor-parallel decoding passes
+    Megatron's f and g with a new event log each time, on its shard of the params (whose
+    shapes are then not the config's: they are not checked). Returns the token arrays, and
+    with return_cache the KV cache too."""
+    n_new, seed, config = _check_generation(params, n_new, config, temperature, seed,
+                                            check_weights=ops_per_call is None)
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts: expected a non-empty list of 1-D token arrays, got "
                          f"{type(prompts).__name__}")
@@ -1046,6 +1056,7 @@ def generate_batch(params: dict, prompts: list, n_new: int, config: TransformerC
         raise ValueError(f"n_new: the longest prompt has {longest} tokens, expected at most "
                          f"max_len={config.max_len} - {longest} = {config.max_len - longest} "
                          f"new ones, got {n_new}")
+    ops_per_call = ops_per_call or (lambda: SERIAL)
     lengths = np.array([len(p) for p in prompts])
     padded = np.zeros((len(prompts), longest), dtype=np.int64)
     for b, p in enumerate(prompts):
@@ -1053,12 +1064,14 @@ def generate_batch(params: dict, prompts: list, n_new: int, config: TransformerC
     rngs = [np.random.default_rng(seed) for _ in prompts]
     ids = [list(p) for p in prompts]
     cache = empty_kv_cache(params, config, len(prompts))
-    logits = decode(params, padded, cache, config)[np.arange(len(prompts)), lengths - 1]
+    logits = decode(params, padded, cache, config, ops_per_call())
+    logits = logits[np.arange(len(prompts)), lengths - 1]
     cache.lengths[:] = lengths
     for step in range(n_new):
         for b, row in enumerate(logits):
-            ids[b].append(_next_token(row, temperature, rngs[b]))
+            ids[b].append(next_token(row, temperature, rngs[b]))
         if step + 1 < n_new:
             latest = np.array([[seq[-1]] for seq in ids])
-            logits = decode(params, latest, cache, config)[:, -1]
-    return [np.array(seq, dtype=np.int64) for seq in ids]
+            logits = decode(params, latest, cache, config, ops_per_call())[:, -1]
+    tokens = [np.array(seq, dtype=np.int64) for seq in ids]
+    return (tokens, cache) if return_cache else tokens

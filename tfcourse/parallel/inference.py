@@ -43,11 +43,9 @@ from tfcourse.checkpoint import read_distributed
 from tfcourse.data import CharVocab
 from tfcourse.nn.model import (
     TransformerConfig,
-    _next_token,
     check_params,
-    decode,
-    empty_kv_cache,
     generate,
+    generate_batch,
     init_params,
     param_shapes,
     preset,
@@ -155,29 +153,24 @@ def prepare(args: argparse.Namespace, world_size: int) -> Model:
 
 
 def generate_tp(shard: dict, model: Model, args: argparse.Namespace, comm):
-    """model.generate_batch's loop on this rank's shard, with f and g as the operators: the
-    tokens (B lists), the KV cache, and one EventLog and time per call of `decode`."""
-    config, lengths = model.config, np.array([len(ids) for ids in model.prompts])
-    padded = np.zeros((len(lengths), lengths.max()), dtype=np.int64)
-    for b, ids in enumerate(model.prompts):
-        padded[b, :len(ids)] = ids
-    cache = empty_kv_cache(shard, config, len(lengths))  # n_heads / p heads
-    samplers = [np.random.default_rng(args.seed) for _ in lengths]  # as model.generate's
-    tokens = [ids.tolist() for ids in model.prompts]
-    comm.Barrier()  # prefill: every prompt position at once
-    logs = [EventLog()]
-    logits = decode(shard, padded, cache, config, megatron_ops(comm, logs[0]))
-    logits, seconds = logits[np.arange(len(lengths)), lengths - 1], [time.perf_counter()]
-    cache.lengths[:] = lengths  # the first new token overwrites the first pad
-    for step in range(args.new_tokens):  # then one position per sequence and step
-        for b, row in enumerate(logits):  # the same logits, the same token on every rank
-            tokens[b].append(_next_token(row, args.temperature, samplers[b]))
-        if step + 1 < args.new_tokens:
-            logs.append(EventLog())
-            latest = np.array([[ids[-1]] for ids in tokens])
-            logits = decode(shard, latest, cache, config, megatron_ops(comm, logs[-1]))[:, -1]
-            seconds.append(time.perf_counter())
-    return tokens, cache, logs, [end - log.t0 for end, log in zip(seconds, logs, strict=True)]
+    """model.generate_batch on this rank's shard, with f and g as the operators of every
+    `decode` call and a fresh EventLog for each: the tokens (B lists), the KV cache, the
+    logs and each call's seconds (the prefill first; a step's time includes picking its
+    tokens)."""
+    logs, starts = [], []
+
+    def tensor_parallel_ops():
+        starts.append(time.perf_counter())
+        logs.append(EventLog())
+        return megatron_ops(comm, logs[-1])
+
+    comm.Barrier()
+    tokens, cache = generate_batch(shard, list(model.prompts), args.new_tokens, model.config,
+                                   args.temperature, args.seed, tensor_parallel_ops,
+                                   return_cache=True)
+    ends = starts[1:] + [time.perf_counter()]
+    return ([ids.tolist() for ids in tokens], cache, logs,
+            [end - start for start, end in zip(starts, ends, strict=True)])
 
 
 def run(args: argparse.Namespace, model: Model, comm) -> dict:
