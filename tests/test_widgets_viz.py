@@ -241,6 +241,11 @@ def test_decode_explorer_by_hand():
     flops = 1024 * (2 * n + 4 * 32 * 4096 * 1)
     assert big["bound"] == "compute" and big["step_ms"] == pytest.approx(flops / 312e12 * 1e3)
     assert big["tokens_per_s"] == pytest.approx(1024 / (flops / 312e12))
+    assert one["fits"] and one["memory_gb"] == pytest.approx(read / 1e9)
+    long = widgets.explorer_decode("GPT-3 6.7B", "A100 80GB (bf16)", 256, 1024)
+    cache = 256 * 1024 * 2 * 32 * 4096 * 2  # 137 GB of KV cache: memory-bound, and too big
+    assert long["bound"] == "memory" and not long["fits"]
+    assert long["memory_gb"] == pytest.approx((n * 2 + cache) / 1e9)
     assert spec.d_model == 4096
     with pytest.raises(ValueError, match=r"model_name, device: expected one of"):
         widgets.explorer_decode("GPT-4", "A100 80GB (bf16)", 1, 1)

@@ -286,10 +286,11 @@ def memory_explorer():
     )
 
 
-# Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s) and the bytes of a bf16 weight
+# Datasheet peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s), the bytes of a bf16 weight, and
+# the device's memory in bytes
 DECODE_DEVICES = {
-    "A100 80GB (bf16)": (312e12, 2.039e12, 2),
-    "H100 SXM (bf16)": (989e12, 3.35e12, 2),
+    "A100 80GB (bf16)": (312e12, 2.039e12, 2, 80e9),
+    "H100 SXM (bf16)": (989e12, 3.35e12, 2, 80e9),
 }
 
 
@@ -298,13 +299,15 @@ def explorer_decode(model_name: str, device: str, batch: int, context: int) -> d
     by the roofline: the step reads every matmul weight once and each sequence's KV cache
     (costmodel.kv_cache_bytes), and computes batch x costmodel.generation_flops_per_token;
     it takes whichever of reading and computing is longer. Returns ms per step (the latency
-    of one token), tokens/s, what bounds it, and costmodel.memory_bound_batch."""
+    of one token), tokens/s, what bounds it, costmodel.memory_bound_batch (which counts the
+    weights only: at long contexts and large batches the caches keep decoding memory-bound
+    past it), the GB the weights and caches occupy and whether they fit the device."""
     if model_name not in PLANNER_MODELS or device not in DECODE_DEVICES:
         raise ValueError(f"model_name, device: expected one of {sorted(PLANNER_MODELS)} and "
                          f"{sorted(DECODE_DEVICES)}, got {model_name!r}, {device!r}")
     if batch < 1 or context < 1:
         raise ValueError(f"batch, context: expected positive integers, got {batch}, {context}")
-    spec, (peak, bandwidth, nbytes) = PLANNER_MODELS[model_name], DECODE_DEVICES[device]
+    spec, (peak, bandwidth, nbytes, memory) = PLANNER_MODELS[model_name], DECODE_DEVICES[device]
     sizes = (spec.vocab_size, spec.d_model, spec.n_layers, spec.d_ff)
     read = (costmodel.matmul_params(*sizes) * nbytes
             + costmodel.kv_cache_bytes(spec.n_layers, spec.d_model, nbytes, context, batch))
@@ -312,7 +315,8 @@ def explorer_decode(model_name: str, device: str, batch: int, context: int) -> d
     step = max(read / bandwidth, compute / peak)
     return {"step_ms": step * 1e3, "tokens_per_s": batch / step,
             "bound": "memory" if read / bandwidth >= compute / peak else "compute",
-            "memory_bound_batch": costmodel.memory_bound_batch(peak, bandwidth, nbytes)}
+            "memory_bound_batch": costmodel.memory_bound_batch(peak, bandwidth, nbytes),
+            "memory_gb": read / 1e9, "fits": read <= memory}
 
 
 def decode_explorer():
@@ -334,9 +338,11 @@ def decode_explorer():
             ax.set_xlabel("batch (sequences decoded together)")
         left.set_ylabel("tokens / s")
         right.set_ylabel("ms per token (latency)")
+        fits = "" if here["fits"] else " - DOES NOT FIT the device's memory"
         fig.suptitle(f"batch {batch}: {here['tokens_per_s']:,.0f} tokens/s, "
-                     f"{here['step_ms']:.1f} ms per token, {here['bound']}-bound "
-                     f"(dotted: B* = {here['memory_bound_batch']:.0f})", fontsize=9)
+                     f"{here['step_ms']:.1f} ms per token, {here['bound']}-bound, "
+                     f"{here['memory_gb']:.0f} GB{fits} (dotted: B* = "
+                     f"{here['memory_bound_batch']:.0f})", fontsize=9)
         plt.tight_layout()
         plt.show()
 
