@@ -1,4 +1,4 @@
-"""Chapter 11's study from the command line: every parallel layout on this machine, and the
+"""Chapter 12's study from the command line: every parallel layout on this machine, and the
 planner's predicted step time against the measured one.
 
     python -m benchmarks.layouts [--config small] [--steps 10] [--seq-len 64]

@@ -589,7 +589,7 @@ MPI_CASES = [
     mpi_case("tp-threads-zero", TP, 2, ["--steps", "2", "--threads", "0"], r"--threads: exp"),
     mpi_case("tp-json-missing-folder", TP, 2, ["--steps", "1000"],
              r"--json: folder '.*missing' does not exist", json="missing/result.json"),
-    # hybrid (chapter 11)
+    # hybrid (chapter 12)
     mpi_case("hybrid-grid-not-world-size", HYBRID, 2, ["--dp", "2", "--pp", "2"],
              r"--dp/--pp/--tp: expected dp \* pp \* tp = the 2 MPI rank\(s\), got 2 \* 2 \* 1"),
     mpi_case("hybrid-3d-grid-not-world-size", HYBRID, 4, ["--dp", "2", "--pp", "2", "--tp", "2"],

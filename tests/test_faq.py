@@ -1,4 +1,4 @@
-"""Chapter 13 (FAQ): the RNN, the sweeps and the counts, against hand computations."""
+"""Chapter 14 (FAQ): the RNN, the sweeps and the counts, against hand computations."""
 
 import math
 

@@ -607,7 +607,7 @@ def test_batch_smaller_than_microbatches_is_rejected_clearly():
         run_pp(2, "gpipe", 16)
 
 
-# --------------------------------------------------------------------------- chapter 12 options
+# --------------------------------------------------------------------------- chapter 13 options
 
 
 @pytest.mark.mpi

@@ -1,4 +1,4 @@
-"""Chapter 12's planner against hand-computed memory, step times and rankings, and its exact
+"""Chapter 13's planner against hand-computed memory, step times and rankings, and its exact
 stage balancing against brute force."""
 
 import dataclasses

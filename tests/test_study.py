@@ -1,4 +1,4 @@
-"""Chapter 11's study harness: every layout, run under real mpiexec, trains the serial model.
+"""Chapter 12's study harness: every layout, run under real mpiexec, trains the serial model.
 
 The reference is the serial trainer (tfcourse.train.train_lm) run in this process, not any
 MPI run; memory per rank is checked against parameter counts taken from init_params.

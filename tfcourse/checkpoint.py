@@ -182,7 +182,7 @@ def check_matches(loaded_params, expected_params) -> None:
 
 # --------------------------------------------------------------------------- checkpoint folders
 #
-# A training run's checkpoints, for any number of ranks and any layout (chapter 11's fault
+# A training run's checkpoints, for any number of ranks and any layout (chapter 12's fault
 # tolerance section):
 #
 #     DIR/step-00000040/shard-00001-of-00004.npz   rank 1's pieces of the global arrays

@@ -1,4 +1,4 @@
-"""Checkpoints of the MPI training programs (chapter 11's fault tolerance): each rank writes its
+"""Checkpoints of the MPI training programs (chapter 12's fault tolerance): each rank writes its
 pieces of the serial model's global arrays, rank 0 the manifest once every piece is durable,
 and a run resumes from the newest complete checkpoint whatever layout wrote it.
 

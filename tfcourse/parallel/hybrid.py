@@ -1,4 +1,4 @@
-"""Chapter 11: data, pipeline and tensor parallelism at once ("3D", Narayanan et al. 2021).
+"""Chapter 12: data, pipeline and tensor parallelism at once ("3D", Narayanan et al. 2021).
 
     mpiexec -n 4 python -m mpi4py -m tfcourse.parallel.hybrid --dp 2 --pp 2 --config tiny \\
         --layers 4 --microbatches 2 --schedule 1f1b --steps 20

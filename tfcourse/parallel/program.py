@@ -1,4 +1,4 @@
-"""The one skeleton of the course's MPI programs (chapters 6-11): a command line checked on every
+"""The one skeleton of the course's MPI programs (chapters 6-12): a command line checked on every
 rank before any collective, one training loop, one timing log, one result record.
 
     run_program(args, prepare, run, summary)    # check args on all ranks, run, print, --json
@@ -194,7 +194,7 @@ def duration(events) -> float:
 
 @dataclasses.dataclass
 class StepTimes:
-    """One rank's seconds per training step, split three ways (chapter 11's stacked bars):
+    """One rank's seconds per training step, split three ways (chapter 12's stacked bars):
     waiting (for other ranks), communication (inside MPI calls once the peers are there) and
     compute (everything else in the step: the model's functions, the optimiser, Python)."""
 

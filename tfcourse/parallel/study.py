@@ -1,4 +1,4 @@
-"""Chapter 11: one harness that runs every parallel layout of the same model and global batch
+"""Chapter 12: one harness that runs every parallel layout of the same model and global batch
 and measures them the same way.
 
     python -m tfcourse.parallel.study --config tiny --layers 4 --steps 10 [--json out.json]

@@ -1,4 +1,4 @@
-"""Chapter 13: five common questions about parallel Transformers, answered by experiments.
+"""Chapter 14: five common questions about parallel Transformers, answered by experiments.
 
 Small pure functions the FAQ notebook runs: an Elman RNN to compare with attention, timing and
 FLOPs of both against sequence length, the length of the dependency path between two positions,

@@ -1,4 +1,4 @@
-"""Chapter 11: failures at scale, and how often to checkpoint (Young 1974; Daly 2006).
+"""Chapter 12: failures at scale, and how often to checkpoint (Young 1974; Daly 2006).
 
 A synchronous training job stops when any one of its n devices fails, so its mean time
 between failures is a device's divided by n. Checkpointing every `interval` seconds of work,

@@ -1,4 +1,4 @@
-"""Chapter 12: a 3D-parallelism planner - which split of a cluster trains a model fastest, and
+"""Chapter 13: a 3D-parallelism planner - which split of a cluster trains a model fastest, and
 does it fit in memory? Pure functions (no MPI) of a `ModelSpec` and a `Cluster`, built on the
 formulas of `tfcourse.perf.costmodel` (chapter 5) and the splits of `tfcourse.parallel.plans`.
 
@@ -30,7 +30,7 @@ L_s layers on the slowest stage s and v_s the speed of its slowest device (1 = n
 
     MFU = model FLOPs / (step x n_devices x flops_per_s); HFU counts recomputed FLOPs too.
 
-What it leaves out, on purpose (chapter 12 lists them next to its numbers): Megatron's
+What it leaves out, on purpose (chapter 13 lists them next to its numbers): Megatron's
 sequence parallelism beyond this course's (which keeps each sublayer's gathered input: see
 costmodel.activation_bytes_per_layer), FlashAttention (the T x T
 attention weights are kept), overlap of communication with computation, and every kernel

@@ -1,4 +1,4 @@
-"""Classic wrong answers to chapter 11's exercises (see __init__.py)."""
+"""Classic wrong answers to chapter 12's exercises (see __init__.py)."""
 MUTATIONS = {
     "speedup_and_efficiency": {
         "speed-up inverted (t_p / t_1)": """

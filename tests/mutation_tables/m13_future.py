@@ -1,4 +1,4 @@
-"""Classic wrong answers to chapter 12's exercises (see __init__.py)."""
+"""Classic wrong answers to chapter 13's exercises (see __init__.py)."""
 MUTATIONS = {
     "state_bytes_per_device": {
         "hard-coded 4 bytes per value": """

@@ -1,4 +1,4 @@
-"""Classic wrong answers to chapter 13's exercises (see __init__.py)."""
+"""Classic wrong answers to chapter 14's exercises (see __init__.py)."""
 MUTATIONS = {
     "rnn_loop": {
         "h_{t-1} never updated (always zero)": """
