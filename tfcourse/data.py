@@ -354,3 +354,144 @@ def unigram_cross_entropy(ids, vocab_size: int) -> float:
     counts = np.bincount(ids.ravel(), minlength=vocab_size)
     p = counts[counts > 0] / ids.size
     return float(-np.sum(p * np.log(p)))
+
+
+# ------------------------------------------------------------- a corpus with a known floor
+
+MARKOV_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True)
+class WordMarkovSource:
+    """A language whose entropy is known exactly: words of a seeded lexicon, each followed by
+    one of a few successor words drawn from a fixed distribution (a first-order Markov chain
+    over words), spelled letter by letter with a space after every word.
+
+    words: the lexicon (distinct lowercase strings); transition (W, W): row i is the
+    distribution of the word after word i; stationary (W,): the chain's stationary
+    distribution (the frequency of each word in a long text)."""
+
+    words: tuple
+    transition: np.ndarray
+    stationary: np.ndarray
+
+    @property
+    def alphabet(self) -> str:
+        return MARKOV_LETTERS + " "
+
+
+def word_markov_source(seed: int = 0, n_words: int = 48, successors: int = 4,
+                       min_len: int = 2, max_len: int = 7) -> WordMarkovSource:
+    """A seeded WordMarkovSource: `n_words` distinct words of min_len..max_len letters, each
+    with `successors` possible next words, weighted by a Dirichlet(1) draw. The chain is made
+    irreducible (word i may always be followed by word i + 1), so its stationary distribution
+    is unique."""
+    seed = require_nonnegative_int("seed", seed)
+    n_words = require_positive_int("n_words", n_words)
+    successors = require_positive_int("successors", successors)
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"min_len, max_len: expected 1 <= min_len <= max_len, got {min_len}, "
+                         f"{max_len}")
+    rng = np.random.default_rng([seed, 23])
+    words: dict[str, None] = {}
+    while len(words) < n_words:
+        length = int(rng.integers(min_len, max_len + 1))
+        words["".join(rng.choice(list(MARKOV_LETTERS), size=length))] = None
+    transition = np.zeros((n_words, n_words))
+    for i in range(n_words):
+        others = rng.choice(n_words, size=min(successors, n_words), replace=False)
+        nexts = np.unique(np.concatenate([[(i + 1) % n_words], others]))
+        transition[i, nexts] = rng.dirichlet(np.ones(len(nexts)))
+    return WordMarkovSource(tuple(words), transition, _stationary(transition))
+
+
+def _stationary(transition: np.ndarray) -> np.ndarray:
+    """The left eigenvector of the transition matrix for eigenvalue 1, as a distribution."""
+    values, vectors = np.linalg.eig(transition.T)
+    pi = np.real(vectors[:, np.argmin(np.abs(values - 1))])
+    return pi / pi.sum()
+
+
+def markov_entropy_per_char(source: WordMarkovSource) -> float:
+    """The entropy rate of the source's text in nats per character, exactly.
+
+    A text determines its word sequence (words end at spaces), so the text carries the word
+    chain's information and no more: H_words = sum_i pi_i H(transition[i]) nats per word,
+    spread over the mean E[len + 1] characters of a word and its space. No model, however
+    large its context, can predict held-out text of this source below it on average."""
+    p = source.transition
+    with np.errstate(divide="ignore", invalid="ignore"):
+        row_entropy = -np.sum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    chars_per_word = np.array([len(w) + 1 for w in source.words])
+    return float(source.stationary @ row_entropy / (source.stationary @ chars_per_word))
+
+
+def markov_text(source: WordMarkovSource, n_chars: int, seed: int) -> str:
+    """`n_chars` characters of the source, starting from a word drawn from the stationary
+    distribution: the train and held-out texts are two seeds of one source."""
+    n_chars = require_positive_int("n_chars", n_chars)
+    rng = np.random.default_rng([require_nonnegative_int("seed", seed), 29])
+    cumulative = np.cumsum(source.transition, axis=1)
+    word = int(np.searchsorted(np.cumsum(source.stationary), rng.random()))
+    pieces, total = [], 0
+    for u in rng.random(n_chars):  # at least one character per word: enough draws
+        pieces.append(source.words[word] + " ")
+        total += len(pieces[-1])
+        if total >= n_chars:
+            break
+        word = min(int(np.searchsorted(cumulative[word], u)), len(source.words) - 1)
+    return "".join(pieces)[:n_chars]
+
+
+# name: (lexicon seed, train seed, held-out seed, characters of each text)
+MARKOV_CORPORA = {"markov": (0, 1, 2, 2**18)}
+
+
+def markov_corpus(name: str = "markov", split: str = "train") -> CharCorpus:
+    """A generated corpus of MARKOV_CORPORA: the train or held-out text of one source, with
+    the source's fixed alphabet as vocabulary (so both splits encode alike)."""
+    if name not in MARKOV_CORPORA:
+        raise ValueError(f"name: expected one of {sorted(MARKOV_CORPORA)}, got {name!r}")
+    if split not in ("train", "held-out"):
+        raise ValueError(f"split: expected 'train' or 'held-out', got {split!r}")
+    lexicon_seed, train_seed, held_seed, n_chars = MARKOV_CORPORA[name]
+    source = word_markov_source(lexicon_seed)
+    text = markov_text(source, n_chars, train_seed if split == "train" else held_seed)
+    vocab = CharVocab(source.alphabet)
+    return CharCorpus(text, vocab, vocab.encode(text))
+
+
+def markov_window_floor(source: WordMarkovSource, x, y) -> float:
+    """The lowest mean cross-entropy (nats per token) any model can reach on windows (x, y)
+    of the source's text (lm_batch's windows, ids of `markov_corpus`'s vocabulary) when, like
+    the language model, it sees only the window: the loss of the exact Bayes predictor.
+
+    The text is a hidden Markov chain over states (word i, letter j of word i + " "), each
+    emitting one known character; a window starts in a state drawn from the chain's
+    stationary distribution. Filtering (the forward algorithm) gives p(y_t | x_0..x_t)
+    exactly. It lies above markov_entropy_per_char - a window's first letters do not know the
+    word they are in - and falls to it as windows grow."""
+    vocab = CharVocab(source.alphabet)
+    spelled = [w + " " for w in source.words]
+    word_of = np.concatenate([np.full(len(s), i) for i, s in enumerate(spelled)])
+    emits = np.concatenate([vocab.encode(s) for s in spelled])
+    starts = np.cumsum([0] + [len(s) for s in spelled])
+    n = len(emits)
+    step = np.zeros((n, n))                         # state -> next state probabilities
+    for i, s in enumerate(spelled):
+        for j in range(len(s) - 1):
+            step[starts[i] + j, starts[i] + j + 1] = 1.0
+        step[starts[i + 1] - 1, starts[:-1]] = source.transition[i]
+    initial = source.stationary[word_of] / (source.stationary @ np.diff(starts))
+    x, y = np.atleast_2d(x), np.atleast_2d(y)
+    total = 0.0
+    for row_x, row_y in zip(x, y, strict=True):
+        belief = initial * (emits == row_x[0])
+        belief /= belief.sum()
+        for target in row_y:
+            predicted = belief @ step
+            p = predicted[emits == target].sum()
+            total -= np.log(p)
+            belief = predicted * (emits == target)
+            belief /= p
+    return float(total / y.size)

@@ -35,9 +35,11 @@ from tfcourse.checkpoint import (
     write_shard,
 )
 from tfcourse.data import (
+    MARKOV_CORPORA,
     CharCorpus,
     Seq2SeqData,
     lm_batch,
+    markov_corpus,
     seq2seq_batch,
     unigram_cross_entropy,
     zen_of_python,
@@ -142,9 +144,18 @@ TRAIN_PRESETS = {
 }
 
 
-def load_corpus(text_path: str | None = None) -> CharCorpus:
-    """The learner's own text file, or the Zen of Python (bundled with every Python)."""
-    return CharCorpus.from_file(text_path) if text_path else CharCorpus.from_text(zen_of_python())
+CORPORA = ("zen", *sorted(MARKOV_CORPORA))
+
+
+def load_corpus(text_path: str | None = None, name: str = "zen") -> CharCorpus:
+    """The learner's own text file, or a named corpus: "zen", the Zen of Python (bundled
+    with every Python, 856 characters: small enough to memorise), or "markov", a generated
+    language whose entropy is known (data.markov_corpus: its training text)."""
+    if text_path:
+        return CharCorpus.from_file(text_path)
+    if name not in CORPORA:
+        raise ValueError(f"--corpus: expected one of {list(CORPORA)}, got {name!r}")
+    return CharCorpus.from_text(zen_of_python()) if name == "zen" else markov_corpus(name)
 
 
 def optimizer_update(params: dict, grads: dict, opt_state: dict, settings: TrainSettings,
@@ -497,6 +508,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = Fals
                              "every matmul, float32 master weights and optimiser state; fp16 "
                              "with dynamic loss scaling (tfcourse.train and data_parallel)")
     parser.add_argument("--text", default=None, help="train on this text file (default: Zen)")
+    parser.add_argument("--corpus", default=None, metavar="|".join(CORPORA),
+                        help="a named corpus: zen (the default) or markov (generated, with a "
+                             "known entropy floor)")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
     parser.add_argument("--recompute", default="none", metavar="|".join(RECOMPUTE),
                         help="activation recomputation: keep every activation (none), all but "
@@ -620,7 +634,11 @@ def training_setup(args: argparse.Namespace, precisions: tuple[str, ...] = ("fp3
     if precision != "fp32" and dtype != "float32":
         raise ValueError(f"--dtype: mixed precision keeps float32 master weights, expected "
                          f"float32 with --precision {precision}, got {dtype}")
-    corpus = load_corpus(args.text)
+    name = getattr(args, "corpus", None)
+    if name is not None and args.text:
+        raise ValueError(f"--corpus: expected either --text or --corpus, got --text "
+                         f"{args.text!r} and --corpus {name!r}")
+    corpus = load_corpus(args.text, name or "zen")
     config = preset(args.config, corpus.vocab.size, dtype=dtype, precision=precision,
                     **config_overrides)
     check_fits(config, settings)
