@@ -45,10 +45,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_curve(tmp_path, 
 
     real_update = train.Progress.update
 
-    def crash_at_step_25(self, step, loss):
+    def crash_at_step_25(self, step, loss, held_out=None):
         if step == 25:
             raise KeyboardInterrupt("simulated crash")
-        real_update(self, step, loss)
+        real_update(self, step, loss, held_out)
 
     monkeypatch.setattr(train.Progress, "update", crash_at_step_25)
     with pytest.raises(KeyboardInterrupt):

@@ -215,7 +215,7 @@ def index_text(index: tuple[slice, ...] | None) -> str:
     return "" if index is None else ",".join(f"{s.start}:{s.stop}" for s in index)
 
 
-def _index_from_text(text: str, shape: tuple) -> tuple[slice, ...]:
+def index_from_text(text: str, shape: tuple) -> tuple[slice, ...]:
     if text == "":
         return tuple(slice(0, n) for n in shape)
     bounds = [part.split(":") for part in text.split(",")]
@@ -350,7 +350,7 @@ def read_distributed(folder: str | os.PathLike) -> tuple[dict, dict, dict]:
                                      f"manifest does not list")
                 full = arrays.setdefault((kind, name), np.empty(spec["shape"], spec["dtype"]))
                 count = filled.setdefault((kind, name), np.zeros(full.shape, np.int8))
-                index = _index_from_text(text, full.shape)
+                index = index_from_text(text, full.shape)
                 if piece.dtype != full.dtype or piece.shape != full[index].shape:
                     raise ValueError(
                         f"folder: {shard['file']}: {kind}/{name} is {piece.dtype} in the shard, "

@@ -46,11 +46,13 @@ from tfcourse.data import (
 )
 from tfcourse.files import check_writable, write_json_atomic
 from tfcourse.nn import seq2seq
+from tfcourse.nn.layers import cross_entropy_forward
 from tfcourse.nn.model import (
     MOE_DEFAULTS,
     PRESETS,
     RECOMPUTE,
     TransformerConfig,
+    forward,
     init_params,
     loss_and_grads,
     param_shapes,
@@ -230,18 +232,21 @@ class Progress:
             self.bar = ipywidgets.FloatProgress(min=0, max=total, description="training")
             display(self.bar)
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float, held_out: float | None = None) -> None:
+        """Report step `step` (0-based) and its loss; `held_out`: this step's held-out loss,
+        shown in the plain lines and the terminal (evaluation steps only)."""
         done = step + 1
+        shown = "" if held_out is None else f"  held-out {held_out:.4f}"
         if self.mode == "widget" and (done % self.widget_every == 0 or done == self.total):
             self.bar.value = done
             self.bar.description = f"loss {loss:.3f}"
         elif self.mode == "tty":
-            self.stream.write(f"\rstep {done}/{self.total}  loss {loss:.4f}")
+            self.stream.write(f"\rstep {done}/{self.total}  loss {loss:.4f}{shown}")
             if done == self.total:
                 self.stream.write("\n")
             self.stream.flush()
-        elif self.mode == "lines" and (done % self.every == 0 or done == self.total):
-            self.stream.write(f"step {done:5d}/{self.total}  loss {loss:.4f}\n")
+        elif self.mode == "lines" and (done % self.every == 0 or done == self.total or shown):
+            self.stream.write(f"step {done:5d}/{self.total}  loss {loss:.4f}{shown}\n")
             self.stream.flush()
 
 
@@ -251,9 +256,30 @@ def _detect_mode(stream) -> str:
     return "tty" if hasattr(stream, "isatty") and stream.isatty() else "lines"
 
 
+HELD_OUT_SEED = 2**31 - 1  # the evaluation windows' seed: the same windows for every run
+HELD_OUT_WINDOWS = 64
+
+
+def held_out_loss(params: dict, ids, config: TransformerConfig, seq_len: int,
+                  windows: int = HELD_OUT_WINDOWS) -> float:
+    """Mean next-token cross-entropy (nats per token) of the model on `windows` fixed windows
+    of seq_len tokens of held-out `ids` - the same windows for every run, whatever its seed,
+    batch or layout, so held-out losses of different runs compare. The forward pass only; a
+    mixture of experts' load-balancing loss is not part of it."""
+    x, y = lm_batch(ids, windows, seq_len, HELD_OUT_SEED, 0)
+    logits = forward(params, x, dataclasses.replace(config, dropout=0.0))
+    return float(cross_entropy_forward(logits, y)[0])
+
+
+def evaluate_now(done: int, steps: int, every: int) -> bool:
+    """Evaluate after step `done` (1-based): every `every` steps and after the last (0: never)."""
+    return every > 0 and (done % every == 0 or done == steps)
+
+
 def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSettings,
              checkpoint: str | None = None, checkpoint_every: int = 0,
-             resume_from: str | None = None, progress: str = "auto", keep: int = 2) -> dict:
+             resume_from: str | None = None, progress: str = "auto", keep: int = 2,
+             held_out=None, eval_every: int = 0) -> dict:
     """Train from scratch (or resume) and return a JSON-ready summary with `losses` per step.
 
     checkpoint: a folder; the final state is always saved there, and with checkpoint_every
@@ -263,8 +289,16 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     those) and `loss_scale` (the final state, saved with every checkpoint and resumed).
     A mixture of experts (config.n_experts > 0) adds `routing`: for each step this call ran,
     {block: {"tokens_per_expert", "routed", "dropped", "capacity", "aux_loss"}} (`routing_record`);
-    its `losses` include the weighted load-balancing loss (model.loss_and_grads)."""
+    its `losses` include the weighted load-balancing loss (model.loss_and_grads).
+    held_out (token ids) with eval_every > 0 adds `held_out_losses`, [[step, loss], ...]:
+    held_out_loss every eval_every steps and after the last (of the float32 master weights
+    under mixed precision)."""
     check_fits(config, settings)
+    eval_every = require_nonnegative_int("eval_every", eval_every)
+    if eval_every and held_out is None:
+        raise ValueError("held_out: expected held-out token ids to evaluate every "
+                         f"{eval_every} steps, got None")
+    evaluations = []
     params = init_params(config, settings.seed)
     opt_state = adamw_init(params)
     losses: list[float] = []
@@ -293,7 +327,11 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         losses.append(loss)
         if step_routing:
             routing.append(routing_record(step_routing))
-        bar.update(step, loss)
+        shown = None
+        if evaluate_now(step + 1, settings.steps, eval_every):
+            shown = held_out_loss(params, held_out, config, settings.seq_len)
+            evaluations.append([step + 1, shown])
+        bar.update(step, loss, shown)
         if checkpoint and checkpoint_now(step + 1, settings.steps, checkpoint_every):
             save_whole(checkpoint, params, opt_state, checkpoint_manifest(
                 step + 1, losses, config, settings, {"program": "tfcourse.train"}, [],
@@ -311,6 +349,7 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         **({"loss_scales": scales, "skipped_steps": skipped, "loss_scale": loss_scale}
            if loss_scale else {}),
         **({"routing": routing} if config.n_experts else {}),
+        **({"held_out_losses": evaluations} if eval_every else {}),
     }
 
 
@@ -511,6 +550,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, threads: bool = Fals
     parser.add_argument("--corpus", default=None, metavar="|".join(CORPORA),
                         help="a named corpus: zen (the default) or markov (generated, with a "
                              "known entropy floor)")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help="held-out loss every N steps and after the last (0: never)")
+    parser.add_argument("--held-out-fraction", type=float, default=0.1, metavar="F",
+                        help="with --eval-every, the last F of --text or zen is held out "
+                             "(markov has a held-out text of its own)")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
     parser.add_argument("--recompute", default="none", metavar="|".join(RECOMPUTE),
                         help="activation recomputation: keep every activation (none), all but "
@@ -574,6 +618,8 @@ class TrainingSetup:
     corpus: CharCorpus
     config: TransformerConfig
     settings: TrainSettings
+    held_out: np.ndarray | None = None  # token ids to evaluate on (--eval-every)
+    eval_every: int = 0
 
 
 MOE_OPTIONS = {"top_k": "--top-k", "capacity_factor": "--capacity-factor",
@@ -639,6 +685,7 @@ def training_setup(args: argparse.Namespace, precisions: tuple[str, ...] = ("fp3
         raise ValueError(f"--corpus: expected either --text or --corpus, got --text "
                          f"{args.text!r} and --corpus {name!r}")
     corpus = load_corpus(args.text, name or "zen")
+    corpus, held_out, eval_every = held_out_split(args, corpus, name, settings.seq_len)
     config = preset(args.config, corpus.vocab.size, dtype=dtype, precision=precision,
                     **config_overrides)
     check_fits(config, settings)
@@ -646,7 +693,30 @@ def training_setup(args: argparse.Namespace, precisions: tuple[str, ...] = ("fp3
         raise ValueError(f"--text: expected at least seq_len + 1 = {settings.seq_len + 1} "
                          f"characters to cut training windows from, got {len(corpus.ids)}")
     check_checkpoint_args(args, config, settings)
-    return TrainingSetup(corpus, config, settings)
+    return TrainingSetup(corpus, config, settings, held_out, eval_every)
+
+
+def held_out_split(args: argparse.Namespace, corpus: CharCorpus, name: str | None,
+                   seq_len: int) -> tuple[CharCorpus, np.ndarray | None, int]:
+    """(training corpus, held-out ids or None, evaluation interval) for --eval-every: the
+    markov corpus's own held-out text, or the last --held-out-fraction of the text (the
+    rest is trained on). Without --eval-every the corpus is unchanged."""
+    every = getattr(args, "eval_every", 0)
+    if every is None or every == 0:
+        return corpus, None, 0
+    every = require_positive_int("--eval-every", every)
+    if name in MARKOV_CORPORA:
+        return corpus, markov_corpus(name, "held-out").ids, every
+    fraction = require_real("--held-out-fraction", args.held_out_fraction)
+    if not 0 < fraction < 1:
+        raise ValueError(f"--held-out-fraction: expected a fraction in (0, 1), got {fraction}")
+    cut = len(corpus.text) - round(fraction * len(corpus.text))
+    if min(cut, len(corpus.text) - cut) < seq_len + 1:
+        raise ValueError(f"--held-out-fraction: expected both parts of the {len(corpus.text)} "
+                         f"characters to hold seq_len + 1 = {seq_len + 1}, got "
+                         f"{cut} and {len(corpus.text) - cut} with {fraction}")
+    kept = CharCorpus(corpus.text[:cut], corpus.vocab, corpus.ids[:cut])
+    return kept, corpus.ids[cut:], every
 
 
 def check_checkpoint_args(args: argparse.Namespace, config: TransformerConfig,
@@ -689,7 +759,8 @@ def run_cli(args: argparse.Namespace) -> dict:
     setup = training_setup(args, PRECISIONS, moe_supported=True)
     check_cli_paths(args)
     result = train_lm(setup.config, setup.corpus, setup.settings, args.checkpoint,
-                      args.checkpoint_every, args.resume, args.progress, args.keep)
+                      args.checkpoint_every, args.resume, args.progress, args.keep,
+                      setup.held_out, setup.eval_every)
     result.pop("params")
     losses = result["losses"]
     print(f"final loss {losses[-1]:.4f} (unigram baseline {result['unigram_baseline']:.4f}), "

@@ -69,10 +69,10 @@ def start_training(comm, args, setup: TrainingSetup, placement: Placement, layou
         if not args.resume:
             loss_scale = loss_scale_init() if config.precision == "fp16" else None
             return Start(State(*local_state(placement, params, adamw_init(params)),
-                               loss_scale))
+                               loss_scale), placement=placement)
         resumed = load_resume_state(args.resume, params, config, settings)
         return Start(State(*local_state(placement, resumed.params, resumed.opt_state),
-                           resumed.loss_scale), resumed.step, tuple(resumed.losses))
+                           resumed.loss_scale), resumed.step, tuple(resumed.losses), placement)
 
     start = agree_on_arguments(comm, load)  # a corrupt shard stops every rank, cleanly
     saving = None if not args.checkpoint else Checkpointing(

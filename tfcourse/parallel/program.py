@@ -29,8 +29,16 @@ from tfcourse.allocator import keep_freed_memory
 from tfcourse.course.launch import die_with_parent
 from tfcourse.data import lm_batch
 from tfcourse.files import check_writable, write_json_atomic
+from tfcourse.nn.model import param_shapes
+from tfcourse.parallel.plans.placement import assemble_params, param_pieces
 from tfcourse.perf.memory import traced
-from tfcourse.train import TrainingSetup, add_training_arguments, checkpoint_now
+from tfcourse.train import (
+    TrainingSetup,
+    add_training_arguments,
+    checkpoint_now,
+    evaluate_now,
+    held_out_loss,
+)
 
 T = TypeVar("T")
 
@@ -241,6 +249,7 @@ class Start(NamedTuple):
     state: State
     step: int = 0
     losses: tuple = ()
+    placement: object = None  # plans.placement: where this rank's arrays sit in the global ones
 
 
 @dataclasses.dataclass
@@ -254,6 +263,7 @@ class Run:
     times: StepTimes
     logs: list  # every step's EventLog
     step_peak_bytes: int | None = None  # --trace-memory: the first step's peak, traced
+    held_out: list = dataclasses.field(default_factory=list)  # [[step, loss]] on rank 0
 
 
 def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting: bool = False,
@@ -286,6 +296,13 @@ def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting:
         run.logs.append(log)
         if saving and checkpoint_now(index + 1, settings.steps, saving.every):
             saving.save(comm, setup, run.state, index + 1, run.losses)
+        if evaluate_now(index + 1, settings.steps, setup.eval_every):
+            shapes = param_shapes(setup.config)  # the serial model's, gathered on rank 0:
+            every = comm.gather(param_pieces(start.placement, run.state.params, shapes), root=0)
+            if comm.rank == 0:  # its held-out loss, whatever the layout
+                params = assemble_params(every, shapes)
+                run.held_out.append([index + 1, held_out_loss(params, setup.held_out,
+                                                              setup.config, settings.seq_len)])
     return run
 
 
@@ -298,7 +315,9 @@ def bytes_sent(logs, p: int, costs: dict) -> float:
 
 def result_record(run: Run, setup: TrainingSetup, comm, memory: dict, **extra) -> dict:
     """The JSON result every training program writes (complete on rank 0): losses, timings,
-    per-rank training-state bytes and compute/communication/waiting seconds, plus `extra`."""
+    per-rank training-state bytes and compute/communication/waiting seconds, with
+    --eval-every the held-out losses ([[step, loss], ...], train.held_out_loss of the
+    gathered parameters), plus `extra`."""
     settings = setup.settings
     comm_events = [e for log in run.logs for e in log.communication_events()]
     return {
@@ -316,5 +335,6 @@ def result_record(run: Run, setup: TrainingSetup, comm, memory: dict, **extra) -
         "memory_bytes": comm.gather(memory, root=0),
         "step_peak_bytes": comm.gather(run.step_peak_bytes, root=0),
         "seconds_per_step_per_rank": comm.gather(run.times.mean(), root=0),
+        **({"held_out_losses": run.held_out} if setup.eval_every else {}),
         **extra,
     }

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tfcourse.checkpoint import index_text
+from tfcourse.checkpoint import index_from_text, index_text
 from tfcourse.nn.optim import ADAMW_SLOTS
 from tfcourse.parallel.plans.tensor import shard_axis, shard_params
 
@@ -125,4 +125,21 @@ def pieces(placement: Placement, params: dict, opt_state: dict, shapes: dict, ra
                     out["opt", f"{slot}.{name}", index] = opt_state[f"{slot}.{name}"]
     if rank == 0:
         out["opt", "step", ""] = opt_state["step"]
+    return out
+
+
+def param_pieces(placement: Placement, params: dict, shapes: dict) -> dict:
+    """This rank's pieces of the global parameters: {(name, index text): array} for every
+    local array it `writes` - each element of the model is written by exactly one rank."""
+    return {(name, index_text(placement.where(name, shapes[name]))): value
+            for name, value in params.items() if placement.writes(name)}
+
+
+def assemble_params(pieces_per_rank: list[dict], shapes: dict) -> dict:
+    """The global parameters from every rank's `param_pieces` (gathered on one rank)."""
+    out = {}
+    for pieces_of_rank in pieces_per_rank:
+        for (name, text), piece in pieces_of_rank.items():
+            full = out.setdefault(name, np.empty(shapes[name], piece.dtype))
+            full[index_from_text(text, full.shape)] = piece
     return out
