@@ -469,6 +469,8 @@ TRAIN_CASES = [
     train_case("text-missing", lambda d: ["--text", str(d / "missing.txt")],
                r"path: no text file at '.*missing.txt'"),
     train_case("text-empty", lambda d: ["--text", text_file(d, "")], r"path: '.*' is empty"),
+    train_case("staleness-negative", lambda d: ["--staleness", "-2"],
+               r"--staleness: expected a non-negative integer, got -2"),
     train_case("eval-every-negative", lambda d: ["--eval-every", "-1"],
                r"--eval-every: expected a positive integer, got -1"),
     train_case("held-out-fraction-one", lambda d: ["--eval-every", "5",

@@ -12,6 +12,7 @@ batches of an uninterrupted serial run.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import math
@@ -256,6 +257,21 @@ def _detect_mode(stream) -> str:
     return "tty" if hasattr(stream, "isatty") and stream.isatty() else "lines"
 
 
+LR_RULES = ("constant", "linear", "sqrt")
+
+
+def scaled_lr(lr: float, base_batch: int, batch: int, rule: str) -> float:
+    """The learning rate for `batch` when `lr` suits `base_batch`: "constant" keeps it,
+    "linear" multiplies it by batch / base_batch (Goyal et al. 2017, with warm-up: the
+    update of k small batches, taken at once), "sqrt" by sqrt(batch / base_batch) (the
+    gradient noise falls as 1/sqrt(batch); Krizhevsky 2014, Hoffer et al. 2017)."""
+    if rule not in LR_RULES:
+        raise ValueError(f"rule: expected one of {list(LR_RULES)}, got {rule!r}")
+    ratio = require_positive_int("batch", batch) / require_positive_int("base_batch",
+                                                                          base_batch)
+    return lr * {"constant": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
 HELD_OUT_SEED = 2**31 - 1  # the evaluation windows' seed: the same windows for every run
 HELD_OUT_WINDOWS = 64
 
@@ -279,7 +295,7 @@ def evaluate_now(done: int, steps: int, every: int) -> bool:
 def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSettings,
              checkpoint: str | None = None, checkpoint_every: int = 0,
              resume_from: str | None = None, progress: str = "auto", keep: int = 2,
-             held_out=None, eval_every: int = 0) -> dict:
+             held_out=None, eval_every: int = 0, staleness: int = 0) -> dict:
     """Train from scratch (or resume) and return a JSON-ready summary with `losses` per step.
 
     checkpoint: a folder; the final state is always saved there, and with checkpoint_every
@@ -292,9 +308,18 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
     its `losses` include the weighted load-balancing loss (model.loss_and_grads).
     held_out (token ids) with eval_every > 0 adds `held_out_losses`, [[step, loss], ...]:
     held_out_loss every eval_every steps and after the last (of the float32 master weights
-    under mixed precision)."""
+    under mixed precision).
+    staleness k > 0 simulates asynchronous data parallelism deterministically: the update of
+    step t applies the gradients computed at step t - k, on the parameters of k updates
+    before (the first k steps compute and wait); float32 only, and not resumable."""
     check_fits(config, settings)
     eval_every = require_nonnegative_int("eval_every", eval_every)
+    staleness = require_nonnegative_int("staleness", staleness)
+    if staleness and (config.precision != "fp32" or resume_from or checkpoint):
+        raise ValueError("staleness: the asynchronous simulation trains in fp32 from scratch "
+                         f"without checkpoints, got precision {config.precision!r}, "
+                         f"resume_from {resume_from!r}, checkpoint {checkpoint!r}")
+    in_flight = collections.deque()
     if eval_every and held_out is None:
         raise ValueError("held_out: expected held-out token ids to evaluate every "
                          f"{eval_every} steps, got None")
@@ -314,7 +339,10 @@ def train_lm(config: TransformerConfig, corpus: CharCorpus, settings: TrainSetti
         x, y = lm_batch(corpus.ids, settings.batch_size, settings.seq_len, settings.seed, step)
         if config.precision == "fp32":
             loss, grads, step_routing = loss_and_grads(params, x, y, config, return_routing=True)
-            params, opt_state, _ = optimizer_update(params, grads, opt_state, settings, step)
+            in_flight.append(grads)  # staleness k: applied k steps later
+            if len(in_flight) > staleness:
+                params, opt_state, _ = optimizer_update(params, in_flight.popleft(), opt_state,
+                                                        settings, step)
         else:  # the float32 master weights stay in params; the model runs on a 16-bit copy
             scale = loss_scale["scale"] if loss_scale else 1.0
             scales += [scale] if loss_scale else []
@@ -593,6 +621,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_arguments(parser)
     parser.add_argument("--json", default=None, metavar="PATH", help="write results here")
     parser.add_argument("--progress", default="auto", choices=["auto", "lines", "tty", "none"])
+    parser.add_argument("--staleness", type=int, default=0, metavar="K",
+                        help="simulate asynchronous data parallelism: apply each step's "
+                             "gradients K steps late (0: synchronous)")
     return parser.parse_args(argv)
 
 
@@ -760,7 +791,8 @@ def run_cli(args: argparse.Namespace) -> dict:
     check_cli_paths(args)
     result = train_lm(setup.config, setup.corpus, setup.settings, args.checkpoint,
                       args.checkpoint_every, args.resume, args.progress, args.keep,
-                      setup.held_out, setup.eval_every)
+                      setup.held_out, setup.eval_every,
+                      require_nonnegative_int("--staleness", args.staleness))
     result.pop("params")
     losses = result["losses"]
     print(f"final loss {losses[-1]:.4f} (unigram baseline {result['unigram_baseline']:.4f}), "

@@ -195,9 +195,12 @@ def train_step(state: State, x, y, step: int, log, dp: DataParallel):
         local_loss, grads = loss_and_grads(params, x[lo:hi], y[lo:hi], dp.config,
                                            check=False, loss_scale=scale)
     loss = comm.allreduce(local_loss * weight, op=MPI.SUM)
+    noise = precision == "fp32" and dp.algorithm != "overlap"  # unscaled, not yet summed
+    local_sq = sum_of_squares(grads) if noise else None  # |G| of this rank's rows
     if dp.zero == 0:
         if dp.algorithm != "overlap":
             grads = average_gradients(grads, weight, dp.buckets, comm, dp.algorithm, log)
+            log.info["grad_sq_norms"] = (local_sq, sum_of_squares(grads)) if noise else None
         if precision != "fp32":  # every rank has the same sum: the same step, or skip
             params, opt_state, loss_scale, grads16, _ = mixed_precision_update(
                 state.params, grads, state.opt_state, state.loss_scale, dp.settings, step,
@@ -212,6 +215,7 @@ def train_step(state: State, x, y, step: int, log, dp: DataParallel):
     else:  # zero == 2: each gradient is reduced to its owner only
         kept = grads = reduce_gradients_to_owners(grads, weight, dp.owners, comm, log)
     norm = math.sqrt(comm.allreduce(sum_of_squares(grads), op=MPI.SUM))  # of owned shares
+    log.info["grad_sq_norms"] = (local_sq, norm**2) if noise else None
     params, opt_state, _ = owner_update(state.params, grads, state.opt_state, dp.settings, step,
                                         norm, dp.owners, comm, log)
     return State(params, opt_state), loss, kept
@@ -268,6 +272,8 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
         predicted_memory_bytes=zero_state_bytes_per_rank(
             sum(sizes.values()), comm.size, args.zero, itemsize, mixed),
         bytes_sent_per_step=bytes_sent(result.logs, comm.size, SENDS) / settings.steps,
+        grad_sq_norms_per_rank=comm.gather([log.info.get("grad_sq_norms")
+                                            for log in result.logs], root=0),
         predicted_bytes_sent_per_step=zero_bytes_sent_per_step(
             sum(sizes.values()), comm.size, args.zero, itemsize))
 

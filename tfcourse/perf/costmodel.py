@@ -617,3 +617,30 @@ def ring_attention_bytes_sent(seq_len: int, p: int, batch: int, heads: int, d_he
     block_rows = [sum(sizes[a] for a in chunks) for chunks in owned]
     return [row_bytes * ((forward + 4) * (seq_len - block_rows[(r + 1) % p])
                          + 2 * block_rows[(r + 1) % p]) for r in range(p)]
+
+
+# --------------------------------------------------------------------------- model quality
+
+
+def gradient_noise_scale(small_sq_norm: float, big_sq_norm: float, b_small: float,
+                         b_big: float) -> dict[str, float]:
+    """McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", appendix A), the
+    simple noise scale from two batch sizes - which data parallelism measures for free: each
+    rank's gradient of its b_small examples, and the averaged one of all b_big.
+
+    A gradient of B examples has E|G_B|^2 = |G|^2 + tr(Sigma) / B (the true gradient plus the
+    per-example noise over B). Two batch sizes give two equations and unbiased estimates
+
+        |G|^2 = (b_big |G_big|^2 - b_small |G_small|^2) / (b_big - b_small),
+        S     = (|G_small|^2 - |G_big|^2) / (1 / b_small - 1 / b_big),
+
+    and B_simple = S / |G|^2: the batch above which a larger batch stops saving steps in
+    proportion (the critical batch is of its order). Both estimates are noisy from one step:
+    average each over steps before dividing, as McCandlish et al. do. Returns
+    {"true_sq_norm", "trace", "noise_scale"}."""
+    if not 0 < b_small < b_big:
+        raise ValueError(f"b_small, b_big: expected 0 < b_small < b_big, got {b_small}, {b_big}")
+    true_sq = (b_big * big_sq_norm - b_small * small_sq_norm) / (b_big - b_small)
+    trace = (small_sq_norm - big_sq_norm) / (1 / b_small - 1 / b_big)
+    return {"true_sq_norm": true_sq, "trace": trace,
+            "noise_scale": trace / true_sq if true_sq > 0 else math.inf}
