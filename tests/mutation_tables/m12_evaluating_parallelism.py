@@ -62,4 +62,53 @@ return 4 * (1 - 3 / 8), 0.2
 return 8.0, 0.0
 """,
     },
+    "noise_scale": {
+        "the ratio of the two norms": """
+return small_sq / big_sq
+""",
+        "the big batch's norm taken for the true gradient's": """
+trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+return trace / big_sq
+""",
+        "tr(Sigma) without dividing by 1/b_small - 1/b_big": """
+true_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+return (small_sq - big_sq) / true_sq
+""",
+        "batch sizes swapped in |G|^2": """
+true_sq = (b_small * big_sq - b_big * small_sq) / (b_small - b_big)
+trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+return trace / true_sq
+""",
+    },
+    "tokens_to_target": {
+        "the last evaluation below the target, not the first": """
+found = None
+for step, loss in held_out_losses:
+    if loss <= target:
+        found = step * batch * seq_len
+return found
+""",
+        "steps, not tokens": """
+for step, loss in held_out_losses:
+    if loss <= target:
+        return step
+return None
+""",
+        "strictly below the target": """
+for step, loss in held_out_losses:
+    if loss < target:
+        return step * batch * seq_len
+return None
+""",
+        "the step of the lowest loss": """
+step, loss = min(held_out_losses, key=lambda pair: pair[1])
+return step * batch * seq_len if loss <= target else None
+""",
+        "forgets the sequence length (sequences, not tokens)": """
+for step, loss in held_out_losses:
+    if loss <= target:
+        return step * batch
+return None
+""",
+    },
 }
