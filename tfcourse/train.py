@@ -287,6 +287,13 @@ def held_out_loss(params: dict, ids, config: TransformerConfig, seq_len: int,
     return float(cross_entropy_forward(logits, y)[0])
 
 
+def held_out_text(result: dict) -> str:
+    """"; held-out loss X after step S" for a result that evaluated, else "" (the progress
+    display's last word: the serial trainer's and every program's summary line)."""
+    losses = result.get("held_out_losses")
+    return f"; held-out loss {losses[-1][1]:.4f} after step {losses[-1][0]}" if losses else ""
+
+
 def evaluate_now(done: int, steps: int, every: int) -> bool:
     """Evaluate after step `done` (1-based): every `every` steps and after the last (0: never)."""
     return every > 0 and (done % every == 0 or done == steps)
@@ -798,7 +805,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     print(f"final loss {losses[-1]:.4f} (unigram baseline {result['unigram_baseline']:.4f}), "
           f"{result['tokens_per_s']:.0f} tokens/s"
           + (f", {result['skipped_steps']} step(s) skipped by loss scaling"
-             if "skipped_steps" in result else ""))
+             if "skipped_steps" in result else "") + held_out_text(result))
     for piece, stats in (result.get("routing") or [{}])[-1].items():
         print(f"{piece}: tokens per expert {stats['tokens_per_expert']} (routed "
               f"{stats['routed']}, capacity {stats['capacity']}), {stats['dropped']} dropped, "

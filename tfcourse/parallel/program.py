@@ -38,6 +38,7 @@ from tfcourse.train import (
     checkpoint_now,
     evaluate_now,
     held_out_loss,
+    held_out_text,
 )
 
 T = TypeVar("T")
@@ -110,15 +111,15 @@ def stop_together(comm: MPI.Comm, error: str | None) -> None:
 def run_program(args: argparse.Namespace, prepare, run, summary) -> int:
     """The shape of every program: check the arguments on all ranks (`prepare(args,
     world_size)`, see agree_on_arguments), keep freed memory (tfcourse.allocator), cap BLAS
-    threads, `run(args, setup, comm) -> result`, then on rank 0 print `summary(result)` and
-    write --json atomically."""
+    threads, `run(args, setup, comm) -> result`, then on rank 0 print `summary(result)` (+ the
+    held-out loss) and write --json atomically."""
     comm = MPI.COMM_WORLD
     setup = agree_on_arguments(comm, lambda: prepare(args, comm.size), args.json)
     keep_freed_memory()
     with limit_blas_threads(args.threads):
         result = run(args, setup, comm)
     if comm.rank == 0:
-        print(summary(result), flush=True)
+        print(summary(result) + held_out_text(result), flush=True)
         if args.json:
             write_json_atomic(args.json, result)
     return 0
@@ -300,9 +301,8 @@ def train(comm, setup: TrainingSetup, start: State | Start, step, split_waiting:
             shapes = param_shapes(setup.config)  # the serial model's, gathered on rank 0:
             every = comm.gather(param_pieces(start.placement, run.state.params, shapes), root=0)
             if comm.rank == 0:  # its held-out loss, whatever the layout
-                params = assemble_params(every, shapes)
-                run.held_out.append([index + 1, held_out_loss(params, setup.held_out,
-                                                              setup.config, settings.seq_len)])
+                run.held_out.append([index + 1, held_out_loss(assemble_params(every, shapes),
+                                     setup.held_out, setup.config, settings.seq_len)])
     return run
 
 
