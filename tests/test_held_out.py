@@ -93,6 +93,8 @@ PROGRAMS = {
     "hybrid dp x tp": ("tfcourse.parallel.hybrid", ["--dp", "2", "--tp", "2"], 4),
     "context parallel, ring": ("tfcourse.parallel.sequence_parallel",
                                ["--train", "--method", "ring"], 2),
+    "context parallel, Ulysses": ("tfcourse.parallel.sequence_parallel",
+                                  ["--train", "--method", "ulysses"], 2),
 }
 
 
@@ -116,3 +118,18 @@ def test_every_program_reports_the_serial_held_out_losses(name, serial_held_out)
     assert [s for s, _ in got] == [s for s, _ in serial_held_out] == [4, 6]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in serial_held_out],
                                rtol=0, atol=1e-10)
+
+
+@pytest.mark.mpi
+def test_expert_parallelism_reports_the_serial_moe_held_out_losses():
+    corpus = train.load_corpus(name="markov")
+    config = model.preset("tiny", corpus.vocab.size, n_experts=4, top_k=2)
+    settings = dataclasses.replace(train.TRAIN_PRESETS["tiny"], steps=STEPS)
+    serial = train.train_lm(config, corpus, settings, progress="none",
+                            held_out=data.markov_corpus(split="held-out").ids,
+                            eval_every=EVERY)["held_out_losses"]
+    result = run_mpi("tfcourse.parallel.expert_parallel",
+                     ["--experts", "4", "--top-k", "2", "--corpus", "markov", "--steps",
+                      str(STEPS), "--eval-every", str(EVERY)], n_ranks=2, timeout=120).result
+    np.testing.assert_allclose(np.array(result["held_out_losses"]), np.array(serial), rtol=0,
+                               atol=1e-10)
