@@ -740,7 +740,7 @@ def held_out_split(args: argparse.Namespace, corpus: CharCorpus, name: str | Non
     markov corpus's own held-out text, or the last --held-out-fraction of the text (the
     rest is trained on). Without --eval-every the corpus is unchanged."""
     every = getattr(args, "eval_every", 0)
-    if every is None or every == 0:
+    if not every:
         return corpus, None, 0
     every = require_positive_int("--eval-every", every)
     if name in MARKOV_CORPORA:

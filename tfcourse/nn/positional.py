@@ -126,7 +126,7 @@ def learned_positions_forward(table, seq_len: int, check: bool = True, positions
     positions in any order (context parallelism: a rank holding a slice of every sequence, in
     zig-zag two pieces of it, embeds its own positions), or a (B, seq_len) array, each
     sequence's own (decoding a batch whose sequences hold different lengths; out is then
-    (B, seq_len, d_model); check=False only).
+    (B, seq_len, d_model); check=False, and no backward: decoding has none).
 
     `out` broadcasts against token embeddings of shape (B, seq_len, d_model): x + out.
     It is a copy, so editing it in place cannot change the table. check=False skips the input
@@ -183,11 +183,7 @@ def learned_positions_backward(dout, cache, check: bool = True) -> np.ndarray:
                       "(B, seq_len, d_model)")
         require_dtype("dout", dout, cache["dtype"], "dtype of the table")
     dtable = np.zeros(cache["table_shape"], dtype=cache["dtype"])
-    rows = cache["rows"]
-    if isinstance(rows, np.ndarray) and rows.ndim == 2:  # each sequence its own positions
-        np.add.at(dtable, rows, dout)
-    else:
-        dtable[rows] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
+    dtable[cache["rows"]] = dout.reshape(-1, seq_len, d_model).sum(axis=0)
     return dtable
 
 

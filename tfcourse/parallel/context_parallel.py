@@ -153,22 +153,16 @@ def ring_attention(comm, log, chunks) -> AttentionKernel:
 # --------------------------------------------------------------------------- one step
 
 
-def slice_positions(method: str, seq_len: int, p: int, rank: int):
-    """The positions rank `rank` holds of every sequence: ring, zig-zag chunks r and 2p-1-r
-    (an array); ulysses, the contiguous chunk r (its first position: an int)."""
-    chunks = sequence_chunks(seq_len, p, zigzag=method == "ring")[rank]
-    return chunk_positions(chunks) if method == "ring" else chunks[0][0]
-
-
-def train_step(state: State, x, y, step: int, log, config, settings, comm, buckets, method):
-    """One step on the global batch; returns (new state, global loss, the summed grads)."""
-    n, p = x.shape[1], comm.size  # the method's split of seq_len is even (prepare)
-    positions = slice_positions(method, n, p, comm.rank)
-    mine = positions if method == "ring" else slice(positions, positions + n // p)
-    kernel = (ring_attention(comm, log, sequence_chunks(n, p, zigzag=True)) if method == "ring"
+def train_step(state: State, x, y, step: int, log, config, settings, comm, buckets, method,
+               chunks):
+    """One step on the global batch; returns (new state, global loss, the summed grads).
+    chunks: every rank's ranges of the sequence (plans.sequence.sequence_chunks: zig-zag for
+    the ring, contiguous for Ulysses); this rank's positions are chunk_positions of its own."""
+    positions = chunk_positions(chunks[comm.rank])
+    kernel = (ring_attention(comm, log, chunks) if method == "ring"
               else ulysses_attention(comm, log))
-    share = 1 / p
-    local_loss, grads = loss_and_grads(state.params, x[:, mine], y[:, mine], config,
+    share = 1 / comm.size  # every rank holds as many positions (prepare)
+    local_loss, grads = loss_and_grads(state.params, x[:, positions], y[:, positions], config,
                                        ops=SublayerOps(attention=kernel), check=False,
                                        loss_scale=share, positions=positions)
     loss = comm.allreduce(local_loss * share, op=MPI.SUM)
@@ -208,9 +202,10 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     start, saving = start_training(comm, args, setup,
                                    placement.replicated(comm.rank, dict.fromkeys(sizes, 0)),
                                    {"program": "context_parallel", "method": args.method})
+    chunks = sequence_chunks(settings.seq_len, comm.size, zigzag=args.method == "ring")
     step = functools.partial(train_step, config=config, settings=settings, comm=comm,
                              buckets=make_buckets(list(sizes), sizes, 2**20 // 8),
-                             method=args.method)
+                             method=args.method, chunks=chunks)
     result = train(comm, setup, start, step, args.split_waiting, saving, args.trace_memory)
     sent = [sum(e["bytes"] for e in log.events if e["kind"] == TRAFFIC[args.method])
             for log in result.logs]
@@ -218,8 +213,7 @@ def run(args: argparse.Namespace, setup: TrainingSetup, comm) -> dict:
     return result_record(
         result, setup, comm, state_nbytes(final.params, result.grads, final.opt_state),
         method=args.method, positions_per_rank=settings.seq_len // comm.size,
-        chunks=[[list(c) for c in rank_chunks] for rank_chunks in sequence_chunks(
-            settings.seq_len, comm.size, zigzag=args.method == "ring")],
+        chunks=[[list(c) for c in rank_chunks] for rank_chunks in chunks],
         attention_bytes_sent_per_step_per_rank=comm.gather(sent, root=0),
         predicted_attention_bytes_sent_per_step_per_rank=predicted_bytes(args.method, setup,
                                                                          comm.size))

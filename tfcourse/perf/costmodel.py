@@ -109,12 +109,12 @@ def kv_cache_bytes(n_layers: int, d_model: int, bytes_per_value: int = 4, tokens
     return 2 * n_layers * d_model * bytes_per_value * tokens * batch
 
 
-def decode_arithmetic_intensity(n_params: int, batch: int, bytes_per_value: int = 4) -> float:
-    """FLOPs per byte of weights read in one decoding step of `batch` sequences, counting the
-    matmul weights (n_params) read once per step and 2 FLOPs per weight per sequence:
-    2 B N / (N bytes_per_value) = 2B / bytes_per_value. The KV cache and activations are left
-    out (small next to the weights at short contexts). Prefill of T tokens reads the weights
-    once for B T tokens: 2 B T / bytes_per_value."""
+def decode_arithmetic_intensity(batch: int, bytes_per_value: int = 4) -> float:
+    """FLOPs per byte of weights read in one decoding step of `batch` sequences: each of the N
+    matmul weights is read once per step and does 2 FLOPs per sequence,
+    2 B N / (N bytes_per_value) = 2B / bytes_per_value, whatever N. The KV cache and
+    activations are left out (small next to the weights at short contexts). Prefill of T
+    tokens reads the weights once for B T tokens: 2 B T / bytes_per_value."""
     return 2.0 * batch / bytes_per_value
 
 

@@ -116,13 +116,11 @@ def pieces(placement: Placement, params: dict, opt_state: dict, shapes: dict, ra
     """What this rank writes: {("param" | "opt", global name, index text): array} for every
     local array it `writes` (checkpoint.index_text); the optimiser's step counter on rank 0."""
     out = {}
-    for name, value in params.items():
-        if placement.writes(name):
-            index = index_text(placement.where(name, shapes[name]))
-            out["param", name, index] = value
-            if placement.keeps_moments(name):
-                for slot in ADAMW_SLOTS:
-                    out["opt", f"{slot}.{name}", index] = opt_state[f"{slot}.{name}"]
+    for (name, index), value in param_pieces(placement, params, shapes).items():
+        out["param", name, index] = value
+        if placement.keeps_moments(name):
+            for slot in ADAMW_SLOTS:
+                out["opt", f"{slot}.{name}", index] = opt_state[f"{slot}.{name}"]
     if rank == 0:
         out["opt", "step", ""] = opt_state["step"]
     return out
